@@ -1,0 +1,97 @@
+"""Newton-Schulz orthogonalization: the one place the library computes an approximate polar factor.
+
+For a matrix X with SVD X = U S V^T, the polar factor is U V^T. The quintic iteration
+
+    X_0 = X / max(||X||_F, eps),   A_k = X_k X_k^T,   X_{k+1} = a X_k + (b A_k + c A_k^2) X_k
+
+maps every singular value s in (0, 1] through p(s) = a s + b s^3 + c s^5 and drives it towards a
+band around 1. With Muon's coefficients (3.4445, -4.7750, 2.0315) and 5 steps the band is about
+[0.68, 1.13]: deliberately not exact, it is faster and "does not hurt" (Keller Jordan's Muon).
+The ``"exact"`` preset (the classic cubic, (1.5, -0.5, 0)) converges to U V^T, more slowly.
+
+Batched over leading dimensions; wide matrices are iterated as given, tall ones transposed so the
+Gram matrix A is the small one (the result is transposed back).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Muon's quintic (Keller Jordan, https://github.com/KellerJordan/Muon/blob/master/muon.py);
+# also the constant in torch/optim/_muon.py.
+MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+NS_PRESETS: dict[str, tuple[float, float, float]] = {
+    "muon": MUON_COEFFICIENTS,
+    # The classic cubic Newton-Schulz step X <- 1.5 X - 0.5 X X^T X: converges to U V^T exactly.
+    "cubic": (1.5, -0.5, 0.0),
+}
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_coefficients(coefficients: str | tuple[float, float, float]) -> tuple[float, ...]:
+    """Return the (a, b, c) tuple for a preset name or validate an explicit tuple."""
+    if isinstance(coefficients, str):
+        if coefficients not in NS_PRESETS:
+            raise ValueError(
+                f"Invalid ns_coefficients: {coefficients!r}; presets are {sorted(NS_PRESETS)}"
+            )
+        return NS_PRESETS[coefficients]
+    coeffs = tuple(float(c) for c in coefficients)
+    if len(coeffs) != 3:
+        raise ValueError(f"Invalid ns_coefficients: {coefficients!r}; expected 3 numbers (a, b, c)")
+    return coeffs
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Map ``"bfloat16"``/``"float32"``/``"float64"`` (or a torch dtype) to a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"Invalid ns_dtype: {dtype}; expected one of {sorted(_DTYPES)}")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"Invalid ns_dtype: {dtype!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def newton_schulz(
+    g: torch.Tensor,
+    steps: int = 5,
+    coefficients: str | tuple[float, float, float] = "muon",
+    dtype: str | torch.dtype = "bfloat16",
+    eps: float = 1e-7,
+) -> torch.Tensor:
+    """Approximate the polar factor U V^T of every trailing matrix of ``g``.
+
+    Args:
+        g: tensor of shape (..., m, n) with ndim >= 2; leading dims are a batch.
+        steps: number of iterations (>= 0; 0 returns the Frobenius-normalized input).
+        coefficients: preset name (``"muon"``, ``"cubic"``) or an explicit (a, b, c).
+        dtype: working precision; bf16 by default as in Muon, ``"float32"`` for exactness on CPU.
+        eps: lower clamp of the Frobenius norm, so a zero matrix maps to zero (never NaN).
+
+    Returns:
+        A tensor of the shape and dtype of ``g``.
+    """
+    if g.ndim < 2:
+        raise ValueError(f"newton_schulz needs a tensor with ndim >= 2, got shape {tuple(g.shape)}")
+    if steps < 0:
+        raise ValueError(f"Invalid ns_steps: {steps}; must be >= 0")
+    a, b, c = resolve_coefficients(coefficients)
+    x = g.to(resolve_dtype(dtype))
+    tall = g.size(-2) > g.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    # addmm/baddbmm in the same order as torch.optim.Muon, so the "muon" preset matches it bitwise.
+    flat = x.reshape(-1, *x.shape[-2:]) if x.ndim > 3 else x
+    mm = torch.addmm if flat.ndim == 2 else torch.baddbmm
+    for _ in range(steps):
+        gram = flat @ flat.mT
+        poly = mm(gram, gram, gram, beta=b, alpha=c)
+        flat = mm(flat, poly, flat, beta=a)
+    x = flat.reshape(x.shape)
+    if tall:
+        x = x.mT
+    return x.to(g.dtype)

@@ -1,0 +1,1 @@
+"""Optimizer classes: thin ``torch.optim.Optimizer`` shells over ``orthoptim.ops``."""
