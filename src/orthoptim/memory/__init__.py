@@ -1,0 +1,1 @@
+"""FOGO's long-term memory (codebook of protected subspaces)."""

@@ -1,0 +1,451 @@
+r"""FOGO: Forgetting-aware Orthogonalization Optimizer (Nguyen et al., arXiv 2606.10406).
+
+For every matrix parameter W (m x n; conv kernels as out x in*kh*kw) with gradient G:
+
+.. math::
+    \begin{aligned}
+    M_s &\leftarrow \beta_s M_s + (1-\beta_s) G, \qquad M_f \leftarrow \beta_f M_f + (1-\beta_f) G
+        && \text{slow and fast momentum}\\
+    O_s &= \mathrm{NS}(M_s), \qquad O_f = \mathrm{NS}(M_f) && \text{Newton-Schulz polar factors}\\
+    \hat O &= \mathrm{slerp}(O_s, O_f;\ \xi) && \text{fuse the streams}\\
+    c &= \hat O V,\quad c' = c \odot (1 - \text{conflict}) && \text{protected coordinates}\\
+    U &= \arg\min_U \tfrac12\|U-\hat O\|^2 + \tfrac{\rho}{2}\|UV - c'\|^2 && \text{proximal lift}\\
+    W &\leftarrow (1-\eta\lambda) W - \eta\, \sigma \sqrt{mn}\, U / \|U\|_F
+        && \text{RMS of the step} = \eta\sigma
+    \end{aligned}
+
+V is the codebook memory of protected input subspaces (``orthoptim.memory.codebook``), written
+every ``write_interval`` steps from the slow momentum (task-agnostic) and at ``end_task()``.
+(The EMA form of the momentum differs from the paper's sum form M = beta M + G only by a scale
+that Newton-Schulz removes.) Every other parameter (ndim < 2, or a group with
+``algorithm="adamw"``) is updated by AdamW with the group's lr and weight decay.
+
+The design of the memory is orthoptim's (the paper's text and code are not public): see
+docs/fogo.md for what is from the paper, what is ours, and the ablations behind the defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch.optim import Optimizer
+
+from orthoptim.memory import codebook
+from orthoptim.ops.geometry import nlerp, rms_scale, slerp
+from orthoptim.ops.newton_schulz import newton_schulz, resolve_coefficients, resolve_dtype
+from orthoptim.ops.subspace import rho_from_radius
+from orthoptim.optim._adamw import adamw_step_
+from orthoptim.optim._validation import (
+    check_betas,
+    check_choice,
+    check_group_keys,
+    check_int,
+    check_range,
+)
+
+_ALGORITHMS = ("fogo", "adamw")
+
+
+class FOGO(Optimizer):
+    """Forgetting-aware Orthogonalization Optimizer.
+
+    Args:
+        params: iterable of tensors, of ``(name, tensor)`` pairs, or of param-group dicts. Groups
+            may set ``algorithm="fogo"`` or ``"adamw"``; by default tensors with ndim >= 2 use
+            FOGO and the rest AdamW. Use :func:`orthoptim.param_groups` to send embeddings and
+            the output head to AdamW as Muon practice recommends.
+        lr: learning rate, shared by both algorithms (the FOGO step has RMS ``lr * target_rms``,
+            AdamW's scale, so AdamW learning rates transfer). Default 1e-3.
+        weight_decay: decoupled weight decay lambda (``p *= 1 - lr * lambda``). Default 0.
+        beta_slow: decay of the slow momentum stream (persistent directions). Default 0.99.
+        beta_fast: decay of the fast stream (recent change); must be < ``beta_slow``.
+            Default 0.9.
+        mix: slerp weight xi towards the fast stream (0 = slow only, 1 = fast only). Default 0.5.
+        dual_stream: keep both streams; ``False`` keeps one buffer with ``beta_slow`` (with
+            ``memory=False``, ``nesterov=True`` and ``scale="muon"`` this is exactly
+            ``torch.optim.Muon(adjust_lr_fn="match_rms_adamw")``). Default True.
+        fusion: ``"slerp"`` or ``"lerp"`` (normalized linear interpolation). Default "slerp".
+        nesterov: use G + beta (M - G) (Nesterov look-ahead) as each stream's direction.
+            Default False.
+        target_rms: sigma, the RMS of the update before the lr. Default 0.2.
+        scale: ``"rms"`` (exact RMS sigma, gamma = sigma sqrt(mn)/||U||_F) or ``"muon"``
+            (sigma sqrt(max(m, n)), torch's ``match_rms_adamw``). Default "rms".
+        ns_steps, ns_coefficients, ns_dtype: Newton-Schulz settings (see
+            :func:`orthoptim.ops.newton_schulz`). Defaults 5, "muon", "bfloat16".
+        eps: norm guard. Default 1e-7.
+        adamw_betas, adamw_eps: AdamW settings for non-FOGO parameters.
+            Defaults (0.9, 0.999), 1e-8.
+        memory: enable the codebook memory (long-term module). Default True.
+        memory_budget: memory size as a fraction of the parameter's bytes; sets the pool rank
+            R = floor(budget * m * n * param_bytes / (n * memory_bytes)) (at least 1).
+            Default 0.05.
+        memory_dtype: storage dtype of the protected bases. Default "bfloat16".
+        capacity: maximum number of codebook entries per matrix. Default 8.
+        write_rank: directions added per write (default: R // 2, at least 1).
+        write_interval: steps between scheduled (task-agnostic) writes; 0 disables them.
+            Default 100.
+        min_age: steps an entry written on schedule waits, after its last refresh, before it
+            protects (so the current stretch of training does not block itself).
+            Default: 2 * write_interval.
+        gate: conflict test, ``"overlap"`` (any use of a protected subspace) or ``"sign"``
+            (the update undoes the stored direction). Default "overlap".
+        gate_threshold: tau of the gate. Default 0.0.
+        radius: spectral norm r of the protection operator, in (0, 1]; the proximal weight is
+            rho = r / (1 - r) (r = 1: hard projection). Default 1.0.
+        merge_threshold: energy share above which a scheduled write merges into an existing
+            scheduled entry. Default 0.5.
+        min_energy: energy share below which a new direction is not stored. Default 1e-3.
+        eviction: ``"oldest"`` or ``"least_used"``. Default "oldest".
+        side: protected side, ``"input"`` (row space, default) or ``"output"`` (column space).
+        sketch_dim: sketch size k of the sign gate. Default 32.
+        seed: base seed of every random projection (per parameter: seed and its index).
+            Independent of the global RNG. Default 0.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        *,
+        weight_decay: float = 0.0,
+        beta_slow: float = 0.99,
+        beta_fast: float = 0.9,
+        mix: float = 0.5,
+        dual_stream: bool = True,
+        fusion: str = "slerp",
+        nesterov: bool = False,
+        target_rms: float = 0.2,
+        scale: str = "rms",
+        ns_steps: int = 5,
+        ns_coefficients="muon",
+        ns_dtype: str = "bfloat16",
+        eps: float = 1e-7,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        memory: bool = True,
+        memory_budget: float = 0.05,
+        memory_dtype: str = "bfloat16",
+        capacity: int = 8,
+        write_rank: int | None = None,
+        write_interval: int = 100,
+        min_age: int | None = None,
+        gate: str = "overlap",
+        gate_threshold: float = 0.0,
+        radius: float = 1.0,
+        merge_threshold: float = 0.5,
+        min_energy: float = 1e-3,
+        eviction: str = "oldest",
+        side: str = "input",
+        sketch_dim: int = 32,
+        seed: int = 0,
+    ):
+        defaults = dict(
+            lr=lr, weight_decay=weight_decay, algorithm=None, beta_slow=beta_slow,
+            beta_fast=beta_fast, mix=mix, dual_stream=dual_stream, fusion=fusion,
+            nesterov=nesterov, target_rms=target_rms, scale=scale, ns_steps=ns_steps,
+            ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, eps=eps,
+            adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps, memory=memory,
+            memory_budget=memory_budget, memory_dtype=memory_dtype, capacity=capacity,
+            write_rank=write_rank, write_interval=write_interval,
+            min_age=min_age, gate=gate, gate_threshold=gate_threshold, radius=radius,
+            merge_threshold=merge_threshold, min_energy=min_energy, eviction=eviction,
+            side=side, sketch_dim=sketch_dim, seed=seed,
+        )  # fmt: skip
+        self._validate(defaults)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            check_group_keys(group, defaults)
+            self._validate(group)
+        self._sketch_cache: dict[int, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------------------- validation
+    @staticmethod
+    def _validate(g: dict) -> None:
+        check_range("lr", g["lr"], 0.0)
+        check_range("weight_decay", g["weight_decay"], 0.0)
+        check_range("beta_slow", g["beta_slow"], 0.0, 1.0, high_open=True)
+        check_range("beta_fast", g["beta_fast"], 0.0, 1.0, high_open=True)
+        if g["dual_stream"] and not g["beta_fast"] < g["beta_slow"]:
+            raise ValueError(
+                f"Invalid beta_fast: {g['beta_fast']}; must be < beta_slow ({g['beta_slow']})"
+            )
+        check_range("mix", g["mix"], 0.0, 1.0)
+        check_choice("dual_stream", g["dual_stream"], (True, False))
+        check_choice("fusion", g["fusion"], ("slerp", "lerp"))
+        check_choice("nesterov", g["nesterov"], (True, False))
+        check_range("target_rms", g["target_rms"], 0.0, low_open=True)
+        check_choice("scale", g["scale"], ("rms", "muon"))
+        check_int("ns_steps", g["ns_steps"], 0, 99)
+        resolve_coefficients(g["ns_coefficients"])
+        resolve_dtype(g["ns_dtype"])
+        check_range("eps", g["eps"], 0.0, low_open=True)
+        check_betas("adamw_betas", g["adamw_betas"])
+        check_range("adamw_eps", g["adamw_eps"], 0.0, low_open=True)
+        check_choice("memory", g["memory"], (True, False))
+        check_range("memory_budget", g["memory_budget"], 0.0, 1.0, low_open=True)
+        check_choice("memory_dtype", g["memory_dtype"], ("bfloat16", "float32", "float64"))
+        check_int("capacity", g["capacity"], 1)
+        if g["write_rank"] is not None:
+            check_int("write_rank", g["write_rank"], 1)
+        check_int("write_interval", g["write_interval"], 0)
+        if g["min_age"] is not None:
+            check_int("min_age", g["min_age"], 0)
+        check_choice("gate", g["gate"], ("overlap", "sign"))
+        check_range("gate_threshold", g["gate_threshold"], 0.0, 1.0)
+        check_range("radius", g["radius"], 0.0, 1.0, low_open=True)
+        check_range("merge_threshold", g["merge_threshold"], 0.0, 1.0)
+        check_range("min_energy", g["min_energy"], 0.0, 1.0)
+        check_choice("eviction", g["eviction"], ("oldest", "least_used"))
+        check_choice("side", g["side"], ("input", "output"))
+        check_int("sketch_dim", g["sketch_dim"], 1)
+        check_int("seed", g["seed"], 0)
+        if g.get("algorithm") is not None:
+            check_choice("algorithm", g["algorithm"], _ALGORITHMS)
+
+    # ---------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _algorithm(group: dict, p: torch.Tensor) -> str:
+        if group["algorithm"] is not None:
+            if group["algorithm"] == "fogo" and p.ndim < 2:
+                raise ValueError(
+                    f"algorithm='fogo' needs parameters with ndim >= 2, got shape {tuple(p.shape)}"
+                )
+            return group["algorithm"]
+        return "fogo" if p.ndim >= 2 else "adamw"
+
+    @staticmethod
+    def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+        """View a >= 2-D tensor as (out, in * rest): conv kernels become out x in*kh*kw."""
+        return t.reshape(t.shape[0], -1)
+
+    def _param_index(self) -> dict[int, int]:
+        return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    @staticmethod
+    def _codebook_config(group: dict, p: torch.Tensor) -> codebook.CodebookConfig:
+        m, n = FOGO._as_matrix(p).shape
+        if group["side"] == "output":
+            m, n = n, m
+        mem_dtype = resolve_dtype(group["memory_dtype"])
+        elem = torch.empty((), dtype=mem_dtype).element_size()
+        rank = int(group["memory_budget"] * m * n * p.element_size() // (n * elem))
+        rank = max(1, min(rank, n))
+        write_rank = group["write_rank"] or max(1, rank // 2)
+        return codebook.CodebookConfig(
+            rank=rank, capacity=group["capacity"], write_rank=min(write_rank, rank),
+            min_energy=group["min_energy"], merge_threshold=group["merge_threshold"],
+            gate=group["gate"], gate_threshold=group["gate_threshold"],
+            rho=rho_from_radius(group["radius"]), eviction=group["eviction"],
+            sketch_dim=group["sketch_dim"], dtype=mem_dtype,
+        )  # fmt: skip
+
+    def _init_state(self, group: dict, p: torch.Tensor, index: int) -> None:
+        state = self.state[p]
+        state["step"] = torch.tensor(0.0)
+        if self._algorithm(group, p) == "adamw":
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            return
+        mat = self._as_matrix(p)
+        state["momentum_slow"] = torch.zeros_like(mat)
+        if group["dual_stream"]:
+            state["momentum_fast"] = torch.zeros_like(mat)
+        if group["memory"]:
+            config = self._codebook_config(group, p)
+            side_dim = mat.shape[1] if group["side"] == "input" else mat.shape[0]
+            state["seed"] = group["seed"] * 1_000_003 + index
+            state["writes"] = 0
+            state["memory"] = codebook.init_codebook(side_dim, config, p.device)
+
+    def _sketch(self, group: dict, p: torch.Tensor) -> torch.Tensor | None:
+        """The sign-gate sketch of ``p``: derived from its seed, cached, never saved."""
+        if group["gate"] != "sign":
+            return None
+        key = id(p)
+        if key not in self._sketch_cache:
+            mat = self._as_matrix(p)
+            out_dim = mat.shape[0] if group["side"] == "input" else mat.shape[1]
+            config = self._codebook_config(group, p)
+            self._sketch_cache[key] = codebook.sign_sketch(
+                out_dim, config, self.state[p]["seed"], p.device
+            )
+        return self._sketch_cache[key]
+
+    # ------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; ``closure`` re-evaluates the loss (optional)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = self._param_index()
+        for group in self.param_groups:
+            matrices = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("FOGO does not support sparse gradients")
+                if torch.is_complex(p):
+                    raise RuntimeError("FOGO does not support complex parameters")
+                if not self.state[p]:
+                    self._init_state(group, p, index[id(p)])
+                if self._algorithm(group, p) == "adamw":
+                    self._adamw(group, p)
+                elif p.numel() > 0:
+                    matrices.append(p)
+                else:
+                    self.state[p]["step"] += 1
+            if matrices:
+                self._matrix_step(group, matrices)
+        return loss
+
+    def _adamw(self, group: dict, p: torch.Tensor) -> None:
+        state = self.state[p]
+        state["step"] += 1
+        adamw_step_(
+            p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"].item(),
+            lr=group["lr"], betas=group["adamw_betas"], eps=group["adamw_eps"],
+            weight_decay=group["weight_decay"],
+        )  # fmt: skip
+
+    def _directions(self, group: dict, p: torch.Tensor) -> list[torch.Tensor]:
+        """Update the momentum streams of ``p`` and return the direction of each stream."""
+        state = self.state[p]
+        grad = self._as_matrix(p.grad)
+        names = ("momentum_slow", "momentum_fast") if group["dual_stream"] else ("momentum_slow",)
+        betas = (group["beta_slow"], group["beta_fast"])
+        out = []
+        for name, beta in zip(names, betas[: len(names)], strict=True):
+            buf = state[name]
+            buf.lerp_(grad, 1 - beta)
+            out.append(grad.lerp(buf, beta) if group["nesterov"] else buf)
+        return out
+
+    def _orthogonalize(self, group: dict, x: torch.Tensor) -> torch.Tensor:
+        return newton_schulz(
+            x, group["ns_steps"], group["ns_coefficients"], group["ns_dtype"], group["eps"]
+        )
+
+    def _fuse(self, group: dict, o_slow: torch.Tensor, o_fast: torch.Tensor) -> torch.Tensor:
+        interp = slerp if group["fusion"] == "slerp" else nlerp
+        return interp(o_slow, o_fast, group["mix"], group["eps"])
+
+    def _matrix_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        """Fast path: one batched Newton-Schulz call per shape for all matrices and streams."""
+        by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            by_shape[(self._as_matrix(p).shape, p.dtype, p.device)].append(p)
+        for same in by_shape.values():
+            streams = [self._directions(group, p) for p in same]
+            n_streams = len(streams[0])
+            stacked = torch.stack([d for dirs in streams for d in dirs])
+            ortho = self._orthogonalize(group, stacked)
+            ortho = ortho.view(len(same), n_streams, *stacked.shape[1:])
+            fused = self._fuse(group, ortho[:, 0], ortho[:, 1]) if n_streams == 2 else ortho[:, 0]
+            for i, p in enumerate(same):
+                self._finish(group, p, fused[i])
+
+    def _finish(self, group: dict, p: torch.Tensor, direction: torch.Tensor) -> None:
+        """Memory correction, scaling, weight decay and the parameter update for one matrix."""
+        state = self.state[p]
+        state["step"] += 1
+        step = int(state["step"].item())
+        if group["memory"]:
+            direction = self._correct(group, p, direction, step)
+        lr = group["lr"]
+        if group["weight_decay"] != 0:
+            p.mul_(1 - lr * group["weight_decay"])
+        if group["scale"] == "muon":
+            m, n = direction.shape
+            p.add_(direction.view_as(p), alpha=-(lr * (group["target_rms"] * math.sqrt(max(m, n)))))
+        else:
+            gamma = rms_scale(direction, group["target_rms"], group["eps"])
+            p.add_((direction * gamma).view_as(p), alpha=-lr)
+        if group["memory"] and group["write_interval"] and step % group["write_interval"] == 0:
+            self._write(group, p, step, codebook.SCHEDULED)
+
+    def _correct(self, group: dict, p: torch.Tensor, direction: torch.Tensor, step: int):
+        state = self.state[p]
+        book = state["memory"]
+        config = self._codebook_config(group, p)
+        flip = group["side"] == "output"
+        u = direction.mT if flip else direction
+        corrected, stats = codebook.correct(u, book, step, config, self._sketch(group, p))
+        state["last_stats"] = stats
+        return corrected.mT if flip else corrected
+
+    def _write(self, group: dict, p: torch.Tensor, step: int, kind: int) -> str:
+        state = self.state[p]
+        config = self._codebook_config(group, p)
+        source = state["momentum_slow"]
+        if group["side"] == "output":
+            source = source.mT
+        interval = group["write_interval"]
+        min_age = group["min_age"] if group["min_age"] is not None else 2 * interval
+        ready = step if kind == codebook.CONSOLIDATED else step + min_age
+        seed = state["seed"] * 65_537 + state["writes"]
+        state["writes"] += 1
+        return codebook.write(
+            state["memory"], source, step, config, seed=seed, kind=kind, ready=ready,
+            sketch=self._sketch(group, p),
+        )  # fmt: skip
+
+    # --------------------------------------------------------------------- public memory API
+    @torch.no_grad()
+    def end_task(self) -> None:
+        """Consolidate at a task boundary: store the slow momentum's directions as a protected
+        entry and make every stored entry protect from now on. Optional; nothing requires it."""
+        for group in self.param_groups:
+            if not group["memory"]:
+                continue
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or "memory" not in state:
+                    continue
+                step = int(state["step"].item())
+                self._write(group, p, step, codebook.CONSOLIDATED)
+                book = state["memory"]
+                book["ready"].clamp_(max=step)
+
+    def memory_stats(self) -> dict[str, float]:
+        """Interference diagnostics of the last step, aggregated over protected matrices.
+
+        Returns a dict with: ``matrices`` (with memory), ``conflict_rate`` (entries in conflict /
+        ready entries), ``correction_ratio`` (mean ||U* - O||_F / ||O||_F), ``entries_used``,
+        ``columns_used``, ``columns_capacity``, ``occupancy`` (columns used / capacity),
+        ``memory_bytes`` (codebook tensors), ``param_bytes`` (of the protected matrices),
+        ``memory_fraction`` and ``writes``. Reading it syncs with the device; ``step`` never does.
+        """
+        out = defaultdict(float)
+        ratios = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or "memory" not in state:
+                    continue
+                book = state["memory"]
+                out["matrices"] += 1
+                out["entries_used"] += int(book["used"].sum())
+                out["columns_used"] += int((book["owner"] >= 0).sum())
+                out["columns_capacity"] += book["owner"].numel()
+                out["memory_bytes"] += codebook.memory_bytes(book)
+                out["param_bytes"] += p.numel() * p.element_size()
+                out["writes"] += state["writes"]
+                stats = state.get("last_stats")
+                if stats is not None:
+                    out["ready"] += int(stats["ready"])
+                    out["conflicts"] += int(stats["conflicts"])
+                    ratios.append(float(stats["correction_ratio"]))
+        out["conflict_rate"] = out["conflicts"] / out["ready"] if out["ready"] else 0.0
+        out["correction_ratio"] = sum(ratios) / len(ratios) if ratios else 0.0
+        out["occupancy"] = (
+            out["columns_used"] / out["columns_capacity"] if out["columns_capacity"] else 0.0
+        )
+        out["memory_fraction"] = (
+            out["memory_bytes"] / out["param_bytes"] if out["param_bytes"] else 0.0
+        )
+        return dict(out)
