@@ -7,3 +7,8 @@ from orthoptim.optim.fogo_reference import FOGOReference
 from orthoptim.optim.param_groups import param_groups
 
 __all__ = ["FOGO", "FOGOReference", "param_groups"]
+
+from orthoptim.optim.fop import FOP
+from orthoptim.optim.kfac import KFAC
+
+__all__ += ["FOP", "KFAC"]

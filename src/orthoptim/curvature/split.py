@@ -1,0 +1,45 @@
+r"""The two half-batch gradients of one layer from a single backward pass.
+
+The batch is split like ``torch.chunk(x, 2)``: the first ``b1 = ceil(B/2)`` samples, then the
+rest. With a loss that is a mean over the batch, the recorded output gradient of sample ``i`` is
+its per-sample gradient divided by ``B``; so the first-half contribution
+
+.. math:: S_1 = \sum_{i \le b_1} \frac{1}{B}\, g_i a_i^\top
+
+costs one half-size weight-gradient product, and, with ``g`` the full-batch gradient
+already in ``p.grad``,
+
+.. math:: g_1 = \tfrac{B}{b_1} S_1, \qquad g_2 = \tfrac{B}{b_2} (g - S_1).
+
+This is exact when the layer's per-sample gradients do not interact across samples through the
+layer itself. BatchNorm *before* the layer couples samples through the batch statistics: the split
+then divides the full-batch-BN gradient into its sample halves, which is not the gradient of a
+half-batch loss with half-batch statistics (the paper's two-pass mode). Anything else that reaches
+``p.grad`` (an extra loss term on the weights) is attributed to ``g_2``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def first_half_grad(module: nn.Module, x: torch.Tensor, gout: torch.Tensor, b1: int):
+    """``S_1`` in the layer-matrix layout ``[dW | db]`` (see :mod:`.factors`)."""
+    x1, g1 = x[:b1], gout[:b1]
+    if isinstance(module, nn.Conv2d):
+        w = torch.nn.grad.conv2d_weight(
+            x1, module.weight.shape, g1, module.stride, module.padding, module.dilation, 1
+        ).flatten(1)
+        b = g1.sum((0, 2, 3)) if module.bias is not None else None
+    else:
+        g_rows = g1.reshape(-1, g1.shape[-1])
+        w = g_rows.T @ x1.reshape(-1, x1.shape[-1])
+        b = g_rows.sum(0) if module.bias is not None else None
+    return w if b is None else torch.cat([w, b[:, None]], dim=1)
+
+
+def split_from_total(S1: torch.Tensor, g: torch.Tensor, batch: int, b1: int):
+    """Return ``(g1, g2)``, the means over the two halves, from ``S1`` and the full mean ``g``."""
+    b2 = batch - b1
+    return S1 * (batch / b1), (g - S1) * (batch / b2)
