@@ -1,0 +1,154 @@
+"""Codebook memory: write / merge / insert / evict rules, conflict gates and the correction."""
+
+import pytest
+import torch
+
+from orthoptim.memory import codebook
+from orthoptim.memory.codebook import CONSOLIDATED, SCHEDULED, CodebookConfig
+
+
+def config(**kw):
+    base = dict(
+        rank=8, capacity=3, write_rank=4, min_energy=1e-6, merge_threshold=0.5, gate="overlap",
+        gate_threshold=0.0, rho=float("inf"), eviction="oldest", sketch_dim=64,
+        dtype=torch.float64,
+    )  # fmt: skip
+    base.update(kw)
+    return CodebookConfig(**base)
+
+
+def low_rank(m, n, rank, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(m, rank, generator=gen, dtype=torch.float64) @ torch.randn(
+        rank, n, generator=gen, dtype=torch.float64
+    )
+
+
+def test_write_stores_orthonormal_row_space_of_direction():
+    cfg = config()
+    book = codebook.init_codebook(12, cfg, "cpu")
+    d = low_rank(10, 12, 3, seed=0)
+    assert codebook.write(book, d, 5, cfg, seed=1, kind=CONSOLIDATED, ready=5) == "insert"
+    cols = book["owner"] >= 0
+    v = book["basis"][:, cols]
+    assert v.shape[1] == 3  # only directions carrying energy are kept
+    assert torch.allclose(v.T @ v, torch.eye(3, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(d @ v @ v.T, d, atol=1e-8)  # the whole row space is captured
+    assert bool(book["used"][0]) and int(book["fresh"][0]) == 5 and int(book["kind"][0]) == 1
+
+
+def test_scheduled_write_merges_when_energy_already_stored_and_refreshes_age():
+    cfg = config()
+    book = codebook.init_codebook(12, cfg, "cpu")
+    d = low_rank(10, 12, 2, seed=0)
+    codebook.write(book, d, 10, cfg, seed=1, kind=SCHEDULED, ready=30)
+    assert codebook.write(book, 2 * d, 20, cfg, seed=2, kind=SCHEDULED, ready=40) == "merge"
+    assert int(book["used"].sum()) == 1
+    assert int(book["fresh"][0]) == 20 and int(book["ready"][0]) == 40
+
+
+def test_new_directions_insert_a_new_entry_orthogonal_to_the_pool():
+    cfg = config()
+    book = codebook.init_codebook(12, cfg, "cpu")
+    codebook.write(book, low_rank(10, 12, 2, seed=0), 10, cfg, seed=1, kind=SCHEDULED, ready=10)
+    assert (
+        codebook.write(book, low_rank(10, 12, 2, seed=5), 20, cfg, seed=2, kind=SCHEDULED, ready=20)
+        == "insert"
+    )
+    v = book["basis"][:, book["owner"] >= 0]
+    assert v.shape[1] == 4
+    assert torch.allclose(v.T @ v, torch.eye(4, dtype=torch.float64), atol=1e-10)
+
+
+def test_consolidated_entries_are_never_merged_into_by_scheduled_writes():
+    cfg = config()
+    book = codebook.init_codebook(12, cfg, "cpu")
+    d = low_rank(10, 12, 2, seed=0)
+    codebook.write(book, d, 10, cfg, seed=1, kind=CONSOLIDATED, ready=10)
+    # Same energy again, scheduled: it must not refresh (and so unprotect) the task's entry.
+    assert codebook.write(book, d, 20, cfg, seed=2, kind=SCHEDULED, ready=40) == "skip"
+    assert int(book["ready"][0]) == 10
+
+
+@pytest.mark.parametrize("policy", ["oldest", "least_used"])
+def test_eviction_when_slots_are_full(policy):
+    cfg = config(capacity=2, rank=12, eviction=policy)
+    book = codebook.init_codebook(12, cfg, "cpu")
+    codebook.write(book, low_rank(10, 12, 2, seed=0), 10, cfg, seed=1, kind=CONSOLIDATED, ready=10)
+    codebook.write(book, low_rank(10, 12, 2, seed=1), 20, cfg, seed=2, kind=CONSOLIDATED, ready=20)
+    book["hits"][0] = 5  # entry 0 is older but used more
+    codebook.write(book, low_rank(10, 12, 2, seed=2), 30, cfg, seed=3, kind=CONSOLIDATED, ready=30)
+    survivors = sorted(int(f) for f in book["fresh"][book["used"]])
+    assert survivors == ([20, 30] if policy == "oldest" else [10, 30])
+    assert int((book["owner"] >= 0).sum()) == 4
+
+
+def test_eviction_when_the_pool_of_directions_is_full():
+    cfg = config(capacity=3, rank=4, write_rank=3)
+    book = codebook.init_codebook(12, cfg, "cpu")
+    codebook.write(book, low_rank(10, 12, 3, seed=0), 10, cfg, seed=1, kind=CONSOLIDATED, ready=10)
+    codebook.write(book, low_rank(10, 12, 3, seed=1), 20, cfg, seed=2, kind=CONSOLIDATED, ready=20)
+    # The new entry needs 3 columns, 1 is free: the old entry is evicted whole.
+    owners = book["owner"][book["owner"] >= 0]
+    assert owners.numel() == 3 and int(book["used"].sum()) == 1
+    assert all(int(book["fresh"][o]) == 20 for o in owners)
+
+
+def test_overlap_gate_removes_protected_component_and_passes_orthogonal_updates():
+    cfg = config()
+    book = codebook.init_codebook(12, cfg, "cpu")
+    d = low_rank(10, 12, 3, seed=0)
+    codebook.write(book, d, 1, cfg, seed=1, kind=CONSOLIDATED, ready=1)
+    v = book["basis"][:, book["owner"] >= 0]
+    gen = torch.Generator().manual_seed(3)
+    u = torch.randn(10, 12, generator=gen, dtype=torch.float64)
+    corrected, stats = codebook.correct(u, book, 2, cfg)
+    assert torch.allclose(corrected @ v, torch.zeros(10, 3, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(corrected, u - u @ v @ v.T)
+    assert int(stats["conflicts"]) == 1 and int(book["hits"][0]) == 1
+    orth = u - u @ v @ v.T
+    same, stats = codebook.correct(orth, book, 3, cfg)
+    assert torch.allclose(same, orth, atol=1e-12)
+
+
+def test_entries_not_ready_do_not_protect():
+    cfg = config()
+    book = codebook.init_codebook(12, cfg, "cpu")
+    codebook.write(book, low_rank(10, 12, 3, seed=0), 1, cfg, seed=1, kind=SCHEDULED, ready=50)
+    u = torch.randn(10, 12, dtype=torch.float64)
+    out, stats = codebook.correct(u, book, 49, cfg)
+    assert torch.equal(out, u) and int(stats["ready"]) == 0
+    out, stats = codebook.correct(u, book, 50, cfg)
+    assert not torch.allclose(out, u) and int(stats["ready"]) == 1
+
+
+def test_sign_gate_corrects_an_opposing_update_and_passes_an_aligned_one():
+    cfg = config(gate="sign", sketch_dim=256)
+    book = codebook.init_codebook(12, cfg, "cpu")
+    sketch = codebook.sign_sketch(10, cfg, seed=0, device="cpu")
+    d = low_rank(10, 12, 2, seed=0)
+    codebook.write(book, d, 1, cfg, seed=1, kind=CONSOLIDATED, ready=1, sketch=sketch)
+    noise = torch.randn(10, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    v = book["basis"][:, book["owner"] >= 0]
+    noise = noise - noise @ v @ v.T
+    opposing = -d + 0.1 * noise
+    assert (opposing * d).sum() < 0
+    corrected, stats = codebook.correct(opposing, book, 2, cfg, sketch)
+    assert int(stats["conflicts"]) == 1
+    assert (corrected * d).sum() > -1e-9  # no longer opposed
+    aligned = d + 0.1 * noise
+    passed, stats = codebook.correct(aligned, book, 3, cfg, sketch)
+    assert int(stats["conflicts"]) == 0 and torch.equal(passed, aligned)
+
+
+def test_correction_is_bounded_by_the_radius():
+    rho = 1.0  # radius 0.5
+    cfg = config(rho=rho)
+    book = codebook.init_codebook(12, cfg, "cpu")
+    codebook.write(
+        book, torch.eye(12, dtype=torch.float64)[:10], 1, cfg, seed=1, kind=CONSOLIDATED, ready=1
+    )
+    u = torch.randn(10, 12, dtype=torch.float64)
+    out, stats = codebook.correct(u, book, 2, cfg)
+    assert out.norm() >= 0.5 * u.norm() - 1e-9
+    assert float(stats["correction_ratio"]) <= 0.5 + 1e-9
