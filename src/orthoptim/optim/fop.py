@@ -82,15 +82,15 @@ class FOP(KFAC):
     ):
         self._halves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         super().__init__(
-            model, lr, damping=damping, beta=beta, eta=eta, beta_clamp=tuple(beta_clamp),
-            eta_clamp=tuple(eta_clamp), **kfac_kwargs,
+            model, lr, damping=damping, beta=beta, eta=eta, beta_clamp=beta_clamp,
+            eta_clamp=eta_clamp, **kfac_kwargs,
         )  # fmt: skip
 
     def _check_args(self, args: dict) -> None:
         super()._check_args(args)
         for name in ("beta", "eta"):
             if args[name] is not None:
-                check_range(name, args[name])
+                check_range(name, args[name], high_open=True)  # finite
         _check_clamp("beta_clamp", args["beta_clamp"])
         _check_clamp("eta_clamp", args["eta_clamp"])
 

@@ -1,0 +1,164 @@
+"""K-FAC core: factors vs explicit loops, Kronecker algebra vs dense, one-pass half-batch split."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orthoptim import KFAC
+from orthoptim.curvature import (
+    compute_preconditioner,
+    ema,
+    first_half_grad,
+    inverse_mv,
+    kron_mv,
+    pi_damping,
+    split_from_total,
+)
+from orthoptim.optim.kfac import grad_matrix
+from orthoptim.optim.kfac_reference import (
+    damped_dense_inverse,
+    dense_fisher,
+    factors_loop,
+    forward_grads,
+    patches_loop,
+)
+
+
+def mlp(bias=True):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5, bias=bias), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2),
+        nn.Tanh(),
+        nn.Conv2d(3, 2, 2, bias=False),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).double()
+
+
+def data(model_kind, batch=7):
+    torch.manual_seed(1)
+    x = torch.randn(batch, 4) if model_kind == "mlp" else torch.randn(batch, 2, 7, 7)
+    return x.double(), torch.randint(0, 3, (batch,))
+
+
+def spd(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, n + 2, generator=g, dtype=torch.float64)
+    return X @ X.T / n
+
+
+@pytest.mark.parametrize("kind", ["mlp", "mlp_nobias", "cnn"])
+def test_factors_equal_explicit_expectations(kind):
+    model = cnn() if kind == "cnn" else mlp(bias=kind == "mlp")
+    x, y = data("cnn" if kind == "cnn" else "mlp")
+    opt = KFAC(model, lr=0.0, factor_dtype="float64", factor_interval=1)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    _, inputs, gouts, _ = forward_grads(model, x, y, F.cross_entropy)
+    names = {m: n for n, m in model.named_modules()}
+    for m, xin in inputs.items():
+        A, G = factors_loop(m, xin, gouts[m])
+        ls = opt.state["kfac"]["layers"][names[m]]
+        torch.testing.assert_close(ls["A"], A, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(ls["G"], G, rtol=1e-12, atol=1e-14)
+
+
+def test_linear_factor_is_mean_outer_product_and_sequences_are_locations():
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    opt = KFAC(lin, lr=0.0, factor_dtype="float64")
+    lin(x).sum(1).mean().backward()  # mean over the batch of a per-sample loss
+    opt.step()
+    a = torch.cat([x, torch.ones(5, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(opt.state["kfac"]["layers"][""]["A"], a.T @ a / 5)
+    # per-sample output grads are ones; the recorded scale B undoes the batch mean
+    torch.testing.assert_close(opt.state["kfac"]["layers"][""]["G"], torch.ones(2, 2).double())
+    # (B, T, d): T locations, A averaged over them, G summed
+    xs = torch.randn(4, 6, 3, dtype=torch.float64)
+    out = lin(xs)
+    gout = torch.randn_like(out)
+    A, G = factors_loop(lin, xs, gout)
+    from orthoptim.curvature import a_factor, g_factor
+
+    torch.testing.assert_close(a_factor(lin, [xs], torch.float64), A)
+    torch.testing.assert_close(g_factor(lin, [(gout, 1.0)], torch.float64), G)
+
+
+def test_conv_patches_follow_unfold_and_weight_layout():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)).double()
+    x = torch.randn(2, 2, 6, 5, dtype=torch.float64)
+    p = patches_loop(conv, x)
+    out = p @ conv.weight.flatten(1).T + conv.bias
+    torch.testing.assert_close(out.transpose(1, 2).reshape(conv(x).shape), conv(x))
+
+
+def test_kron_mv_and_inverse_equal_dense_products():
+    A, G = spd(4, 0), spd(3, 1)
+    M = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(kron_mv(G, A, M).reshape(-1), dense_fisher(A, G) @ M.reshape(-1))
+    for damping_type, method in [("pi", "cholesky"), ("pi", "eigen"), ("tikhonov", "eigen")]:
+        pre = compute_preconditioner(A, G, 0.1, damping_type, method)
+        dense = damped_dense_inverse(A, G, 0.1, damping_type)
+        torch.testing.assert_close(inverse_mv(pre, M).reshape(-1), dense @ M.reshape(-1))
+
+
+def test_pi_damping_and_ema_conventions():
+    A, G = spd(4, 0), spd(3, 1)
+    dA, dG = pi_damping(A, G, 0.04)
+    pi = ((A.trace() / 4) / (G.trace() / 3)).sqrt()
+    torch.testing.assert_close(dA, 0.2 * pi)
+    torch.testing.assert_close(dG, 0.2 / pi)
+    dA0, dG0 = pi_damping(torch.zeros(2, 2), torch.zeros(2, 2), 0.0)
+    assert float(dA0) == float(dG0) == pytest.approx(1e-7)
+    new = torch.ones(2)
+    assert torch.equal(ema(None, new, 0.25, "batch"), new)
+    assert torch.equal(ema(None, new, 0.25, "zero"), 0.25 * new)
+    assert torch.equal(ema(2 * new, new, 0.25, "batch"), 1.75 * new)
+
+
+@pytest.mark.parametrize("kind,batch", [("mlp", 7), ("mlp", 8), ("cnn", 5)])
+def test_one_pass_split_equals_half_batch_autograd(kind, batch):
+    model = cnn() if kind == "cnn" else mlp()
+    x, y = data(kind, batch)
+    records = {}
+
+    def fwd(m, inp, out):
+        records[m] = [inp[0].detach()]
+        out.register_hook(lambda g: records[m].append(g))
+
+    layers = [m for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
+    handles = [m.register_forward_hook(fwd) for m in layers]
+    F.cross_entropy(model(x), y).backward()
+    for h in handles:
+        h.remove()
+    b1 = (batch + 1) // 2
+    halves = [forward_grads(model, x[s], y[s], F.cross_entropy)[3]
+              for s in (slice(0, b1), slice(b1, None))]  # fmt: skip
+    for m in layers:
+        xin, gout = records[m]
+        g1, g2 = split_from_total(first_half_grad(m, xin, gout, b1), grad_matrix(m), batch, b1)
+        for got, h in ((g1, halves[0]), (g2, halves[1])):
+            torch.testing.assert_close(got, grad_matrix(m, h[m.weight], h.get(m.bias)))
+
+
+def test_sequence_linear_split():
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2).double()
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    w = torch.randn(6, 4, 2, dtype=torch.float64)
+    out = lin(x)
+    gout = torch.autograd.grad((out * w).mean(0).sum(), out)[0]
+    (out * w).mean(0).sum().backward()
+    g1, g2 = split_from_total(first_half_grad(lin, x, gout, 3), grad_matrix(lin), 6, 3)
+    for got, s in ((g1, slice(0, 3)), (g2, slice(3, 6))):
+        gw, gb = torch.autograd.grad((lin(x[s]) * w[s]).mean(0).sum(), [lin.weight, lin.bias])
+        torch.testing.assert_close(got, grad_matrix(lin, gw, gb))
