@@ -37,7 +37,7 @@ class ImageDataset:
 
     def train_counts(self) -> np.ndarray:
         """Number of training examples per class, shape ``(num_classes,)``."""
-        return np.bincount(self.train_y.numpy(), minlength=self.num_classes)
+        return np.bincount(self.train_y.cpu().numpy(), minlength=self.num_classes)
 
 
 @dataclass

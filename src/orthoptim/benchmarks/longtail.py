@@ -59,7 +59,7 @@ def make_longtail(
         A copy of ``dataset`` whose training set keeps, for each class, a seeded random subset in
         the original order; the test set is unchanged. Its name gets ``-lt<rho>``.
     """
-    y = dataset.train_y.numpy()
+    y = dataset.train_y.cpu().numpy()
     C = dataset.num_classes
     available = np.bincount(y, minlength=C)
     order = list(range(C)) if class_order is None else [int(c) for c in class_order]

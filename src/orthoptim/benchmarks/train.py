@@ -15,6 +15,7 @@ before the loss and the argmax, so ``softmax`` only spreads over the task's clas
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -126,6 +127,15 @@ def batch_indices(n: int, batch_size: int, steps: int, generator: torch.Generato
             buf = torch.cat([buf, torch.randperm(n, generator=generator)])
         yield buf[:bs]
         buf = buf[bs:]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Fork the global RNGs of the CPU (and of ``device`` if CUDA), then seed them with ``seed``."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
 
 
 def _masked(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -277,8 +287,7 @@ def run_continual(
     names = [t.name for t in stream]
     train_s, calls = 0.0, 0
     t_start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _seeded(seed, dev):
         model = model_fn().to(dev)
         optimizer = optimizer_fn(model)
         end_task = getattr(optimizer, "end_task", None) if task_aware else None
@@ -345,8 +354,7 @@ def run_longtail(
     C = dataset.num_classes
     counts = dataset.train_counts()
     t_start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _seeded(seed, dev):
         model = model_fn().to(dev)
         optimizer = optimizer_fn(model)
         res = train(
