@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -218,6 +220,9 @@ def test_run_continual_end_to_end(digits):
                                 "avg_incremental_acc", "fwt"}  # fmt: skip
     assert res.metrics["acc"] == pytest.approx(res.R[1].mean())
     assert len(res.losses) == 2 and len(res.losses[0]) == 40 and res.seconds > 0
+    summary = res.to_dict()
+    assert summary["R"] == res.R.tolist() and summary["end_task_calls"] == 2
+    json.dumps(summary)
     again, _ = go()
     np.testing.assert_array_equal(res.R, again.R)
     off, opt_off = go(task_aware=False)
@@ -249,3 +254,4 @@ def test_run_longtail(digits):
     assert set(res.groups) == {"head", "mid", "tail"}
     assert set(res.shots) == {"many", "medium", "few"}
     assert res.accuracy > 0.5
+    assert json.loads(json.dumps(res.to_dict()))["train_counts"][0] == 140

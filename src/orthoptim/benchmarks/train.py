@@ -84,6 +84,18 @@ class ContinualResult:
     seconds: float
     end_task_calls: int
 
+    def to_dict(self) -> dict:
+        """JSON-serialisable summary (``R`` and ``b`` as nested lists; no per-step losses)."""
+        return {
+            "R": self.R.tolist(),
+            "b": self.b.tolist(),
+            "metrics": dict(self.metrics),
+            "task_names": list(self.task_names),
+            "train_seconds": self.train_seconds,
+            "seconds": self.seconds,
+            "end_task_calls": self.end_task_calls,
+        }
+
 
 @dataclass
 class LongTailResult:
@@ -102,6 +114,20 @@ class LongTailResult:
     train_counts: np.ndarray
     losses: list[float] = field(repr=False)
     seconds: float
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable summary (arrays as lists, NaN kept as float NaN; no losses)."""
+        return {
+            "accuracy": self.accuracy,
+            "balanced_accuracy": self.balanced_accuracy,
+            "per_class": self.per_class.tolist(),
+            "groups": dict(self.groups),
+            "shots": dict(self.shots),
+            "group_classes": self.group_classes,
+            "shot_classes": self.shot_classes,
+            "train_counts": self.train_counts.tolist(),
+            "seconds": self.seconds,
+        }
 
 
 def task_seed(seed: int, task: int) -> int:
