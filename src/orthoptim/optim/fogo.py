@@ -394,6 +394,23 @@ class FOGO(Optimizer):
             sketch=self._sketch(group, p),
         )  # fmt: skip
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load state; codebook tensors keep their own dtypes (bool/int64 metadata, the memory
+        dtype of the bases) instead of torch's default cast to the parameter's dtype."""
+        kept = {
+            key: {name: value[name] for name in ("memory", "last_stats") if name in value}
+            for key, value in state_dict["state"].items()
+        }
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for key, extra in kept.items():
+            p = params[key] if isinstance(key, int) else None
+            if p is None:
+                continue
+            for name, tensors in extra.items():
+                self.state[p][name] = {k: v.to(p.device, copy=True) for k, v in tensors.items()}
+        self._sketch_cache.clear()
+
     # --------------------------------------------------------------------- public memory API
     @torch.no_grad()
     def end_task(self) -> None:

@@ -1,0 +1,328 @@
+"""FOGO optimizer: contract, reductions to known optimizers, reference equality, resume."""
+
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import orthoptim
+from orthoptim import FOGO, FOGOReference
+
+F64 = dict(ns_dtype="float64", memory_dtype="float64")
+
+
+def tiny_model(seed=0, conv=False):
+    torch.manual_seed(seed)
+    if conv:
+        return nn.Sequential(
+            nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.ReLU(),
+            nn.Linear(8, 3),
+        ).double()  # fmt: skip
+    return nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 10), nn.Linear(10, 3)).double()
+
+
+def batches(n, conv=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (16, 2, 6, 6) if conv else (16, 12)
+    return [
+        (
+            torch.randn(*shape, generator=gen, dtype=torch.float64),
+            torch.randint(0, 3, (16,), generator=gen),
+        )
+        for _ in range(n)
+    ]
+
+
+def train(model, opt, data, end_task_at=()):
+    for i, (x, y) in enumerate(data):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if i in end_task_at:
+            opt.end_task()
+
+
+def assert_states_equal(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        va, vb = a[k], b[k]
+        if isinstance(va, dict):
+            assert_states_equal(va, vb, exact)
+        elif isinstance(va, torch.Tensor):
+            if exact:
+                assert torch.equal(va, vb), k
+            else:
+                assert torch.allclose(va.double(), vb.double(), atol=1e-10, rtol=1e-8), k
+        else:
+            assert va == vb, k
+
+
+def test_update_rms_equals_target():
+    w = nn.Parameter(torch.randn(20, 30, dtype=torch.float64))
+    opt = FOGO([w], lr=0.1, target_rms=0.2, memory=False, **F64)
+    w.grad = torch.randn(20, 30, dtype=torch.float64)
+    before = w.detach().clone()
+    opt.step()
+    rms = (w.detach() - before).square().mean().sqrt()
+    assert torch.isclose(rms, torch.tensor(0.1 * 0.2, dtype=torch.float64))
+
+
+def test_memory_without_entries_reduces_exactly_to_the_short_term_optimizer():
+    data = batches(12)
+    params = []
+    for memory in (False, True):
+        model = tiny_model()
+        opt = FOGO(model.parameters(), lr=0.01, memory=memory, write_interval=0)
+        train(model, opt, data)
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(gate="sign", gate_threshold=0.05),
+        dict(side="output", radius=0.8),
+        dict(dual_stream=False, nesterov=True, eviction="least_used"),
+        dict(fusion="lerp", weight_decay=0.1, scale="muon"),
+    ],
+)
+@pytest.mark.parametrize("conv", [False, True])
+def test_fast_path_equals_reference(options, conv):
+    data = batches(16, conv=conv)
+    runs = []
+    for cls in (FOGO, FOGOReference):
+        model = tiny_model(conv=conv)
+        opt = cls(
+            model.parameters(), lr=0.02, write_interval=4, min_age=2, memory_budget=0.5,
+            capacity=3, **F64, **options,
+        )  # fmt: skip
+        train(model, opt, data, end_task_at=(7,))
+        runs.append((model, opt))
+    (m1, o1), (m2, o2) = runs
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8)
+    assert_states_equal(o1.state_dict()["state"], o2.state_dict()["state"], exact=False)
+    assert o1.memory_stats()["writes"] > 0
+
+
+@pytest.mark.parametrize("gate", ["overlap", "sign"])
+def test_state_dict_round_trip_continues_bit_for_bit(gate):
+    data = batches(20)
+    model = tiny_model()
+    opt = FOGO(model.parameters(), lr=0.02, write_interval=3, memory_budget=0.5, gate=gate)
+    train(model, opt, data[:10], end_task_at=(5,))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    train(model, opt, data[10:])
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    torch.manual_seed(999)  # a different global RNG must not matter
+    fresh_model = tiny_model(seed=1)
+    fresh_model.load_state_dict(saved["model"])
+    fresh = FOGO(fresh_model.parameters(), lr=0.02, write_interval=3, memory_budget=0.5, gate=gate)
+    fresh.load_state_dict(saved["opt"])
+    train(fresh_model, fresh, data[10:])
+    for a, b in zip(model.parameters(), fresh_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert_states_equal(opt.state_dict()["state"], fresh.state_dict()["state"])
+
+
+def test_lr_scheduler_changes_the_step():
+    w = nn.Parameter(torch.zeros(8, 8))
+    opt = FOGO([w], lr=1.0, memory=False, ns_dtype="float32")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    sizes = []
+    for _ in range(3):
+        before = w.detach().clone()
+        w.grad = torch.ones(8, 8) + torch.eye(8)
+        opt.step()
+        sched.step()
+        sizes.append((w.detach() - before).square().mean().sqrt().item())
+    assert sizes[1] == pytest.approx(sizes[0] / 2, rel=1e-5)
+    assert sizes[2] == pytest.approx(sizes[0] / 4, rel=1e-5)
+
+
+def test_non_matrix_params_follow_adamw_exactly():
+    torch.manual_seed(0)
+    b1 = nn.Parameter(torch.randn(7))
+    b2 = nn.Parameter(b1.detach().clone())
+    ours = FOGO([b1], lr=0.01, weight_decay=0.1, adamw_betas=(0.9, 0.95), adamw_eps=1e-8)
+    ref = torch.optim.AdamW([b2], lr=0.01, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    for _ in range(10):
+        g = torch.randn(7)
+        b1.grad, b2.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    assert torch.equal(b1, b2)
+    assert torch.equal(ours.state[b1]["exp_avg_sq"], ref.state[b2]["exp_avg_sq"])
+
+
+def test_single_stream_without_memory_is_torch_muon():
+    """FOGO(dual_stream=False, nesterov=True, scale="muon", memory=False) == torch.optim.Muon
+    with adjust_lr_fn="match_rms_adamw", bitwise (same bf16 Newton-Schulz, same momentum)."""
+    torch.manual_seed(0)
+    w1 = nn.Parameter(torch.randn(16, 24))
+    w2 = nn.Parameter(w1.detach().clone())
+    ours = FOGO(
+        [w1], lr=0.02, weight_decay=0.1, dual_stream=False, beta_slow=0.95, nesterov=True,
+        scale="muon", memory=False,
+    )  # fmt: skip
+    ref = torch.optim.Muon([w2], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
+                           adjust_lr_fn="match_rms_adamw")  # fmt: skip
+    for _ in range(5):
+        g = torch.randn(16, 24)
+        w1.grad, w2.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    assert torch.equal(w1, w2)
+
+
+def test_default_construction_routes_by_ndim_and_groups_may_choose():
+    model = tiny_model(conv=True)
+    opt = FOGO(model.parameters(), lr=0.01)
+    train(model, opt, batches(2, conv=True))
+    for p in model.parameters():
+        keys = set(opt.state[p])
+        assert ("momentum_slow" in keys) == (p.ndim >= 2)
+        assert ("exp_avg" in keys) == (p.ndim < 2)
+    conv_state = opt.state[model[0].weight]
+    assert conv_state["momentum_slow"].shape == (4, 2 * 3 * 3)
+    lin = nn.Linear(4, 4)
+    opt = FOGO([{"params": [lin.weight], "algorithm": "adamw"}, {"params": [lin.bias]}])
+    lin(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert "exp_avg" in opt.state[lin.weight]
+    with pytest.raises(ValueError, match="ndim >= 2"):
+        opt = FOGO([{"params": [lin.bias], "algorithm": "fogo"}])
+        opt.step()
+
+
+def test_param_groups_routes_embeddings_and_head_to_adamw():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.body = nn.Linear(16, 16)
+            self.norm = nn.LayerNorm(16)
+            self.lm_head = nn.Linear(16, 50, bias=False)
+
+    model = LM()
+    with pytest.warns(
+        UserWarning, match="embed.weight \\(embedding\\).*lm_head.weight \\(output head\\)"
+    ):
+        groups = orthoptim.param_groups(model, lr=3e-3)
+    fogo, adamw = groups
+    assert fogo["algorithm"] == "fogo" and [id(p) for p in fogo["params"]] == [
+        id(model.body.weight)
+    ]
+    assert {id(p) for p in adamw["params"]} == {
+        id(model.embed.weight), id(model.body.bias), id(model.norm.weight), id(model.norm.bias),
+        id(model.lm_head.weight),
+    }  # fmt: skip
+    assert fogo["lr"] == 3e-3
+    FOGO(groups)  # the groups are valid FOGO groups
+    with pytest.warns(UserWarning, match="last nn.Linear"):
+        orthoptim.param_groups(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), verbose=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(beta_slow=1.0), "beta_slow"),
+        (dict(beta_fast=0.995), "beta_fast"),
+        (dict(mix=1.5), "mix"),
+        (dict(fusion="cubic"), "fusion"),
+        (dict(target_rms=0.0), "target_rms"),
+        (dict(ns_steps=-1), "ns_steps"),
+        (dict(ns_coefficients="bogus"), "ns_coefficients"),
+        (dict(ns_dtype="int8"), "ns_dtype"),
+        (dict(memory_budget=0.0), "memory_budget"),
+        (dict(capacity=0), "capacity"),
+        (dict(write_interval=-5), "write_interval"),
+        (dict(gate="always"), "gate"),
+        (dict(radius=0.0), "radius"),
+        (dict(eviction="random"), "eviction"),
+        (dict(side="both"), "side"),
+        (dict(adamw_betas=(0.9, 1.0)), "adamw_betas"),
+        (dict(weight_decay=float("nan")), "weight_decay"),
+    ],
+)
+def test_invalid_hyperparameters_raise_naming_them(kwargs, name):
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        FOGO([nn.Parameter(torch.zeros(3, 3))], **kwargs)
+
+
+def test_unknown_group_key_is_rejected():
+    with pytest.raises(ValueError, match="Unknown param-group key.*'betaslow'"):
+        FOGO([{"params": [nn.Parameter(torch.zeros(3, 3))], "betaslow": 0.9}])
+
+
+def test_memory_budget_for_gpt2_small_shapes_is_at_most_five_percent():
+    d = 768
+    shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * 12
+    params = [nn.Parameter(torch.zeros(s)) for s in shapes]
+    opt = FOGO(params)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    stats = opt.memory_stats()
+    assert stats["matrices"] == 48
+    assert stats["memory_fraction"] <= 0.05
+    momentum = sum(2 * p.numel() * 4 for p in params)
+    assert sum(
+        v.numel() * v.element_size() for p in params for k, v in opt.state[p].items()
+        if k.startswith("momentum")
+    ) == momentum  # fmt: skip
+
+
+def test_memory_stats_and_end_task_report_the_mechanism():
+    model = tiny_model()
+    opt = FOGO(model.parameters(), lr=0.02, write_interval=0, memory_budget=0.5)
+    data = batches(10)
+    train(model, opt, data[:5])
+    assert opt.memory_stats()["entries_used"] == 0
+    opt.end_task()
+    train(model, opt, data[5:])
+    stats = opt.memory_stats()
+    assert stats["entries_used"] == stats["matrices"] == 3
+    assert 0 < stats["correction_ratio"] < 1
+    assert stats["conflict_rate"] == 1.0  # the overlap gate with tau = 0 is always active
+    assert 0 < stats["occupancy"] <= 1
+
+
+def test_trajectory_does_not_depend_on_the_global_rng():
+    runs = []
+    for global_seed in (0, 1):
+        model = tiny_model()
+        opt = FOGO(model.parameters(), lr=0.02, write_interval=2, memory_budget=0.5, gate="sign")
+        torch.manual_seed(global_seed)
+        train(model, opt, batches(8), end_task_at=(3,))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_closure_and_grad_none_params():
+    w = nn.Parameter(torch.randn(4, 4))
+    unused = nn.Parameter(torch.randn(4, 4))
+    opt = FOGO([w, unused], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor)
+    assert unused not in opt.state or not opt.state[unused]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)
