@@ -11,7 +11,10 @@ from orthoptim.optim.fop_reference import fop_direction_dense, reference_fop_tra
 
 HP = dict(lr=0.1, damping=1e-2, damping_type="pi", momentum=0.9, weight_decay=1e-3,
           factor_interval=2, inverse_interval=2, ema_weight=0.5, factor_init="batch")  # fmt: skip
-OPT_KW = {k: v for k, v in HP.items() if k != "lr"} | {"factor_dtype": "float64"}
+OPT_KW = {k: v for k, v in HP.items() if k != "lr"} | {
+    "factor_dtype": "float64",
+    "max_grad_norm": None,
+}
 
 
 def mlp():

@@ -42,7 +42,7 @@ def train(opt, model, data):
 
 def kw(**over):
     hp = {k: v for k, v in HP.items() if k != "lr"}
-    hp.update(factor_dtype="float64")
+    hp.update(factor_dtype="float64", max_grad_norm=None)
     hp.update(over)
     return hp
 
@@ -91,7 +91,8 @@ def test_identity_curvature_reduces_to_outer_optimizer(monkeypatch, outer):
     else:
         ref = torch.optim.AdamW(model_b.parameters(), lr=0.05, **common)
     opt = KFAC(model_a, lr=0.05, outer=outer, damping_type="tikhonov", inverse_method="eigen",
-               damping=1e-30, factor_dtype="float64", factor_interval=1, **common)  # fmt: skip
+               damping=1e-30, factor_dtype="float64", factor_interval=1, max_grad_norm=None,
+               **common)  # fmt: skip
     train(opt, model_a, data)
     train(ref, model_b, data)
     for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):

@@ -144,8 +144,10 @@ class KFAC(torch.optim.Optimizer):
         kl_clip: if set, scale the preconditioned directions by
             :math:`\min(1, \sqrt{\kappa / (lr^2 \sum_\ell \langle d_\ell, g_\ell\rangle)})`
             (kfac-pytorch). Default None (the paper does not clip by KL).
-        max_grad_norm: if set, clip the global norm of all directions before the outer update
-            (the paper clips at 10 after preconditioning). Default None.
+        max_grad_norm: clip the global norm of all directions (preconditioned and plain) before
+            the outer update; default 10.0, the paper's training script (``--clipping_norm``),
+            which K-FAC/FOP need for stability early on (the damped inverse of small, stale
+            factors can amplify a growing gradient). ``None`` disables it.
         seed: seed of the generator used by :meth:`sample_fisher` (its state is saved).
 
     Every argument lives in the param group (schedulers and state dicts see it); the curvature
@@ -174,7 +176,7 @@ class KFAC(torch.optim.Optimizer):
         fisher: str = "empirical",
         factor_dtype: str = "float32",
         kl_clip: float | None = None,
-        max_grad_norm: float | None = None,
+        max_grad_norm: float | None = 10.0,
         seed: int = 0,
         **extra,
     ):

@@ -1,0 +1,99 @@
+"""Time per training step of K-FAC, FOP one-pass and FOP two-pass, side by side (CPU or GPU).
+
+Each optimizer trains its own copy of the same small CNN on the same fixed batch. A window is
+``--interval`` steps (one factor update and one inverse update each, so the curvature cost is
+amortised exactly); windows of the three methods are interleaved (order rotated every round) and
+the per-step time is the median over ``--rounds`` windows. A step is forward + backward + ``step()``
+(two half-batch passes for the two-pass mode).
+
+    python scripts/time_fop.py --rounds 7 --batch 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orthoptim import FOP, KFAC
+
+
+def small_cnn(width: int) -> nn.Module:
+    torch.manual_seed(0)
+    w = width
+    return nn.Sequential(
+        nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(), nn.Linear(8 * w, 64), nn.ReLU(), nn.Linear(64, 10),
+    )  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--image", type=int, default=16)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--interval", type=int, default=10, help="factor and inverse interval")
+    ap.add_argument("--rounds", type=int, default=7, help="timed windows per method")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    torch.manual_seed(1)
+    x = torch.randn(args.batch, 3, args.image, args.image, device=dev)
+    y = torch.randint(0, 10, (args.batch,), device=dev)
+    kw = dict(lr=0.01, damping=1e-2, factor_interval=args.interval, inverse_interval=args.interval)
+
+    def make(cls, **extra):
+        model = small_cnn(args.width).to(dev)
+        return model, cls(model, **kw, **extra)
+
+    runs = {"kfac": make(KFAC), "fop_one_pass": make(FOP), "fop_two_pass": make(FOP)}
+
+    def one_step(name, model, opt):
+        opt.zero_grad()
+        if name == "fop_two_pass":
+            opt.backward_two_pass(x, y, F.cross_entropy)
+        else:
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def window(name) -> float:
+        model, opt = runs[name]
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.interval):
+            one_step(name, model, opt)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / args.interval
+
+    names = list(runs)
+    for name in names:  # warm-up window
+        window(name)
+    times = {n: [] for n in names}
+    for r in range(args.rounds):
+        order = names[r % 3 :] + names[: r % 3]
+        for name in order:
+            times[name].append(window(name))
+    med = {n: statistics.median(t) for n, t in times.items()}
+    print("command: python " + " ".join(sys.argv))
+    print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}, "
+          f"batch {args.batch}x3x{args.image}x{args.image}, width {args.width}, "
+          f"interval {args.interval}, rounds {args.rounds}")  # fmt: skip
+    for n in names:
+        lo, hi = 1e3 * min(times[n]), 1e3 * max(times[n])
+        print(f"{n:14s} median {1e3 * med[n]:8.2f} ms/step (min {lo:.2f}, max {hi:.2f})")
+    print(f"ratio fop_one_pass / kfac         = {med['fop_one_pass'] / med['kfac']:.3f}")
+    print(f"ratio fop_two_pass / kfac         = {med['fop_two_pass'] / med['kfac']:.3f}")
+    print(f"ratio fop_one_pass / fop_two_pass = {med['fop_one_pass'] / med['fop_two_pass']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
