@@ -113,13 +113,19 @@ def test_eta_is_two_when_beta_is_zero():
     assert float(b) == 0.0 and float(e) == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
-@pytest.mark.parametrize("two_pass", [False, True])
-def test_fop_matches_dense_reference(kind, two_pass):
+@pytest.mark.parametrize(
+    "kind,two_pass,damping_type",
+    [("mlp", False, "pi"), ("cnn", False, "pi"), ("mlp", True, "pi"), ("cnn", True, "pi"),
+     ("cnn", False, "tikhonov")],
+)  # fmt: skip
+def test_fop_matches_dense_reference(kind, two_pass, damping_type):
     model_a, model_b = (mlp(), mlp()) if kind == "mlp" else (cnn(), cnn())
     data = batches(kind)
-    train(FOP(model_a, lr=HP["lr"], **OPT_KW), model_a, data, two_pass=two_pass)
-    reference_fop_train(model_b, data, F.cross_entropy, HP)
+    kw = OPT_KW | {"damping_type": damping_type}
+    if damping_type == "tikhonov":
+        kw["inverse_method"] = "eigen"
+    train(FOP(model_a, lr=HP["lr"], **kw), model_a, data, two_pass=two_pass)
+    reference_fop_train(model_b, data, F.cross_entropy, HP | {"damping_type": damping_type})
     for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-9, atol=1e-11)
 

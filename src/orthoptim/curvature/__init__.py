@@ -17,16 +17,19 @@ from orthoptim.curvature.inverse import (
     kron_mv,
     pi_damping,
 )
-from orthoptim.curvature.projection import fop_combine
-from orthoptim.curvature.split import first_half_grad, split_from_total
+from orthoptim.curvature.projection import fop_coefficients, fop_combine, fop_dots
+from orthoptim.curvature.split import avg_diff_from_total, first_half_grad, split_from_total
 
 __all__ = [
     "Capture",
     "a_factor",
+    "avg_diff_from_total",
     "compute_preconditioner",
     "ema",
     "first_half_grad",
+    "fop_coefficients",
     "fop_combine",
+    "fop_dots",
     "g_factor",
     "grad_rows",
     "input_rows",

@@ -1,26 +1,30 @@
-r"""FOP's per-layer transform (Lu & Armour, AAAI-26), written with two mat-vec callables.
+r"""FOP's per-layer transform (Lu & Armour, AAAI-26), vectorised over layers.
 
-Given the half-batch gradients :math:`g_1, g_2` of one layer, the undamped Fisher mat-vec
-``fmv`` (:math:`F v`) and the damped inverse mat-vec ``imv`` (:math:`F^{-1} v`):
+Given the half-batch gradients of one layer through :math:`g_{avg} = \tfrac12(g_1+g_2)` and
+:math:`g_{diff} = g_1-g_2`, the undamped Fisher :math:`F` and the damped inverse :math:`F^{-1}`:
 
 .. math::
 
-    g_{avg} = \tfrac12(g_1+g_2),\quad g_{diff} = g_1-g_2,\quad
     s = \frac{\langle g_{diff}, F g_{avg}\rangle}{\langle g_{avg}, F g_{avg}\rangle},\quad
-    g_\perp = g_{diff} - s\, g_{avg}
-
+    g_\perp = g_{diff} - s\, g_{avg},\quad
     \beta^* = \frac{D}{E},\ D = \langle g_{avg}, F^{-1} g_\perp\rangle,\
-    E = \langle g_\perp, F^{-1} g_\perp\rangle,\qquad g_{comb} = g_{avg} + \beta g_\perp
+    E = \langle g_\perp, F^{-1} g_\perp\rangle
 
+    g_{comb} = g_{avg} + \beta g_\perp,\qquad
     \eta^* = \frac{\langle g_1+g_2, F^{-1} g_{comb}\rangle}
                   {\langle g_{comb}, F^{-1}g_{comb}\rangle},\qquad d = \eta\, F^{-1} g_{comb}
 
+Only three mat-vecs are needed (the official code spends four), because everything is linear:
+with :math:`p_{avg} = F^{-1} g_{avg}` and :math:`p_{diff} = F^{-1} g_{diff}`,
+:math:`F^{-1} g_\perp = p_{diff} - s\,p_{avg}` and
+:math:`d = \eta(1-\beta s)\,p_{avg} + \eta\beta\,p_{diff}`. ``D``, ``E`` and the η terms are
+expanded into the five inner products of :func:`fop_dots`, so the scalar algebra of all layers runs
+as a handful of batched tensor ops (:func:`fop_coefficients`), without host syncs.
+
 Guards as in the official code: ``s = 0`` when :math:`|\langle g_{avg}, F g_{avg}\rangle| \le
 10^{-12}`; adaptive :math:`\beta = \mathrm{clamp}(D/(E+10^{-12}))` only when :math:`|E| > 10^{-12}`
-(else 0); adaptive :math:`\eta = \mathrm{clamp}(\cdot/(\mathrm{den}+10^{-12}))` only when the
-denominator exceeds :math:`10^{-12}` (else 1). All branches are ``torch.where`` (no host sync).
-By linearity :math:`F^{-1} g_{comb} = F^{-1} g_{avg} + \beta F^{-1} g_\perp`, so three mat-vecs
-(one ``F``, two ``F^{-1}``) suffice; the official code spends four.
+(else 0); adaptive :math:`\eta = \mathrm{clamp}(\mathrm{num}/(\mathrm{den}+10^{-12}))` only when
+the denominator exceeds :math:`10^{-12}` (else 1).
 """
 
 from __future__ import annotations
@@ -32,8 +36,44 @@ import torch
 _TINY = 1e-12
 
 
-def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return (u * v).sum()
+def fop_dots(g_avg, g_diff, f_avg, p_avg, p_diff) -> torch.Tensor:
+    """``(2, 3)`` inner products of ``[g_avg, g_diff]`` with ``[F g_avg, p_avg, p_diff]``."""
+    u = torch.stack([g_avg, g_diff]).flatten(1)
+    v = torch.stack([f_avg, p_avg, p_diff]).flatten(1)
+    return u @ v.T
+
+
+def fop_coefficients(
+    dots: torch.Tensor,
+    *,
+    beta: float | None = None,
+    eta: float | None = None,
+    beta_clamp: tuple[float, float] = (-0.5, 0.5),
+    eta_clamp: tuple[float, float] = (0.0, 2.0),
+):
+    """From stacked :func:`fop_dots` (``(L, 2, 3)``) return ``(c_avg, c_diff, beta, eta)``.
+
+    Each is a length-``L`` tensor, and layer ``l``'s direction is
+    ``c_avg[l] * p_avg + c_diff[l] * p_diff``. ``beta`` / ``eta``: a number fixes the coefficient
+    (used as given, not clamped); ``None`` uses the adaptive, clamped value.
+    """
+    den_s, num_s = dots[:, 0, 0], dots[:, 1, 0]
+    a, x, y = dots[:, 0, 1], dots[:, 0, 2], dots[:, 1, 2]  # <ga,p_avg>, <ga,p_diff>, <gd,p_diff>
+    ok = den_s.abs() > _TINY
+    s = torch.where(ok, num_s / torch.where(ok, den_s, 1.0), 0.0)
+    D = x - s * a
+    E = y - 2.0 * s * x + s * s * a
+    if beta is None:
+        b = torch.where(E.abs() > _TINY, (D / (E + _TINY)).clamp(*beta_clamp), 0.0)
+    else:
+        b = torch.full_like(a, beta)
+    if eta is None:
+        den_e = a + 2.0 * b * D + b * b * E  # <g_comb, F^-1 g_comb>
+        e = (2.0 * (a + b * D) / (den_e + _TINY)).clamp(*eta_clamp)  # <g1+g2, F^-1 g_comb>
+        e = torch.where(den_e > _TINY, e, 1.0)
+    else:
+        e = torch.full_like(a, eta)
+    return e * (1.0 - b * s), e * b, b, e
 
 
 def fop_combine(
@@ -41,39 +81,15 @@ def fop_combine(
     g2: torch.Tensor,
     fmv: Callable[[torch.Tensor], torch.Tensor],
     imv: Callable[[torch.Tensor], torch.Tensor],
-    *,
-    beta: float | None = None,
-    eta: float | None = None,
-    beta_clamp: tuple[float, float] = (-0.5, 0.5),
-    eta_clamp: tuple[float, float] = (0.0, 2.0),
+    **kwargs,
 ):
-    """Return ``(direction, beta, eta)``: ``direction = eta * F^{-1} g_comb`` and 0-d tensors.
+    """One layer: return ``(direction, beta, eta)`` with ``direction = eta * F^{-1} g_comb``.
 
-    ``beta`` / ``eta``: a number fixes the coefficient (used as given, not clamped); ``None``
-    computes the adaptive value, clamped to ``beta_clamp`` / ``eta_clamp``.
+    ``fmv(v) = F v`` (undamped), ``imv(v) = F^{-1} v`` (damped); ``kwargs`` as
+    :func:`fop_coefficients`.
     """
-    g_avg = (g1 + g2) * 0.5
-    g_diff = g1 - g2
-    f_avg = fmv(g_avg)
-    den = _dot(g_avg, f_avg)
-    ok = den.abs() > _TINY
-    s = torch.where(ok, _dot(g_diff, f_avg) / torch.where(ok, den, 1.0), 0.0)
-    g_perp = g_diff - s * g_avg
-
-    p_avg = imv(g_avg)
-    p_perp = imv(g_perp)
-    if beta is None:
-        E = _dot(g_perp, p_perp)
-        b = (_dot(g_avg, p_perp) / (E + _TINY)).clamp(*beta_clamp)
-        b = torch.where(E.abs() > _TINY, b, 0.0)
-    else:
-        b = torch.as_tensor(beta, dtype=g_avg.dtype, device=g_avg.device)
-    p_comb = p_avg + b * p_perp
-    if eta is None:
-        g_comb = g_avg + b * g_perp
-        den_e = _dot(g_comb, p_comb)
-        e = (2.0 * _dot(g_avg, p_comb) / (den_e + _TINY)).clamp(*eta_clamp)
-        e = torch.where(den_e > _TINY, e, 1.0)
-    else:
-        e = torch.as_tensor(eta, dtype=g_avg.dtype, device=g_avg.device)
-    return e * p_comb, b, e
+    g_avg, g_diff = (g1 + g2) * 0.5, g1 - g2
+    p_avg, p_diff = imv(g_avg), imv(g_diff)
+    dots = fop_dots(g_avg, g_diff, fmv(g_avg), p_avg, p_diff)[None]
+    c_avg, c_diff, b, e = fop_coefficients(dots, **kwargs)
+    return c_avg[0] * p_avg + c_diff[0] * p_diff, b[0], e[0]

@@ -28,10 +28,13 @@ def first_half_grad(module: nn.Module, x: torch.Tensor, gout: torch.Tensor, b1: 
     """``S_1`` in the layer-matrix layout ``[dW | db]`` (see :mod:`.factors`)."""
     x1, g1 = x[:b1], gout[:b1]
     if isinstance(module, nn.Conv2d):
-        w = torch.nn.grad.conv2d_weight(
-            x1, module.weight.shape, g1, module.stride, module.padding, module.dilation, 1
-        ).flatten(1)
-        b = g1.sum((0, 2, 3)) if module.bias is not None else None
+        # one convolution_backward call gives both the weight and the bias gradient
+        has_bias = module.bias is not None
+        _, w, b = torch.ops.aten.convolution_backward(
+            g1, x1, module.weight, [module.out_channels] if has_bias else None, module.stride,
+            module.padding, module.dilation, False, [0], 1, (False, True, has_bias),
+        )  # fmt: skip
+        w = w.flatten(1)
     else:
         g_rows = g1.reshape(-1, g1.shape[-1])
         w = g_rows.T @ x1.reshape(-1, x1.shape[-1])
@@ -43,3 +46,13 @@ def split_from_total(S1: torch.Tensor, g: torch.Tensor, batch: int, b1: int):
     """Return ``(g1, g2)``, the means over the two halves, from ``S1`` and the full mean ``g``."""
     b2 = batch - b1
     return S1 * (batch / b1), (g - S1) * (batch / b2)
+
+
+def avg_diff_from_total(S1: torch.Tensor, g: torch.Tensor, batch: int, b1: int):
+    """``(g_avg, g_diff) = ((g1 + g2) / 2, g1 - g2)`` straight from ``S1`` and ``g`` (2-3 ops).
+
+    For an even batch ``g_avg`` is ``g`` itself (returned, not copied; treat it as read-only).
+    """
+    c1, c2 = batch / b1, batch / (batch - b1)
+    g_avg = g if c1 == c2 else g.mul(0.5 * c2).add_(S1, alpha=0.5 * (c1 - c2))
+    return g_avg, S1.mul(c1 + c2).sub_(g, alpha=c2)

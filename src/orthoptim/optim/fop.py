@@ -34,7 +34,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from orthoptim.curvature import first_half_grad, fop_combine, inverse_mv, kron_mv, split_from_total
+from orthoptim.curvature import (
+    avg_diff_from_total,
+    first_half_grad,
+    fop_coefficients,
+    fop_dots,
+    inverse_mv,
+    kron_mv,
+)
 from orthoptim.optim._validation import check_range
 from orthoptim.optim.kfac import KFAC, grad_matrix, put_direction
 
@@ -81,6 +88,7 @@ class FOP(KFAC):
         **kfac_kwargs,
     ):
         self._halves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stacks: dict[str, tuple] = {}  # derived from the state, rebuilt when it changes
         super().__init__(
             model, lr, damping=damping, beta=beta, eta=eta, beta_clamp=beta_clamp,
             eta_clamp=eta_clamp, **kfac_kwargs,
@@ -107,7 +115,7 @@ class FOP(KFAC):
         if batch < 2 or gout.shape[0] != batch:
             return None
         b1 = (batch + 1) // 2
-        return split_from_total(first_half_grad(module, x, gout, b1), M, batch, b1)
+        return avg_diff_from_total(first_half_grad(module, x, gout, b1), M, batch, b1)
 
     def backward_two_pass(self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn):
         """The paper's mode: two half-batch forward/backward passes instead of ``loss.backward()``.
@@ -142,14 +150,35 @@ class FOP(KFAC):
             for name, m in self._layers.items():
                 if m.weight in grads:
                     gb = grads.get(m.bias, (None, None)) if m.bias is not None else (None, None)
-                    self._halves[name] = tuple(
-                        grad_matrix(m, grads[m.weight][k], gb[k]) for k in range(2)
-                    )
+                    g1, g2 = (grad_matrix(m, grads[m.weight][k], gb[k]) for k in range(2))
+                    self._halves[name] = ((g1 + g2) * 0.5, g1 - g2)
         return (losses[0] + losses[1]) * 0.5
 
     # -- directions ---------------------------------------------------------------------------
+    def _three_matvecs(self, name: str, ls: dict, g_avg, g_diff):
+        """``F g_avg``, ``F^-1 g_avg``, ``F^-1 g_diff`` and the :func:`fop_dots` matrix.
+
+        With Kronecker-form inverses the three products are two batched matmuls against
+        ``[G, G^-1, G^-1]`` / ``[A, A^-1, A^-1]``, stacked once per factor/inverse update.
+        """
+        pre = ls["pre"]
+        if "A_inv" not in pre:  # eigenbasis (Tikhonov) form
+            p_avg, p_diff = inverse_mv(pre, g_avg), inverse_mv(pre, g_diff)
+            f_avg = kron_mv(ls["G"], ls["A"], g_avg)
+            return f_avg, p_avg, p_diff, fop_dots(g_avg, g_diff, f_avg, p_avg, p_diff)
+        cached = self._stacks.get(name)
+        if cached is None or cached[0] is not ls["A"] or cached[1] is not pre:
+            Gs = torch.stack([ls["G"], pre["G_inv"], pre["G_inv"]])
+            As = torch.stack([ls["A"], pre["A_inv"], pre["A_inv"]])
+            cached = self._stacks[name] = (ls["A"], pre, Gs, As)
+        X = torch.stack([g_avg, g_avg, g_diff])
+        Y = cached[2] @ X @ cached[3]
+        f_avg, p_avg, p_diff = Y.unbind()
+        return f_avg, p_avg, p_diff, X[1:].flatten(1) @ Y.flatten(1).T
+
     def _directions(self, hp: dict) -> dict:
-        dirs = {}
+        """FOP directions; the scalar algebra of all layers is batched (no host sync)."""
+        dirs, dots, todo = {}, [], []
         layers = self.state["kfac"]["layers"]
         for name, m in self._layers.items():
             ls = layers[name]
@@ -157,16 +186,22 @@ class FOP(KFAC):
                 continue
             M = grad_matrix(m)
             halves = self._halves.get(name) or self._one_pass_halves(name, m, M)
-            if halves is None:
+            if halves is None:  # not splittable: K-FAC on the mean gradient
                 put_direction(dirs, m, self._precondition(ls, M))
                 continue
-            A, G, pre = ls["A"], ls["G"], ls["pre"]
-            D, ls["beta"], ls["eta"] = fop_combine(
-                halves[0].to(A.dtype), halves[1].to(A.dtype),
-                lambda v, A=A, G=G: kron_mv(G, A, v), lambda v, pre=pre: inverse_mv(pre, v),
-                beta=hp["beta"], eta=hp["eta"], beta_clamp=hp["beta_clamp"],
-                eta_clamp=hp["eta_clamp"],
-            )  # fmt: skip
-            put_direction(dirs, m, D.to(M.dtype))
+            g_avg, g_diff = (h.to(ls["A"].dtype) for h in halves)
+            _, p_avg, p_diff, d = self._three_matvecs(name, ls, g_avg, g_diff)
+            dots.append(d)
+            todo.append((ls, m, p_avg, p_diff, M.dtype))
         self._halves = {}
+        if todo:
+            coef = fop_coefficients(
+                torch.stack(dots), beta=hp["beta"], eta=hp["eta"],
+                beta_clamp=hp["beta_clamp"], eta_clamp=hp["eta_clamp"],
+            )  # fmt: skip
+            for (ls, m, p_avg, p_diff, dtype), c_avg, c_diff, b, e in zip(
+                todo, *(c.unbind() for c in coef), strict=True
+            ):
+                ls["beta"], ls["eta"] = b, e
+                put_direction(dirs, m, torch.addcmul(p_avg * c_avg, p_diff, c_diff).to(dtype))
         return dirs
