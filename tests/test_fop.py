@@ -184,3 +184,29 @@ def test_two_pass_sets_mean_gradient_and_returns_loss():
 def test_invalid_fop_arguments(name, value):
     with pytest.raises(ValueError, match=name):
         FOP(mlp(), **{name: value})
+
+
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_mc_fisher_with_batchnorm_and_sequences_trains(two_pass):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+        nn.Unflatten(1, (4, 16)), nn.Linear(16, 8), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3),
+    )  # fmt: skip
+    x, y = torch.randn(16, 2, 4, 4), torch.randint(0, 3, (16,))
+    opt = FOP(model, lr=0.05, fisher="mc", factor_interval=2, inverse_interval=2)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        if two_pass:
+            losses.append(float(opt.backward_two_pass(x, y, F.cross_entropy)))
+        else:
+            out = model(x)
+            opt.sample_fisher(out)
+            loss = F.cross_entropy(out, y)
+            loss.backward()
+            losses.append(float(loss.detach()))
+        opt.step()
+    assert losses[-1] < losses[0]
+    etas = [ls["eta"] for ls in opt.state["kfac"]["layers"].values() if "eta" in ls]
+    assert len(etas) == 3 and all(0.0 <= float(e) <= 2.0 for e in etas)
