@@ -9,6 +9,16 @@ from orthoptim import FOP, KFAC
 from orthoptim.curvature import fop_combine
 from orthoptim.optim.fop_reference import fop_direction_dense, reference_fop_train
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: extra threads only add contention on shared CPUs (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 HP = dict(lr=0.1, damping=1e-2, damping_type="pi", momentum=0.9, weight_decay=1e-3,
           factor_interval=2, inverse_interval=2, ema_weight=0.5, factor_init="batch")  # fmt: skip
 OPT_KW = {k: v for k, v in HP.items() if k != "lr"} | {

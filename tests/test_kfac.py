@@ -11,6 +11,16 @@ import orthoptim.optim.kfac as kfac_mod
 from orthoptim import FOP, KFAC
 from orthoptim.optim.kfac_reference import reference_train
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: extra threads only add contention on shared CPUs (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 HP = dict(lr=0.1, damping=1e-2, damping_type="pi", momentum=0.9, weight_decay=1e-3,
           factor_interval=2, inverse_interval=2, ema_weight=0.5, factor_init="batch")  # fmt: skip
 
