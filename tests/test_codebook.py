@@ -152,3 +152,34 @@ def test_correction_is_bounded_by_the_radius():
     out, stats = codebook.correct(u, book, 2, cfg)
     assert out.norm() >= 0.5 * u.norm() - 1e-9
     assert float(stats["correction_ratio"]) <= 0.5 + 1e-9
+
+
+def test_scheduled_writes_never_evict_consolidated_tasks():
+    cfg = config(capacity=3, rank=4, write_rank=2)
+    book = codebook.init_codebook(12, cfg, "cpu")
+    codebook.write(book, low_rank(10, 12, 2, seed=0), 10, cfg, seed=1, kind=CONSOLIDATED, ready=10)
+    codebook.write(book, low_rank(10, 12, 2, seed=1), 20, cfg, seed=2, kind=CONSOLIDATED, ready=20)
+    # The pool is full of tasks: a window summary finds no room and is skipped.
+    assert (
+        codebook.write(book, low_rank(10, 12, 2, seed=2), 30, cfg, seed=3, kind=SCHEDULED, ready=50)
+        == "skip"
+    )
+    assert sorted(int(f) for f in book["fresh"][book["used"]]) == [10, 20]
+    # A new task evicts the oldest task.
+    assert (
+        codebook.write(
+            book, low_rank(10, 12, 2, seed=3), 40, cfg, seed=4, kind=CONSOLIDATED, ready=40
+        )
+        == "insert"
+    )
+    assert sorted(int(f) for f in book["fresh"][book["used"]]) == [20, 40]
+
+
+def test_consolidation_evicts_window_summaries_before_tasks():
+    cfg = config(capacity=3, rank=4, write_rank=2)
+    book = codebook.init_codebook(12, cfg, "cpu")
+    codebook.write(book, low_rank(10, 12, 2, seed=0), 10, cfg, seed=1, kind=CONSOLIDATED, ready=10)
+    codebook.write(book, low_rank(10, 12, 2, seed=1), 20, cfg, seed=2, kind=SCHEDULED, ready=40)
+    codebook.write(book, low_rank(10, 12, 2, seed=2), 30, cfg, seed=3, kind=CONSOLIDATED, ready=30)
+    kinds = sorted(int(k) for k in book["kind"][book["used"]])
+    assert kinds == [CONSOLIDATED, CONSOLIDATED]

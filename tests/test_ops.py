@@ -7,7 +7,7 @@ import torch
 
 from orthoptim.ops.geometry import nlerp, rms_scale, slerp
 from orthoptim.ops.newton_schulz import MUON_COEFFICIENTS, newton_schulz
-from orthoptim.ops.sketch import gaussian_sketch_matrix, range_finder
+from orthoptim.ops.sketch import gaussian_sketch_matrix, nystrom_factor, range_finder
 from orthoptim.ops.subspace import proximal_lift, radius_from_rho, rho_from_radius
 
 
@@ -199,3 +199,22 @@ def test_radius_bounds_the_correction():
         # Whole space protected: the lift scales the update by exactly 1 - r, never to zero.
         assert torch.allclose(u, (1 - radius) * o)
         assert math.isclose(radius_from_rho(rho_from_radius(radius)), radius)
+
+
+def test_nystrom_factor_recovers_a_low_rank_psd_matrix_from_its_sketch():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(50, 4, generator=gen, dtype=torch.float64)
+    c = a @ a.T
+    omega = gaussian_sketch_matrix(50, 10, seed=1, dtype=torch.float64)
+    f = nystrom_factor(c @ omega, omega)
+    assert torch.allclose(f @ f.T, c, atol=1e-9 * c.norm())
+    # Streaming: summing sketches of G_t^T G_t equals the sketch of the sum.
+    inputs = torch.randn(4, 50, generator=gen, dtype=torch.float64)  # a rank-4 input space
+    grads = [torch.randn(6, 4, generator=gen, dtype=torch.float64) @ inputs for _ in range(3)]
+    y = sum(g.T @ (g @ omega) for g in grads)
+    total = sum(g.T @ g for g in grads)
+    f = nystrom_factor(y, omega)
+    assert torch.allclose(f @ f.T, total, atol=1e-9 * total.norm())
+    assert torch.equal(
+        nystrom_factor(torch.zeros(50, 10), omega), torch.zeros(50, 10, dtype=torch.float64)
+    )

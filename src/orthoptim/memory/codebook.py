@@ -20,7 +20,8 @@ with the host:
 its dominant remaining row space is found by a randomized range finder (a seeded Gaussian random
 projection), and the new directions either *merge* into the scheduled entry that already holds
 most of D's energy (refreshing its age) or are *inserted* as a new entry; when the pool or the
-slots are full, entries are *evicted* (oldest, or least used).
+slots are full, entries are *evicted* (oldest, or least used; window summaries before whole
+tasks, and a scheduled write never evicts a task consolidated by ``end_task``).
 
 *Correction* (every step): coordinates c = O V; an entry is in conflict when it is ready and
     overlap gate:  ||c_j||_F / ||O||_F > tau        (any use of the protected subspace)
@@ -54,8 +55,9 @@ class CodebookConfig:
         write_rank: directions added per write at most.
         min_energy: a new direction is kept only if it carries at least this fraction of the
             written direction's energy (drops noise).
-        merge_threshold: a scheduled write merges into the scheduled entry holding at least this
-            fraction of its energy instead of opening a new entry.
+        merge_threshold: a scheduled write merges into the scheduled entry that holds at least
+            this fraction of its energy (relative to its own top write_rank directions) instead
+            of opening a new entry.
         gate: ``"overlap"`` or ``"sign"``.
         gate_threshold: tau above.
         rho: proximal weight (radius r = rho / (1 + rho)); ``inf`` = hard projection.
@@ -147,20 +149,27 @@ def correct(
     return corrected, stats
 
 
-def _evict_one(book: dict[str, torch.Tensor], config: CodebookConfig, keep: int) -> None:
-    """Free the entry chosen by the eviction policy (never the entry ``keep``)."""
-    used = book["used"].clone()
-    if 0 <= keep < used.numel():
-        used[keep] = False
-    if not bool(used.any()):
-        raise RuntimeError("codebook eviction found no entry to evict")
+def _evict_one(book: dict[str, torch.Tensor], config: CodebookConfig, keep: int, kind: int) -> bool:
+    """Free the entry chosen by the eviction policy; returns False if none may be evicted.
+
+    Never evicts the entry ``keep``. Scheduled entries (window summaries) go before
+    consolidated ones (whole tasks), and a scheduled write may evict only scheduled entries.
+    """
+    allowed = book["used"].clone()
+    if 0 <= keep < allowed.numel():
+        allowed[keep] = False
+    if kind == SCHEDULED:
+        allowed &= book["kind"] == SCHEDULED
+    if not bool(allowed.any()):
+        return False
     fresh = book["fresh"].double()
     if config.eviction == "least_used":
         # Fewest hits first, then oldest: hits dominate, age breaks ties.
         key = book["hits"].double() * 1e12 + fresh
     else:
         key = fresh
-    key = torch.where(used, key, torch.full_like(key, float("inf")))
+    key = key + book["kind"].double() * 1e15  # scheduled entries first
+    key = torch.where(allowed, key, torch.full_like(key, float("inf")))
     victim = int(key.argmin())
     cols = book["owner"] == victim
     book["basis"][:, cols] = 0
@@ -169,6 +178,7 @@ def _evict_one(book: dict[str, torch.Tensor], config: CodebookConfig, keep: int)
         book["sign_dir"][:, cols] = 0
     book["used"][victim] = False
     book["hits"][victim] = 0
+    return True
 
 
 def write(
@@ -181,6 +191,7 @@ def write(
     kind: int,
     ready: int,
     sketch: torch.Tensor | None = None,
+    sign_source: torch.Tensor | None = None,
 ) -> str:
     """Summarise ``direction`` (m x n) into the codebook; returns "insert", "merge" or "skip".
 
@@ -193,6 +204,8 @@ def write(
         kind: ``SCHEDULED`` or ``CONSOLIDATED``.
         ready: step from which the written directions protect.
         sketch: the sign-gate sketch S (needed when ``config.gate == "sign"``).
+        sign_source: the past direction (out x side) whose coordinates the sign gate stores;
+            defaults to ``direction``.
     """
     d = direction.double()
     total = d.square().sum()
@@ -211,8 +224,12 @@ def write(
         v_new = v_new - basis @ (basis.mT @ v_new)
         v_new = torch.linalg.qr(v_new).Q
 
+    # Similarity of the written energy to each scheduled entry, relative to the most that any
+    # write_rank directions could hold (the top singular values of the direction itself).
+    _, s_top = range_finder(d, config.write_rank, seed * 7919 + _WRITE_STREAM + step + 1)
+    best = s_top.square().sum().clamp(min=1e-300)
     scheduled = book["used"] & (book["kind"] == SCHEDULED)
-    share = torch.where(scheduled, entry_energy / total, torch.zeros_like(entry_energy))
+    share = torch.where(scheduled, entry_energy / best, torch.zeros_like(entry_energy))
     merge_into = int(share.argmax()) if bool(scheduled.any()) else -1
     merging = (
         kind == SCHEDULED and merge_into >= 0 and float(share[merge_into]) >= config.merge_threshold
@@ -224,8 +241,8 @@ def write(
     else:
         if not v_new.shape[1]:
             return "skip"
-        if bool(book["used"].all()):
-            _evict_one(book, config, keep=-1)
+        if bool(book["used"].all()) and not _evict_one(book, config, keep=-1, kind=kind):
+            return "skip"
         target = int((~book["used"]).nonzero()[0])
         book["used"][target] = True
         book["fresh"][target] = step
@@ -233,19 +250,24 @@ def write(
         book["kind"][target] = kind
         book["hits"][target] = 0
 
-    need = v_new.shape[1]
+    # An entry holds at most write_rank directions: a long stretch of similar writes refreshes
+    # one entry instead of taking over the pool.
+    need = min(v_new.shape[1], config.write_rank - int((book["owner"] == target).sum()))
     while need and int((book["owner"] < 0).sum()) < need:
-        if int((book["used"] & (torch.arange(config.capacity) != target)).sum()) == 0:
-            need = int((book["owner"] < 0).sum())  # the entry alone fills the pool: truncate
+        if not _evict_one(book, config, keep=target, kind=kind):
+            need = int((book["owner"] < 0).sum())  # nothing more may go: keep what fits
             break
-        _evict_one(book, config, keep=target)
+    if not need and not merging:
+        book["used"][target] = False  # no room at all for a new entry
+        return "skip"
     if need:
         free = (book["owner"] < 0).nonzero().flatten()[:need]
         book["basis"][:, free] = v_new[:, :need].to(book["basis"].dtype)
         book["owner"][free] = target
         if "sign_dir" in book:
             # Sketch of the coordinates of the past direction in the new columns.
-            book["sign_dir"][:, free] = (sketch.double() @ (d @ v_new[:, :need])).float()
+            past = d if sign_source is None else sign_source.double()
+            book["sign_dir"][:, free] = (sketch.double() @ (past @ v_new[:, :need])).float()
     return "merge" if merging else "insert"
 
 

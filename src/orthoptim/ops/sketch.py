@@ -61,3 +61,34 @@ def range_finder(
         q = torch.linalg.qr(work.mT @ (work @ q)).Q
     _, s, vh = torch.linalg.svd(work @ q, full_matrices=False)
     return q @ vh[:r].mT, s[:r]
+
+
+def nystrom_factor(y: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """A factor F with F F^T ~= C from the streaming sketch Y = C Omega of a PSD matrix C.
+
+    Stable Nystrom approximation (Tropp, Yurtsever, Udell & Cevher, "Fixed-rank approximation of
+    a positive-semidefinite matrix from streaming data", NeurIPS 2017): shift nu = eps ||Y||,
+    Y_nu = Y + nu Omega, B = Omega^T Y_nu, F = Y_nu B^{-1/2}; then C + nu I ~= F F^T.
+    The small shift is not removed: the caller only needs F's dominant directions and energies.
+
+    Args:
+        y: the sketch C Omega, shape (d, l).
+        omega: the test matrix, shape (d, l), the one the sketch was accumulated with.
+
+    Returns:
+        F of shape (d, l) (zeros when the sketch is zero).
+    """
+    y = y.double()
+    omega = omega.double()
+    scale = y.norm()
+    if not bool(scale > 0):
+        return torch.zeros_like(y)
+    nu = torch.finfo(torch.float64).eps * y.shape[0] ** 0.5 * scale
+    y_nu = y + nu * omega
+    b = omega.mT @ y_nu
+    # B^{-1/2} by eigendecomposition with a pseudo-inverse: robust when C has rank < l (the
+    # Cholesky form of the paper fails there in floating point).
+    evals, evecs = torch.linalg.eigh(0.5 * (b + b.mT))
+    keep = evals > evals.max() * 1e-12
+    inv_sqrt = torch.where(keep, evals.clamp(min=1e-300).rsqrt(), torch.zeros_like(evals))
+    return y_nu @ (evecs * inv_sqrt)

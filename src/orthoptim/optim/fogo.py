@@ -35,6 +35,7 @@ from torch.optim import Optimizer
 from orthoptim.memory import codebook
 from orthoptim.ops.geometry import nlerp, rms_scale, slerp
 from orthoptim.ops.newton_schulz import newton_schulz, resolve_coefficients, resolve_dtype
+from orthoptim.ops.sketch import gaussian_sketch_matrix, nystrom_factor
 from orthoptim.ops.subspace import rho_from_radius
 from orthoptim.optim._adamw import adamw_step_
 from orthoptim.optim._validation import (
@@ -46,6 +47,8 @@ from orthoptim.optim._validation import (
 )
 
 _ALGORITHMS = ("fogo", "adamw")
+# State that keeps its own dtype on load (torch casts floating state to the parameter's dtype).
+_OWN_DTYPE_STATE = ("memory", "last_stats", "grad_sketch")
 
 
 class FOGO(Optimizer):
@@ -85,10 +88,10 @@ class FOGO(Optimizer):
         capacity: maximum number of codebook entries per matrix. Default 8.
         write_rank: directions added per write (default: R // 2, at least 1).
         write_interval: steps between scheduled (task-agnostic) writes; 0 disables them.
-            Default 100.
+            Default 50.
         min_age: steps an entry written on schedule waits, after its last refresh, before it
-            protects (so the current stretch of training does not block itself).
-            Default: 2 * write_interval.
+            protects (so the current stretch of training does not block itself: a stationary
+            stretch refreshes its entry at every write). Default: write_interval.
         gate: conflict test, ``"overlap"`` (any use of a protected subspace) or ``"sign"``
             (the update undoes the stored direction). Default "overlap".
         gate_threshold: tau of the gate. Default 0.0.
@@ -99,6 +102,10 @@ class FOGO(Optimizer):
         min_energy: energy share below which a new direction is not stored. Default 1e-3.
         eviction: ``"oldest"`` or ``"least_used"``. Default "oldest".
         side: protected side, ``"input"`` (row space, default) or ``"output"`` (column space).
+        write_source: what a write summarises: ``"gradients"`` (default), a streaming Gaussian
+            sketch Y = sum_t G_t^T G_t Omega of the gradients since the last write, read out by
+            the Nystrom method; or ``"slow"``, the slow momentum at write time (its last ~1/(1 -
+            beta_slow) steps). The sketch (side x (write_rank + 4) floats) counts in the budget.
         sketch_dim: sketch size k of the sign gate. Default 32.
         seed: base seed of every random projection (per parameter: seed and its index).
             Independent of the global RNG. Default 0.
@@ -129,7 +136,7 @@ class FOGO(Optimizer):
         memory_dtype: str = "bfloat16",
         capacity: int = 8,
         write_rank: int | None = None,
-        write_interval: int = 100,
+        write_interval: int = 50,
         min_age: int | None = None,
         gate: str = "overlap",
         gate_threshold: float = 0.0,
@@ -138,6 +145,7 @@ class FOGO(Optimizer):
         min_energy: float = 1e-3,
         eviction: str = "oldest",
         side: str = "input",
+        write_source: str = "gradients",
         sketch_dim: int = 32,
         seed: int = 0,
     ):
@@ -151,7 +159,7 @@ class FOGO(Optimizer):
             write_rank=write_rank, write_interval=write_interval,
             min_age=min_age, gate=gate, gate_threshold=gate_threshold, radius=radius,
             merge_threshold=merge_threshold, min_energy=min_energy, eviction=eviction,
-            side=side, sketch_dim=sketch_dim, seed=seed,
+            side=side, write_source=write_source, sketch_dim=sketch_dim, seed=seed,
         )  # fmt: skip
         self._validate(defaults)
         super().__init__(params, defaults)
@@ -159,6 +167,7 @@ class FOGO(Optimizer):
             check_group_keys(group, defaults)
             self._validate(group)
         self._sketch_cache: dict[int, torch.Tensor] = {}
+        self._omega_cache: dict[int, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------- validation
     @staticmethod
@@ -199,6 +208,7 @@ class FOGO(Optimizer):
         check_range("min_energy", g["min_energy"], 0.0, 1.0)
         check_choice("eviction", g["eviction"], ("oldest", "least_used"))
         check_choice("side", g["side"], ("input", "output"))
+        check_choice("write_source", g["write_source"], ("gradients", "slow"))
         check_int("sketch_dim", g["sketch_dim"], 1)
         check_int("seed", g["seed"], 0)
         if g.get("algorithm") is not None:
@@ -230,7 +240,12 @@ class FOGO(Optimizer):
             m, n = n, m
         mem_dtype = resolve_dtype(group["memory_dtype"])
         elem = torch.empty((), dtype=mem_dtype).element_size()
-        rank = int(group["memory_budget"] * m * n * p.element_size() // (n * elem))
+        budget = group["memory_budget"] * m * n * p.element_size()  # bytes
+        if group["write_source"] == "gradients":
+            # Pool R (elem bytes per entry) plus a float32 sketch of width R // 2 + 4 per column.
+            rank = int((budget / n - 16) // (elem + 2))
+        else:
+            rank = int(budget // (n * elem))
         rank = max(1, min(rank, n))
         write_rank = group["write_rank"] or max(1, rank // 2)
         return codebook.CodebookConfig(
@@ -258,6 +273,9 @@ class FOGO(Optimizer):
             state["seed"] = group["seed"] * 1_000_003 + index
             state["writes"] = 0
             state["memory"] = codebook.init_codebook(side_dim, config, p.device)
+            if group["write_source"] == "gradients":
+                width = min(config.write_rank + 4, side_dim)
+                state["grad_sketch"] = torch.zeros(side_dim, width, device=p.device)
 
     def _sketch(self, group: dict, p: torch.Tensor) -> torch.Tensor | None:
         """The sign-gate sketch of ``p``: derived from its seed, cached, never saved."""
@@ -272,6 +290,17 @@ class FOGO(Optimizer):
                 out_dim, config, self.state[p]["seed"], p.device
             )
         return self._sketch_cache[key]
+
+    def _omega(self, p: torch.Tensor) -> torch.Tensor:
+        """The Gaussian test matrix of ``p``'s gradient sketch: from its seed, cached, not saved."""
+        key = id(p)
+        sketch = self.state[p]["grad_sketch"]
+        if key not in self._omega_cache:
+            self._omega_cache[key] = gaussian_sketch_matrix(
+                sketch.shape[1], sketch.shape[0], self.state[p]["seed"] * 7919 + 2,
+                device=sketch.device,
+            ).mT.contiguous()  # fmt: skip
+        return self._omega_cache[key]
 
     # ------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -355,6 +384,11 @@ class FOGO(Optimizer):
         state["step"] += 1
         step = int(state["step"].item())
         if group["memory"]:
+            if "grad_sketch" in state:
+                grad = self._as_matrix(p.grad)
+                if group["side"] == "output":
+                    grad = grad.mT
+                state["grad_sketch"].add_(grad.mT.float() @ (grad.float() @ self._omega(p)))
             direction = self._correct(group, p, direction, step)
         lr = group["lr"]
         if group["weight_decay"] != 0:
@@ -381,35 +415,45 @@ class FOGO(Optimizer):
     def _write(self, group: dict, p: torch.Tensor, step: int, kind: int) -> str:
         state = self.state[p]
         config = self._codebook_config(group, p)
-        source = state["momentum_slow"]
+        slow = state["momentum_slow"]
         if group["side"] == "output":
-            source = source.mT
+            slow = slow.mT
+        if "grad_sketch" in state:
+            # Rows of F^T span the same space, with the same energies, as the gradients since
+            # the last write: F F^T ~= sum_t G_t^T G_t.
+            source = nystrom_factor(state["grad_sketch"], self._omega(p)).mT
+            state["grad_sketch"].zero_()
+        else:
+            source = slow
         interval = group["write_interval"]
-        min_age = group["min_age"] if group["min_age"] is not None else 2 * interval
+        min_age = group["min_age"] if group["min_age"] is not None else interval
         ready = step if kind == codebook.CONSOLIDATED else step + min_age
         seed = state["seed"] * 65_537 + state["writes"]
         state["writes"] += 1
         return codebook.write(
             state["memory"], source, step, config, seed=seed, kind=kind, ready=ready,
-            sketch=self._sketch(group, p),
+            sketch=self._sketch(group, p), sign_source=slow,
         )  # fmt: skip
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load state; codebook tensors keep their own dtypes (bool/int64 metadata, the memory
         dtype of the bases) instead of torch's default cast to the parameter's dtype."""
         kept = {
-            key: {name: value[name] for name in ("memory", "last_stats") if name in value}
+            key: {name: value[name] for name in _OWN_DTYPE_STATE if name in value}
             for key, value in state_dict["state"].items()
         }
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for key, extra in kept.items():
-            p = params[key] if isinstance(key, int) else None
-            if p is None:
-                continue
-            for name, tensors in extra.items():
-                self.state[p][name] = {k: v.to(p.device, copy=True) for k, v in tensors.items()}
+            p = params[key]
+            for name, value in extra.items():
+                if isinstance(value, dict):
+                    value = {k: v.to(p.device, copy=True) for k, v in value.items()}
+                else:
+                    value = value.to(p.device, copy=True)
+                self.state[p][name] = value
         self._sketch_cache.clear()
+        self._omega_cache.clear()
 
     # --------------------------------------------------------------------- public memory API
     @torch.no_grad()
@@ -450,6 +494,9 @@ class FOGO(Optimizer):
                 out["columns_used"] += int((book["owner"] >= 0).sum())
                 out["columns_capacity"] += book["owner"].numel()
                 out["memory_bytes"] += codebook.memory_bytes(book)
+                if "grad_sketch" in state:
+                    sketch = state["grad_sketch"]
+                    out["memory_bytes"] += sketch.numel() * sketch.element_size()
                 out["param_bytes"] += p.numel() * p.element_size()
                 out["writes"] += state["writes"]
                 stats = state.get("last_stats")
