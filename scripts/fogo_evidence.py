@@ -42,6 +42,11 @@ CONFIGS: dict[str, tuple[str, dict, bool]] = {
     "fogo_aware_cap2": ("fogo", dict(capacity=2), True),
     "fogo_aware_nosched": ("fogo", dict(write_interval=0), True),
     "fogo_agnostic_sign": ("fogo", dict(gate="sign"), False),
+    "fogo_aware_slowsrc": ("fogo", dict(write_source="slow"), True),
+    "fogo_agnostic_slowsrc": ("fogo", dict(write_source="slow"), False),
+    "fogo_nomem_single": ("fogo", dict(memory=False, dual_stream=False), False),
+    "fogo_nomem_lerp": ("fogo", dict(memory=False, fusion="lerp"), False),
+    "fogo_agnostic_r0.5": ("fogo", dict(radius=0.5), False),
 }
 for budget in (0.01, 0.02, 0.05, 0.1, 0.2, 0.4):
     CONFIGS[f"fogo_aware_b{budget}"] = ("fogo", dict(memory_budget=budget), True)
@@ -66,8 +71,10 @@ def run_one(args, experiment: str, name: str, seed: int) -> dict:
     opt_fn = make_optimizer(name, lr, args.weight_decay)
     start = time.time()
     if experiment in ("permuted", "rotated", "split_task", "split_class"):
-        ds = data.load_mnist(args.data_dir) if args.dataset == "mnist" else data.load_fashion_mnist(
-            args.data_dir
+        ds = (
+            data.load_mnist(args.data_dir)
+            if args.dataset == "mnist"
+            else data.load_fashion_mnist(args.data_dir)
         )
         if experiment == "permuted":
             stream = streams.permuted_stream(ds, args.tasks, seed=seed)
@@ -119,12 +126,16 @@ def summarize(out: Path) -> None:
         for r in rows:
             by.setdefault(r["config"], []).append(r)
         if rows and "R" in rows[0]:
-            print("| config | seeds | ACC % | BWT (pts) | forgetting | learning acc % | last task % | memory/params |")
+            print(
+                "| config | seeds | ACC % | BWT (pts) | forgetting | learning acc % | last task % | memory/params |"
+            )
             print("|---|---|---|---|---|---|---|---|")
             for name, rs in by.items():
+
                 def ms(key, scale=100.0, rs=rs):
                     v = np.array([r["metrics"][key] for r in rs]) * scale
                     return f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0:.1f}"
+
                 last = np.array([r["R"][-1][-1] for r in rs]) * 100
                 mem = rs[0].get("memory", {}).get("memory_fraction", 0.0)
                 print(
@@ -135,9 +146,11 @@ def summarize(out: Path) -> None:
             print("| config | seeds | balanced acc % | head % | mid % | tail % |")
             print("|---|---|---|---|---|---|")
             for name, rs in by.items():
+
                 def g(fn, rs=rs):
                     v = np.array([fn(r["metrics"]) for r in rs]) * 100
                     return f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0:.1f}"
+
                 print(
                     f"| {name} | {len(rs)} | {g(lambda m: m['balanced_accuracy'])} | "
                     f"{g(lambda m: m['groups']['head'])} | {g(lambda m: m['groups']['mid'])} | "

@@ -1,0 +1,80 @@
+"""FOGO's optimizer-state bytes for a GPT-2-small-shaped parameter set (docs/fogo.md).
+
+Builds the 124M-parameter GPT-2 small shapes (12 blocks of d = 768: qkv 2304 x 768, attention
+projection 768 x 768, MLP 3072 x 768 and 768 x 3072, LayerNorms and biases; token embedding
+50257 x 768 and position embedding 1024 x 768 on AdamW as Muon practice), takes one FOGO step
+with zero gradients (ns_steps=0, so it is fast) and prints the memory per matrix shape and in
+total, next to AdamW's state.
+
+    python scripts/fogo_memory_report.py [--budget 0.05]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import torch
+
+from orthoptim import FOGO
+
+
+def gpt2_small_params(d: int = 768, layers: int = 12, vocab: int = 50257, ctx: int = 1024):
+    matrices, vectors = [], []
+    for _ in range(layers):
+        matrices += [torch.zeros(3 * d, d), torch.zeros(d, d), torch.zeros(4 * d, d),
+                     torch.zeros(d, 4 * d)]  # fmt: skip
+        vectors += [torch.zeros(3 * d), torch.zeros(d), torch.zeros(4 * d), torch.zeros(d)]
+        vectors += [torch.zeros(d) for _ in range(4)]  # two LayerNorms
+    vectors += [torch.zeros(d), torch.zeros(d)]  # final LayerNorm
+    embeddings = [torch.zeros(vocab, d), torch.zeros(ctx, d)]
+    return matrices, vectors + embeddings
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--budget", type=float, default=0.05)
+    args = ap.parse_args()
+    matrices, others = gpt2_small_params()
+    params = [torch.nn.Parameter(t) for t in matrices + others]
+    opt = FOGO(
+        [{"params": params[: len(matrices)]}, {"params": params[len(matrices):], "algorithm": "adamw"}],
+        ns_steps=0, memory_budget=args.budget,
+    )  # fmt: skip
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    total_params = sum(p.numel() for p in params)
+    print(f"GPT-2 small shapes: {total_params / 1e6:.1f}M parameters "
+          f"({len(matrices)} FOGO matrices, {sum(m.numel() for m in matrices) / 1e6:.1f}M)")  # fmt: skip
+    by_shape = Counter()
+    for p in params[: len(matrices)]:
+        st = opt.state[p]
+        mem = sum(t.numel() * t.element_size() for t in st["memory"].values())
+        mem += st["grad_sketch"].numel() * st["grad_sketch"].element_size()
+        by_shape[tuple(p.shape), st["memory"]["owner"].numel(), mem] += 1
+    print(
+        f"{'shape':>14s} {'count':>5s} {'pool rank R':>11s} {'memory bytes':>13s} {'% of weight':>11s}"
+    )
+    for (shape, rank, mem), count in sorted(by_shape.items()):
+        frac = mem / (shape[0] * shape[1] * 4)
+        print(f"{str(shape):>14s} {count:5d} {rank:11d} {mem:13,d} {100 * frac:10.2f}%")
+    stats = opt.memory_stats()
+    state_bytes = sum(
+        t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+        if isinstance(t, torch.Tensor)
+    )  # fmt: skip
+    momentum = sum(
+        s[k].numel() * 4 for s in opt.state.values() for k in s if k.startswith("momentum")
+    )
+    param_bytes = total_params * 4
+    print(f"memory (codebooks + sketches): {stats['memory_bytes'] / 2**20:.2f} MiB = "
+          f"{100 * stats['memory_fraction']:.2f}% of the FOGO matrices' bytes, "
+          f"{100 * stats['memory_bytes'] / param_bytes:.2f}% of all parameter bytes")  # fmt: skip
+    print(f"momentum buffers: {momentum / 2**20:.1f} MiB (two per matrix); "
+          f"all FOGO state: {state_bytes / param_bytes:.3f} x parameter bytes "
+          f"(AdamW: 2.000 x)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
