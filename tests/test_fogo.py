@@ -89,6 +89,7 @@ def test_memory_without_entries_reduces_exactly_to_the_short_term_optimizer():
         dict(side="output", radius=0.8),
         dict(dual_stream=False, nesterov=True, eviction="least_used"),
         dict(fusion="lerp", weight_decay=0.1, scale="muon"),
+        dict(write_source="slow", gate="sign", merge_threshold=0.9),
     ],
 )
 @pytest.mark.parametrize("conv", [False, True])
