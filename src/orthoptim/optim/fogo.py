@@ -37,6 +37,7 @@ from orthoptim.ops.geometry import nlerp, rms_scale, slerp
 from orthoptim.ops.newton_schulz import newton_schulz, resolve_coefficients, resolve_dtype
 from orthoptim.ops.sketch import gaussian_sketch_matrix, nystrom_factor
 from orthoptim.ops.subspace import rho_from_radius
+from orthoptim.optim import _nonfinite
 from orthoptim.optim._adamw import adamw_step_
 from orthoptim.optim._validation import (
     check_betas,
@@ -109,6 +110,10 @@ class FOGO(Optimizer):
         sketch_dim: sketch size k of the sign gate. Default 32.
         seed: base seed of every random projection (per parameter: seed and its index).
             Independent of the global RNG. Default 0.
+        nonfinite: what a step does when a gradient holds NaN/inf: ``"skip"`` (default: drop
+            the whole step, parameters and state untouched, counted in ``skipped_steps``),
+            ``"raise"`` or ``"proceed"``. See :mod:`orthoptim.optim._nonfinite` and
+            docs/reliability.md.
     """
 
     def __init__(
@@ -148,6 +153,7 @@ class FOGO(Optimizer):
         write_source: str = "gradients",
         sketch_dim: int = 32,
         seed: int = 0,
+        nonfinite: str = "skip",
     ):
         defaults = dict(
             lr=lr, weight_decay=weight_decay, algorithm=None, beta_slow=beta_slow,
@@ -166,6 +172,7 @@ class FOGO(Optimizer):
         for group in self.param_groups:
             check_group_keys(group, defaults)
             self._validate(group)
+        _nonfinite.install(self, nonfinite)
         self._sketch_cache: dict[int, torch.Tensor] = {}
         self._omega_cache: dict[int, torch.Tensor] = {}
 
@@ -310,6 +317,8 @@ class FOGO(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if _nonfinite.skip_step(self):
+            return loss
         index = self._param_index()
         for group in self.param_groups:
             matrices = []

@@ -105,6 +105,10 @@ class FOP(KFAC):
     def _needs_split(self) -> bool:
         return True
 
+    def _discard_step(self) -> None:
+        super()._discard_step()
+        self._halves = {}  # a skipped step also drops backward_two_pass's halves
+
     # -- sources of g1, g2 --------------------------------------------------------------------
     def _one_pass_halves(self, name: str, module: nn.Module, M: torch.Tensor):
         rec = self._capture.records[name]

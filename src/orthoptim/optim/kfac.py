@@ -36,6 +36,7 @@ from orthoptim.curvature import (
     inverse_mv,
     is_supported,
 )
+from orthoptim.optim import _nonfinite
 from orthoptim.optim._adamw import adamw_step_
 from orthoptim.optim._validation import (
     check_betas,
@@ -149,6 +150,11 @@ class KFAC(torch.optim.Optimizer):
             which K-FAC/FOP need for stability early on (the damped inverse of small, stale
             factors can amplify a growing gradient). ``None`` disables it.
         seed: seed of the generator used by :meth:`sample_fisher` (its state is saved).
+        nonfinite: what a step does when a gradient holds NaN/inf: ``"skip"`` (default: drop
+            the whole step; parameters, factors, inverses, momentum, step counter and the
+            Monte-Carlo generator untouched, hook captures discarded; counted in
+            ``skipped_steps``), ``"raise"`` or ``"proceed"``. A constructor keyword, not a
+            param-group key (see :mod:`orthoptim.optim._nonfinite`, docs/reliability.md).
 
     Every argument lives in the param group (schedulers and state dicts see it); the curvature
     settings are read from the first group. Factors/inverses are kept in ``self.state['kfac']``
@@ -178,6 +184,7 @@ class KFAC(torch.optim.Optimizer):
         kl_clip: float | None = None,
         max_grad_norm: float | None = 10.0,
         seed: int = 0,
+        nonfinite: str = "skip",
         **extra,
     ):
         if not isinstance(model, nn.Module):
@@ -199,13 +206,17 @@ class KFAC(torch.optim.Optimizer):
         self._layers = {n: m for n, m in model.named_modules() if is_supported(m)}
         self._capture = Capture(self._layers)
         self.state["kfac"] = {"step": 0, "rng": None, "layers": {n: {} for n in self._layers}}
+        self._rng_undo: list | None = None  # generator state before this step's sampling
+        _nonfinite.install(self, nonfinite)
         self._arm_capture()
 
     # -- validation ---------------------------------------------------------------------------
     _EXTRA_KEYS: tuple[str, ...] = ()  # hyperparameters a subclass adds to the param group
 
     def _check_args(self, args: dict) -> None:
-        base = set(inspect.signature(KFAC.__init__).parameters) - {"self", "model", "extra"}
+        base = set(inspect.signature(KFAC.__init__).parameters) - {
+            "self", "model", "extra", "nonfinite",
+        }  # fmt: skip
         unknown = sorted(set(args) - base - set(self._EXTRA_KEYS))
         if unknown:
             raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s) {unknown}")
@@ -262,6 +273,8 @@ class KFAC(torch.optim.Optimizer):
         with torch.no_grad():
             probs = torch.softmax(flat.detach().float(), dim=-1)
             y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        if self._rng_undo is None:  # a skipped step rolls the generator back to here
+            self._rng_undo = [st["rng"]]
         st["rng"] = gen.get_state()
         with torch.enable_grad():
             loss = F.cross_entropy(flat, y, reduction="sum")
@@ -375,6 +388,10 @@ class KFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if _nonfinite.skip_step(self):
+            self._discard_step()
+            return loss
+        self._rng_undo = None
         hp = self.param_groups[0]
         try:
             if self._is_factor_step():
@@ -389,6 +406,28 @@ class KFAC(torch.optim.Optimizer):
         self._arm_capture()
         return loss
 
+    def _discard_step(self) -> None:
+        """A skipped step: drop what the hooks captured, undo this step's Fisher sampling."""
+        self._capture.clear()
+        if self._rng_undo is not None:
+            self.state["kfac"]["rng"] = self._rng_undo[0]
+            self._rng_undo = None
+
     def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("state", {}).get("kfac")
+        if saved is not None and set(saved.get("layers", {})) != set(self._layers):
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the state dict preconditions layers "
+                f"{sorted(saved.get('layers', {}))} but this model has {sorted(self._layers)}; "
+                "it comes from a different model"
+            )
         super().load_state_dict(state_dict)
+        for name, ls in self.state["kfac"]["layers"].items():  # follow the layer's device
+            device = self._layers[name].weight.device
+            for key, value in ls.items():
+                if isinstance(value, torch.Tensor):
+                    ls[key] = value.to(device)
+                elif isinstance(value, dict):
+                    ls[key] = {k: v.to(device) for k, v in value.items()}
+        self._rng_undo = None
         self._arm_capture()  # the loaded step decides what the next step needs
