@@ -47,6 +47,11 @@ CONFIGS: dict[str, tuple[str, dict, bool]] = {
     "fogo_nomem_single": ("fogo", dict(memory=False, dual_stream=False), False),
     "fogo_nomem_lerp": ("fogo", dict(memory=False, fusion="lerp"), False),
     "fogo_agnostic_r0.5": ("fogo", dict(radius=0.5), False),
+    # The Muon-like single stream (beta 0.95, Nesterov) with the memory on top.
+    "muon_mem_aware": ("fogo", dict(dual_stream=False, beta_slow=0.95, nesterov=True), True),
+    "muon_mem_agnostic": ("fogo", dict(dual_stream=False, beta_slow=0.95, nesterov=True), False),
+    "fogo_aware_b95": ("fogo", dict(beta_slow=0.95, beta_fast=0.8), True),
+    "fogo_nomem_b95": ("fogo", dict(memory=False, beta_slow=0.95, beta_fast=0.8), False),
 }
 for budget in (0.01, 0.02, 0.05, 0.1, 0.2, 0.4):
     CONFIGS[f"fogo_aware_b{budget}"] = ("fogo", dict(memory_budget=budget), True)
