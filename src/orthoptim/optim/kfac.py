@@ -47,6 +47,7 @@ from orthoptim.optim._validation import (
 )
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_GROUP_META = ("params", "param_names")
 
 
 def sgd_step_(p, d, state, *, lr, momentum, nesterov, weight_decay) -> None:
@@ -203,7 +204,9 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError("Invalid model: it has no trainable parameters")
         super().__init__(params, defaults)
         self._model = model
-        self._layers = {n: m for n, m in model.named_modules() if is_supported(m)}
+        self._layers = {  # zero-size layers have nothing to precondition
+            n: m for n, m in model.named_modules() if is_supported(m) and m.weight.numel() > 0
+        }
         self._capture = Capture(self._layers)
         self.state["kfac"] = {"step": 0, "rng": None, "layers": {n: {} for n in self._layers}}
         self._rng_undo: list | None = None  # generator state before this step's sampling
@@ -224,7 +227,15 @@ class KFAC(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         check_group_keys(param_group, self.defaults)
+        self._check_args(
+            {**self.defaults, **{k: v for k, v in param_group.items() if k not in _GROUP_META}}
+        )
         super().add_param_group(param_group)
+
+    def __getstate__(self) -> dict:
+        # torch keeps only defaults/state/param_groups: deepcopy / pickle lost the model, the
+        # hooks and the non-finite policy. Keep every attribute.
+        return dict(self.__dict__)
 
     # -- schedule -----------------------------------------------------------------------------
     @property
@@ -337,7 +348,8 @@ class KFAC(torch.optim.Optimizer):
     def _rescale(self, dirs: dict, hp: dict) -> dict:
         """KL-clip (preconditioned layers) and global-norm clip (everything), no host sync."""
         if hp["kl_clip"] is not None and dirs:
-            vg = sum((d * p.grad).sum() for p, d in dirs.items()) * hp["lr"] ** 2
+            vg = sum((d * p.grad).sum() for p, d in dirs.items() if p.grad is not None)
+            vg = vg * hp["lr"] ** 2  # a bias without .grad enters M as zeros: no term
             nu = (hp["kl_clip"] / vg.abs().clamp_min(1e-30)).sqrt().clamp(max=1.0)
             dirs = {p: d * nu for p, d in dirs.items()}
         if hp["max_grad_norm"] is not None:
