@@ -528,22 +528,7 @@ def test_exact_resume_in_a_fresh_process(info, resumed):
 
 
 # ------------------------------------------------------------------------ loading elsewhere
-FOGO_DTYPE_XFAIL = pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="FOGO sizes its codebook (rank R) from the parameter's bytes, so a float32 state "
-    "does not fit a float64 parameter: load_state_dict raises a clear ValueError instead of "
-    "reconciling (fixing it means deriving R from the stored codebook: not a minimal change)",
-)
-DTYPE_CASES = [
-    pytest.param(i, marks=FOGO_DTYPE_XFAIL, id=i.id)
-    if not i.model_based
-    else pytest.param(i, id=i.id)
-    for i in OPTIMIZERS
-]
-
-
-@pytest.mark.parametrize("info", DTYPE_CASES)
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=IDS)
 def test_loading_onto_another_dtype_reconciles_state(info):
     model = tiny_model(dtype=torch.float32)
     opt = info.make(model)

@@ -269,7 +269,7 @@ def test_memory_budget_for_gpt2_small_shapes_is_at_most_five_percent():
     d = 768
     shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * 12
     params = [nn.Parameter(torch.zeros(s)) for s in shapes]
-    opt = FOGO(params)
+    opt = FOGO(params, ns_steps=0)  # memory sizing does not depend on Newton-Schulz
     for p in params:
         p.grad = torch.zeros_like(p)
     opt.step()

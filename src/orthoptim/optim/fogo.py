@@ -83,8 +83,8 @@ class FOGO(Optimizer):
         adamw_betas, adamw_eps: AdamW settings for non-FOGO parameters.
             Defaults (0.9, 0.999), 1e-8.
         memory: enable the codebook memory (long-term module). Default True.
-        memory_budget: memory size as a fraction of the parameter's bytes; sets the pool rank
-            R = floor(budget * m * n * param_bytes / (n * memory_bytes)) (at least 1).
+        memory_budget: memory size as a fraction of the parameter's float32 bytes (whatever its
+            dtype); sets the pool rank R (at least 1) of the protected directions.
             Default 0.05.
         memory_dtype: storage dtype of the protected bases. Default "bfloat16".
         capacity: maximum number of codebook entries per matrix. Default 8.
@@ -260,7 +260,9 @@ class FOGO(Optimizer):
             m, n = n, m
         mem_dtype = resolve_dtype(group["memory_dtype"])
         elem = torch.empty((), dtype=mem_dtype).element_size()
-        budget = group["memory_budget"] * m * n * p.element_size()  # bytes
+        # Relative to the float32 size of the weight, so the memory (and a checkpoint of it) does
+        # not change with the parameter dtype.
+        budget = group["memory_budget"] * m * n * 4  # bytes
         if group["write_source"] == "gradients":
             # Pool R (elem bytes per entry) plus a float32 sketch of width R // 2 + 4 per column.
             rank = int((budget / n - 16) // (elem + 2))
