@@ -27,14 +27,6 @@ IDS = [info.id for info in OPTIMIZERS]
 OWN_DTYPE = ("step", "memory", "last_stats", "grad_sketch")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def flatten(obj, prefix=""):
     """``{path: leaf}`` of a nested state (dicts, lists, tuples, tensors, scalars)."""
     if isinstance(obj, dict):

@@ -24,14 +24,6 @@ SETTINGS = settings(
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def assert_finite(opt, params):
     for p in params:
         assert torch.isfinite(p).all()

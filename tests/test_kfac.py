@@ -5,42 +5,17 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from curvature_models import batches, cnn, mlp
 from torch import nn
 
 import orthoptim.optim.kfac as kfac_mod
 from orthoptim import FOP, KFAC
 from orthoptim.optim.kfac_reference import reference_train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: extra threads only add contention on shared CPUs (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 HP = dict(lr=0.1, damping=1e-2, damping_type="pi", momentum=0.9, weight_decay=1e-3,
           factor_interval=2, inverse_interval=2, ema_weight=0.5, factor_init="batch")  # fmt: skip
 
 
-def mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-
-def cnn():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 16, 3)
-    ).double()
-
-
-def batches(kind, n=4, batch=8):
-    torch.manual_seed(1)
-    shape = (batch, 4) if kind == "mlp" else (batch, 2, 4, 4)
-    return [(torch.randn(shape).double(), torch.randint(0, 3, (batch,))) for _ in range(n)]
 
 
 def train(opt, model, data):

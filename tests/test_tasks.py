@@ -14,15 +14,6 @@ from orthoptim.benchmarks.data import ImageDataset, load_digits
 pytest.importorskip("sklearn")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU they slow down a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits() -> ImageDataset:
     return load_digits()
