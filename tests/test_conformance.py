@@ -567,7 +567,8 @@ def test_state_dict_from_an_incompatible_configuration_fails_clearly(info):
     with pytest.raises(ValueError, match="shape"):
         info.make(other).load_state_dict(sd)
     edited = copy.deepcopy(sd)  # a memory configuration that does not match the saved codebook
-    edited["param_groups"][0]["write_source"] = "slow"  # another pool rank, no gradient sketch
+    group = edited["param_groups"][0]  # the other write source: another pool rank and sketch
+    group["write_source"] = "slow" if group["write_source"] == "gradients" else "gradients"
     with pytest.raises(ValueError, match="memory"):
         info.make(tiny_model()).load_state_dict(edited)
     adamw = torch.optim.AdamW(model.parameters())  # another optimizer's state
