@@ -3,7 +3,7 @@
 Trains an MLP on 3 permuted versions of scikit-learn's 8x8 digits (embedded data, no data dir)
 with AdamW, FOGO without memory and FOGO with memory (task-aware, ``end_task()`` at each task
 boundary), and prints average accuracy, backward transfer (forgetting, negative is worse) and
-what the memory did. Takes well under a minute on a laptop CPU.
+what the memory did. Takes a few minutes on a 2-core CPU.
 
     python examples/quickstart.py [--seeds 0 1 2] [--steps 200]
 """
