@@ -59,7 +59,8 @@ def main() -> None:
                 stats = holder["opt"].memory_stats()
         arr = np.array(rows) * 100
         mean, std = arr.mean(0), arr.std(0)
-        print(f"{name:18s} " + " ".join(f"{m:6.1f} ± {s:4.1f}" for m, s in zip(mean, std)))
+        cells = [f"{m:6.1f} ± {s:4.1f}" for m, s in zip(mean, std, strict=True)]
+        print(f"{name:18s} " + " ".join(cells))
         if stats and stats.get("matrices"):
             print(f"{'':18s} memory: {stats['memory_bytes'] / 1024:.1f} KiB "
                   f"({100 * stats['memory_fraction']:.1f}% of the protected weights), "
