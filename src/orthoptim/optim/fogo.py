@@ -334,17 +334,15 @@ class FOGO(Optimizer):
                 loss = closure()
         if _nonfinite.skip_step(self):
             return loss
-        index = self._param_index()
+        # skip_step has also rejected sparse gradients and complex parameters.
+        index = None
         for group in self.param_groups:
             matrices = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("FOGO does not support sparse gradients")
-                if torch.is_complex(p):
-                    raise RuntimeError("FOGO does not support complex parameters")
                 if not self.state[p]:
+                    index = index or self._param_index()  # built only when state is created
                     self._init_state(group, p, index[id(p)])
                 if self._algorithm(group, p) == "adamw":
                     self._adamw(group, p)
