@@ -234,9 +234,8 @@ def validate_record(record: Any) -> None:
     for name, goal in record["metric_goals"].items():
         if goal not in ("max", "min"):
             raise ValueError(f"Invalid goal for metric {name!r}: {goal!r}; expected 'max'/'min'")
-    unknown_goal = sorted(set(record["metrics"]) - set(record["metric_goals"]))
-    if unknown_goal:
-        raise ValueError(f"Invalid record: metric(s) {unknown_goal} have no entry in metric_goals")
+    # A metric without a goal is allowed (a task may report extra detail); the report lists it
+    # without ranking it. Rejecting it here would lose a finished run at append time.
     if record["primary_metric"] not in record["metrics"]:
         raise ValueError(
             f"Invalid primary_metric: {record['primary_metric']!r}; "
