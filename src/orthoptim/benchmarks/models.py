@@ -2,17 +2,28 @@
 
 Parameter names therefore start with ``body.`` (hidden layers) or ``head.`` (output layer), so
 optimizers can route the output layer by name (e.g. to AdamW instead of an orthogonalized update).
-No normalisation or dropout layers: every hidden weight is a plain 2-D (or conv) matrix.
+:class:`MLP` and :class:`SmallCNN` have no normalisation or dropout layers: every hidden weight is
+a plain 2-D (or conv) matrix. :class:`ResNet` is the CIFAR ResNet of He et al., "Deep Residual
+Learning for Image Recognition" (CVPR 2016, arXiv:1512.03385, Sec. 4.2) and does use BatchNorm, as
+in the paper (its gains and biases are 1-D, so ``param_groups`` sends them to AdamW).
+
+:func:`build_model` builds any of them by name (``"mlp"``, ``"cnn"``, ``"resnet8"``,
+``"resnet20"``, ``"resnet<6n+2>"``) from an input shape and a class count.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "SmallCNN"]
+__all__ = ["MLP", "SmallCNN", "ResNet", "build_model", "MODEL_NAMES"]
+
+MODEL_NAMES = ("mlp", "cnn", "resnet8", "resnet20")
 
 
 class MLP(nn.Module):
@@ -88,3 +99,115 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
+
+
+class _BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity shortcut (He et al. 2016, CIFAR "option A").
+
+    When the block halves the resolution and doubles the channels, the shortcut subsamples the
+    input with stride 2 and zero-pads the new channels: option A of the paper's CIFAR experiments,
+    which adds no parameters (so every weight matrix stays a conv of the residual branch).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.stride, self.pad = stride, out_ch - in_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        short = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
+        if self.pad:
+            short = F.pad(short, (0, 0, 0, 0, 0, self.pad))
+        return F.relu(out + short)
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet with ``6n + 2`` weighted layers (He et al. 2016, Sec. 4.2).
+
+    ``conv3x3(w) -> BN -> ReLU``, then three stages of ``n`` basic blocks with ``w, 2w, 4w``
+    channels (the first block of stages 2 and 3 has stride 2), global average pooling and ``head``
+    (``Linear(4w, num_classes)``). ``depth=20`` (``n=3``, 0.27M parameters at ``w=16``) is the
+    paper's ResNet-20; ``depth=8`` (``n=1``) is the smallest member, used for quick CPU runs.
+
+    Args:
+        depth: ``6n + 2`` with ``n >= 1`` (8, 14, 20, 32, 44, 56, 110...).
+        in_channels: input channels (3 for CIFAR-10, 1 for (Fashion-)MNIST).
+        num_classes: output size.
+        width: channels of the first stage (16 in the paper).
+    """
+
+    def __init__(
+        self, depth: int = 20, in_channels: int = 3, num_classes: int = 10, width: int = 16
+    ):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6 != 0:
+            raise ValueError(f"Invalid depth: {depth!r}; expected 6n + 2 with n >= 1 (8, 20, ...)")
+        if width < 1:
+            raise ValueError(f"Invalid width: {width!r}; must be >= 1")
+        n = (depth - 2) // 6
+        layers: list[nn.Module] = [
+            nn.Conv2d(int(in_channels), width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        ]
+        prev = width
+        for stage in range(3):
+            ch = width * 2**stage
+            for i in range(n):
+                layers.append(_BasicBlock(prev, ch, 2 if (stage > 0 and i == 0) else 1))
+                prev = ch
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(prev, num_classes)
+        for m in self.modules():  # He init for convs, as in the paper
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def build_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    hidden: Sequence[int] = (256, 256),
+    width: int | None = None,
+) -> nn.Module:
+    """Build a benchmark model by name.
+
+    Args:
+        name: ``"mlp"`` (:class:`MLP` with hidden widths ``hidden``), ``"cnn"`` (:class:`SmallCNN`
+            with channels ``(width, 2 * width)``, default width 32, and linear width
+            ``hidden[0]``), ``"resnet8"`` / ``"resnet20"`` / ``"resnet<6n+2>"`` (:class:`ResNet`,
+            default width 16).
+        input_shape: shape of one input, ``(C, H, W)`` for images (``(D,)`` for vectors: MLP
+            only).
+        num_classes: output size.
+        hidden: MLP hidden widths (an empty sequence gives logistic regression); the CNN uses the
+            first entry (128 if empty) as its hidden linear width.
+        width: CNN first-block channels or ResNet first-stage channels.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if num_classes < 1:
+        raise ValueError(f"Invalid num_classes: {num_classes!r}; must be >= 1")
+    if name == "mlp":
+        return MLP(math.prod(shape), tuple(hidden), num_classes)
+    m = re.fullmatch(r"resnet(\d+)", name)
+    if name == "cnn" or m:
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise ValueError(
+                f"Invalid input_shape: {shape!r}; model {name!r} needs square (C, H, W) images"
+            )
+        if name == "cnn":
+            w = 32 if width is None else int(width)
+            h = int(hidden[0]) if len(hidden) else 128
+            return SmallCNN(shape[0], num_classes, shape[1], (w, 2 * w), h)
+        return ResNet(int(m.group(1)), shape[0], num_classes, 16 if width is None else int(width))
+    raise ValueError(f"Invalid model: {name!r}; expected one of {MODEL_NAMES} (or resnet<6n+2>)")

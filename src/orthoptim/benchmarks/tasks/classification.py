@@ -1,0 +1,30 @@
+"""Vision classification tasks: the ``longtail``, ``continual-*`` and ``large-batch`` families.
+
+Each task is a :class:`~orthoptim.benchmarks.tasks.base.TaskSpec` (protocols, metrics and presets
+in its own module):
+
+- ``longtail`` (:mod:`._longtail_task`): exponential-profile long-tailed training set (Cao et al.,
+  NeurIPS 2019), balanced evaluation, balanced / group / shot accuracies.
+- ``continual-permuted``, ``continual-rotated`` (domain-IL), ``continual-split-task`` (task-IL),
+  ``continual-split-class`` (class-IL) (:mod:`._continual_tasks`; van de Ven & Tolias 2019, GEM
+  metrics).
+- ``large-batch`` (:mod:`._large_batch`): steps / epochs / seconds to a target accuracy with the
+  linear learning-rate scaling rule (Goyal et al. 2017).
+
+Datasets: ``"digits"`` (scikit-learn's embedded 8x8 digits; the ``tiny`` and ``quick`` presets,
+no data directory), ``"mnist"``, ``"fashion_mnist"`` and ``"cifar10"`` from ``data_dir`` (the
+``paper*`` presets). Models by name: ``"mlp"``, ``"cnn"``, ``"resnet8"``, ``"resnet20"``
+(:func:`~orthoptim.benchmarks.models.build_model`). ``eval_split="val"`` evaluates on a stratified
+hold-out of the training data and never reads the test set (:mod:`._common`).
+"""
+
+from __future__ import annotations
+
+from ._continual_tasks import CONTINUAL_TASKS
+from ._large_batch import LARGE_BATCH
+from ._longtail_task import LONGTAIL
+from .base import TaskSpec
+
+__all__ = ["TASKS"]
+
+TASKS: tuple[TaskSpec, ...] = (LONGTAIL, *CONTINUAL_TASKS, LARGE_BATCH)
