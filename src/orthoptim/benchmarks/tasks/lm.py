@@ -1,0 +1,471 @@
+"""Language-model tasks: char-level GPT pretraining and continual fine-tuning over corpora.
+
+``lm-pretrain`` (family ``"lm"``) stands in for FOGO's GPT-2 pretraining claim. It follows
+nanoGPT's ``shakespeare_char`` recipe (``karpathy/nanoGPT``, ``config/train_shakespeare_char.py``;
+protocol in ``shared/research/benchmarks.md`` section 1d) at CPU scale: a :class:`~..gpt.GPT`
+trained on random ``block_size`` windows of the training characters, AdamW-style linear warmup
+then cosine decay, gradient clipping at norm 1, validation loss in nats per character. Reported:
+the final and best validation loss, steps and tokens to a target validation loss, throughput.
+
+``lm-continual`` (family ``"lm-continual"``) is the small-scale stand-in for FOGO's continual
+LLaVA fine-tuning: pretrain on corpus A, then fine-tune on B, then C (paper: Tiny Shakespeare ->
+Python standard-library source -> pydoc's English help topics; tiny/quick: the offline corpora of
+:mod:`..corpora`). After every stage the validation loss of every corpus fills the loss matrix
+``L[i, j]`` (loss on corpus ``j`` after stage ``i``), the analogue of the accuracy matrix ``R``
+of continual classification with "lower is better":
+
+- ``avg_final_loss = mean_j L[S-1, j]``
+- ``forgetting = mean_{j<S-1} (L[S-1, j] - L[j, j])`` (Avalanche-style: final minus right after
+  training on ``j``; positive = forgot), ``max_forgetting`` = the largest of those terms
+- ``learning_loss = mean_j L[j, j]`` (plasticity)
+
+Shared protocol (identical for every optimizer):
+
+- Vocabulary: characters, the sorted union over the task's corpora (:func:`..corpora.shared_vocab`).
+- Splits: each corpus' first 90% of characters train, the last 10% are held out (nanoGPT).
+  ``eval_split="test"`` evaluates on the held-out part; ``"val"`` (tuning) cuts the last
+  ``VAL_FRAC`` of the *training* characters off as the evaluation set and trains on the rest, so
+  tuning never reads the held-out ids.
+- Batches: ``batch_size`` windows with start positions drawn uniformly by a local
+  ``torch.Generator`` seeded with ``task_seed(seed, stage)``; windows lie inside the training ids.
+- Evaluation: the mean loss over ``eval_batches * batch_size`` fixed windows evenly spaced over the
+  evaluation ids (no sampling noise, the same windows for every optimizer and every evaluation).
+- Learning rate: one ``torch.optim.lr_scheduler.LambdaLR`` scales every group's lr by
+  ``(k+1)/(warmup+1)`` for step ``k < warmup``, then cosine from 1 to ``lr_min_ratio`` at the
+  stage's last step (nanoGPT's ``get_lr`` with ``min_lr = lr/10``); each continual stage restarts
+  it, as a fresh fine-tuning run would.
+- Clipping: ``clip_grad_norm_(model.parameters(), grad_clip)`` before every step (nanoGPT's
+  ``grad_clip=1.0``; 0 disables), applied to the raw gradient whatever the optimizer does next.
+- Determinism: model initialisation and optimizer construction run under
+  ``torch.random.fork_rng`` after ``torch.manual_seed(seed)`` (:func:`..train._seeded`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from .. import corpora
+from ..gpt import GPT, GPTConfig
+from ..train import _seeded, task_seed
+from .base import Metric, NullProgress, RunOutput, TaskSpec
+
+__all__ = ["TASKS", "LM_PRETRAIN", "LM_CONTINUAL", "loss_matrix_metrics", "lr_multiplier"]
+
+VAL_FRAC = 0.1  # fraction of the training ids cut off as the tuning ("val") evaluation set
+_CPU = torch.device("cpu")
+
+
+def lr_multiplier(step: int, steps: int, warmup: int, min_ratio: float) -> float:
+    """The schedule's lr factor at (0-based) ``step`` of a ``steps``-step run.
+
+    Args:
+        step: optimizer step index within the stage, from 0.
+        steps: steps in the stage.
+        warmup: linear-warmup steps.
+        min_ratio: the factor reached at the last step (cosine floor).
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, steps - 1 - warmup))
+    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
+
+
+def loss_matrix_metrics(L) -> dict[str, float]:
+    """``avg_final_loss``, ``forgetting``, ``max_forgetting``, ``learning_loss`` of ``L`` (S x S).
+
+    Args:
+        L: square loss matrix, ``L[i, j]`` = loss on corpus ``j`` after stage ``i``.
+    """
+    L = np.asarray(L, dtype=float)
+    if L.ndim != 2 or L.shape[0] != L.shape[1] or L.shape[0] == 0:
+        raise ValueError(f"Invalid L shape: {L.shape}; expected a non-empty square matrix")
+    S = L.shape[0]
+    f = L[S - 1, : S - 1] - np.diag(L)[: S - 1]
+    return {
+        "avg_final_loss": float(L[S - 1].mean()),
+        "forgetting": float(f.mean()) if S > 1 else math.nan,
+        "max_forgetting": float(f.max()) if S > 1 else math.nan,
+        "learning_loss": float(np.diag(L).mean()),
+    }
+
+
+# ----------------------------------------------------------------------------------- settings
+
+
+def _pos_int(s: dict, key: str, zero_ok: bool = False) -> int:
+    v = s[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero_ok else 1):
+        kind = "non-negative" if zero_ok else "positive"
+        raise ValueError(f"Invalid {key}: {v!r}; expected a {kind} integer")
+    return v
+
+
+def _number(s: dict, key: str, low: float, high: float = math.inf) -> float:
+    v = s[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+        raise ValueError(f"Invalid {key}: {v!r}; expected a number in [{low}, {high}]")
+    return float(v)
+
+
+def _corpus_names(value) -> list[str]:
+    names = value.split(",") if isinstance(value, str) else list(value)
+    for n in names:
+        if n not in corpora.CORPORA:
+            raise ValueError(f"Invalid corpus: {n!r}; expected one of {corpora.CORPORA}")
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"Invalid corpora: {value!r}; expected distinct corpus names")
+    return names
+
+
+def _model_config(s: dict, vocab_size: int) -> GPTConfig:
+    if not isinstance(s["tie_weights"], bool):
+        raise ValueError(f"Invalid tie_weights: {s['tie_weights']!r}; expected a bool")
+    return GPTConfig(
+        vocab_size=vocab_size,
+        block_size=_pos_int(s, "block_size"),
+        n_layer=_pos_int(s, "n_layer"),
+        n_head=_pos_int(s, "n_head"),
+        n_embd=_pos_int(s, "n_embd"),
+        dropout=_number(s, "dropout", 0.0, 0.99),
+        tie_weights=s["tie_weights"],
+    )
+
+
+def _check_common(s: dict) -> None:
+    for key in ("batch_size", "eval_batches"):
+        _pos_int(s, key)
+    _pos_int(s, "warmup", zero_ok=True)
+    _number(s, "grad_clip", 0.0)
+    _number(s, "lr_min_ratio", 0.0, 1.0)
+    if not isinstance(s.get("task_aware", True), bool):
+        raise ValueError(f"Invalid task_aware: {s['task_aware']!r}; expected a bool")
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+def _load(names: list[str], data_dir, eval_split: str, block_size: int):
+    """Datasets whose ``train`` / ``val`` are the ids to train on / evaluate on, in one vocab."""
+    split = []
+    for name in names:
+        ds = corpora.load_corpus(name, data_dir)
+        if eval_split == "val":
+            # tuning: evaluate on the tail of the training ids; ds.val (held out) is never read
+            n_val = int(len(ds.train) * VAL_FRAC)
+            ds = type(ds)(
+                train=ds.train[:-n_val], val=ds.train[-n_val:], vocab=ds.vocab, name=ds.name
+            )
+        split.append(ds)
+    vocab, out = corpora.shared_vocab(split)
+    for ds in out:
+        if min(len(ds.train), len(ds.val)) < block_size + 1:
+            raise ValueError(
+                f"Invalid block_size: {block_size}; corpus {ds.name!r} has only "
+                f"{len(ds.train)}/{len(ds.val)} train/eval characters"
+            )
+    return vocab, out
+
+
+def _windows(ids: torch.Tensor, starts: torch.Tensor, T: int):
+    idx = starts[:, None] + torch.arange(T + 1)
+    w = ids[idx]
+    return w[:, :-1], w[:, 1:]
+
+
+@torch.no_grad()
+def _eval_loss(model: GPT, ids: torch.Tensor, batches: int, batch_size: int) -> float:
+    """Mean loss over ``batches * batch_size`` evenly spaced windows of ``ids`` (eval mode)."""
+    T = model.config.block_size
+    starts = torch.linspace(0, len(ids) - T - 1, batches * batch_size).round().long()
+    was = model.training
+    model.eval()
+    total = 0.0
+    for chunk in starts.split(batch_size):
+        _, loss = model(*_windows(ids, chunk, T))
+        total += float(loss) * len(chunk)
+    model.train(was)
+    return total / len(starts)
+
+
+class _Stage:
+    """Train ``model`` for ``steps`` steps on ``ids`` (batches from ``task_seed(seed, stage)``)."""
+
+    def __init__(
+        self, model, optimizer, s: dict, ids: torch.Tensor, steps: int, seed: int, stage: int
+    ):
+        self.model, self.opt, self.ids, self.steps = model, optimizer, ids, steps
+        self.B, self.T, self.clip = s["batch_size"], model.config.block_size, s["grad_clip"]
+        self.gen = torch.Generator().manual_seed(task_seed(seed, stage))
+        warmup, floor = s["warmup"], s["lr_min_ratio"]
+        # a fresh LambdaLR per stage; initial_lr (set by the first one) is the base lr
+        for g in optimizer.param_groups:
+            if "initial_lr" in g:
+                g["lr"] = g["initial_lr"]
+        self.sched = LambdaLR(optimizer, lambda k: lr_multiplier(k, steps, warmup, floor))
+        self.seconds = 0.0
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        starts = torch.randint(len(self.ids) - self.T, (self.B,), generator=self.gen)
+        x, y = _windows(self.ids, starts, self.T)
+        self.opt.zero_grad(set_to_none=True)
+        _, loss = self.model(x, y)
+        loss.backward()
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        self.sched.step()
+        out = float(loss.detach())
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def _curve(x, y, xlabel: str, ylabel: str) -> dict:
+    return {
+        "x": [float(v) for v in x],
+        "y": [float(v) for v in y],
+        "xlabel": xlabel,
+        "ylabel": ylabel,
+    }
+
+
+# ------------------------------------------------------------------------------------ runners
+
+
+def run_pretrain(
+    make_optimizer, *, seed: int, settings: dict, data_dir=None, progress=None
+) -> RunOutput:
+    """Run ``lm-pretrain`` (see the module docstring and :class:`~.base.TaskSpec`).
+
+    Args:
+        make_optimizer: ``(model, lr_scale=1.0) -> Optimizer``.
+        seed: run seed (model init, optimizer RNG, batch order).
+        settings: the task's settings (a preset with overrides).
+        data_dir: root data folder (needed for ``corpus="tinyshakespeare"``).
+        progress: per-step :class:`~.base.Progress` (default none).
+    """
+    s, progress = dict(settings), progress or NullProgress()
+    _check_common(s)
+    steps, interval = _pos_int(s, "steps"), _pos_int(s, "eval_interval")
+    target = _number(s, "target_loss", 0.0)
+    names = _corpus_names([s["corpus"]] if isinstance(s["corpus"], str) else s["corpus"])
+    if len(names) != 1:
+        raise ValueError(f"Invalid corpus: {s['corpus']!r}; expected one corpus name")
+    vocab, (ds,) = _load(names, data_dir, s["eval_split"], _pos_int(s, "block_size"))
+    cfg = _model_config(s, len(vocab))
+    tokens_per_step = s["batch_size"] * cfg.block_size
+    progress.start(steps, desc="lm-pretrain")
+    train_losses, eval_steps, eval_losses = [], [], []
+    with _seeded(seed, _CPU):
+        model = GPT(cfg)
+        stage = _Stage(model, make_optimizer(model), s, ds.train, steps, seed, 0)
+        for k in range(1, steps + 1):
+            train_losses.append(stage.step())
+            progress.advance()
+            if k % interval == 0 or k == steps:
+                eval_steps.append(k)
+                eval_losses.append(_eval_loss(model, ds.val, s["eval_batches"], s["batch_size"]))
+    hit = next((k for k, v in zip(eval_steps, eval_losses, strict=True) if v <= target), None)
+    finite = [v for v in eval_losses if math.isfinite(v)]
+    metrics = {
+        "val_loss": eval_losses[-1],
+        "best_val_loss": min(finite) if finite else math.nan,
+        "steps_to_target": float(hit) if hit is not None else math.nan,
+        "tokens_to_target": float(hit * tokens_per_step) if hit is not None else math.nan,
+        "tokens_per_second": steps * tokens_per_step / max(stage.seconds, 1e-9),
+    }
+    tokens = [k * tokens_per_step for k in eval_steps]
+    return RunOutput(
+        metrics=metrics,
+        curves={
+            "val_loss_vs_step": _curve(eval_steps, eval_losses, "step", "val loss (nats/char)"),
+            "val_loss_vs_tokens": _curve(tokens, eval_losses, "tokens", "val loss (nats/char)"),
+            "train_loss_vs_step": _curve(
+                range(1, steps + 1), train_losses, "step", "train loss (nats/char)"
+            ),
+        },
+        extra={
+            "corpus": ds.name,
+            "vocab_size": len(vocab),
+            "n_params": model.num_params(),
+            "train_seconds": stage.seconds,
+            "tokens_per_step": tokens_per_step,
+        },
+    )
+
+
+def run_continual(
+    make_optimizer, *, seed: int, settings: dict, data_dir=None, progress=None
+) -> RunOutput:
+    """Run ``lm-continual`` (see the module docstring and :class:`~.base.TaskSpec`).
+
+    Args:
+        make_optimizer: ``(model, lr_scale=1.0) -> Optimizer``.
+        seed: run seed (model init, optimizer RNG, batch order of every stage).
+        settings: the task's settings (a preset with overrides).
+        data_dir: root data folder (needed when ``"tinyshakespeare"`` is among the corpora).
+        progress: per-step :class:`~.base.Progress` (default none).
+    """
+    s, progress = dict(settings), progress or NullProgress()
+    _check_common(s)
+    names = _corpus_names(s["corpora"])
+    stage_steps = [_pos_int(s, "pretrain_steps")] + [_pos_int(s, "finetune_steps")] * (
+        len(names) - 1
+    )
+    vocab, data = _load(names, data_dir, s["eval_split"], _pos_int(s, "block_size"))
+    cfg = _model_config(s, len(vocab))
+    S = len(names)
+    L = np.zeros((S, S))
+    losses: list[float] = []
+    calls, train_s = 0, 0.0
+    progress.start(sum(stage_steps), desc="lm-continual")
+    with _seeded(seed, _CPU):
+        model = GPT(cfg)
+        optimizer = make_optimizer(model)
+        end_task = getattr(optimizer, "end_task", None) if s["task_aware"] else None
+        for i, ds in enumerate(data):
+            stage = _Stage(model, optimizer, s, ds.train, stage_steps[i], seed, i)
+            for _ in range(stage_steps[i]):
+                losses.append(stage.step())
+                progress.advance()
+            t0 = time.perf_counter()
+            if callable(end_task):
+                end_task()
+                calls += 1
+            train_s += stage.seconds + time.perf_counter() - t0
+            for j, dj in enumerate(data):
+                L[i, j] = _eval_loss(model, dj.val, s["eval_batches"], s["batch_size"])
+    bounds = np.cumsum(stage_steps).tolist()
+    return RunOutput(
+        metrics=loss_matrix_metrics(L),
+        curves={
+            "train_loss_vs_step": _curve(
+                range(1, len(losses) + 1), losses, "step", "train loss (nats/char)"
+            )
+        },
+        extra={
+            "L": L.tolist(),
+            "corpora": [d.name for d in data],
+            "stage_end_steps": bounds,
+            "vocab_size": len(vocab),
+            "n_params": model.num_params(),
+            "end_task_calls": calls,
+            "train_seconds": train_s,
+        },
+    )
+
+
+# -------------------------------------------------------------------------------------- specs
+
+_MODEL_TINY = dict(block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.0, tie_weights=True)
+_MODEL_QUICK = dict(block_size=64, n_layer=2, n_head=2, n_embd=64, dropout=0.0, tie_weights=True)
+# nanoGPT README's CPU configuration of shakespeare_char (block 64, 4 layers, 4 heads, 128 wide,
+# batch 12, dropout 0), at a quarter of its 2000 iterations
+_MODEL_PAPER = dict(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, tie_weights=True)
+_OPT = dict(grad_clip=1.0, lr_min_ratio=0.1)
+
+LM_PRETRAIN = TaskSpec(
+    name="lm-pretrain",
+    family="lm",
+    description="char-level GPT pretraining (nanoGPT shakespeare_char at CPU scale): val loss",
+    metrics=(
+        Metric("val_loss", "min", "final validation loss (nats/char)"),
+        Metric("best_val_loss", "min", "lowest validation loss over the evaluations"),
+        Metric("steps_to_target", "min", "first evaluated step with val loss <= target_loss"),
+        Metric("tokens_to_target", "min", "training tokens at steps_to_target"),
+        Metric("tokens_per_second", "max", "training throughput (evaluation excluded)"),
+    ),
+    presets={
+        "tiny": dict(
+            corpus="stdlib",
+            **_MODEL_TINY,
+            **_OPT,
+            batch_size=8,
+            steps=100,
+            warmup=5,
+            eval_interval=25,
+            eval_batches=2,
+            target_loss=3.6,
+        ),
+        "quick": dict(
+            corpus="stdlib",
+            **_MODEL_QUICK,
+            **_OPT,
+            batch_size=12,
+            steps=200,
+            warmup=20,
+            eval_interval=25,
+            eval_batches=8,
+            target_loss=2.6,
+        ),
+        "paper": dict(
+            corpus="tinyshakespeare",
+            **_MODEL_PAPER,
+            **_OPT,
+            batch_size=12,
+            steps=500,
+            warmup=50,
+            eval_interval=50,
+            eval_batches=16,
+            target_loss=2.4,
+        ),
+    },
+    run=run_pretrain,
+    datasets=("tinyshakespeare",),
+)
+
+LM_CONTINUAL = TaskSpec(
+    name="lm-continual",
+    family="lm-continual",
+    description="GPT pretrained on one corpus, fine-tuned on two more in sequence: loss matrix",
+    metrics=(
+        Metric("avg_final_loss", "min", "mean val loss over all corpora after the last stage"),
+        Metric("forgetting", "min", "mean over earlier corpora of final minus just-trained loss"),
+        Metric("max_forgetting", "min", "largest per-corpus forgetting"),
+        Metric("learning_loss", "min", "mean val loss on each corpus right after training it"),
+    ),
+    presets={
+        "tiny": dict(
+            corpora=["pydoc", "stdlib", "unicode"],
+            **_MODEL_TINY,
+            **_OPT,
+            batch_size=8,
+            pretrain_steps=30,
+            finetune_steps=15,
+            warmup=3,
+            eval_batches=2,
+            task_aware=True,
+        ),
+        "quick": dict(
+            corpora=["pydoc", "stdlib", "unicode"],
+            **_MODEL_QUICK,
+            **_OPT,
+            batch_size=12,
+            pretrain_steps=80,
+            finetune_steps=40,
+            warmup=10,
+            eval_batches=6,
+            task_aware=True,
+        ),
+        "paper": dict(
+            corpora=["tinyshakespeare", "stdlib", "pydoc"],
+            **_MODEL_PAPER,
+            **_OPT,
+            batch_size=12,
+            pretrain_steps=300,
+            finetune_steps=100,
+            warmup=20,
+            eval_batches=16,
+            task_aware=True,
+        ),
+    },
+    run=run_continual,
+    datasets=("tinyshakespeare",),
+)
+
+TASKS = (LM_PRETRAIN, LM_CONTINUAL)
