@@ -1,0 +1,210 @@
+"""Run benchmark tasks and record every run in a resumable result store.
+
+One run = (task, settings, optimizer, hyperparameters, seed). :func:`run_one` executes it and
+returns the self-describing record; :func:`run_plan` executes a list of planned runs, skipping
+those whose key the store already holds, and appends each record as soon as its run finishes (so
+an interruption loses at most the runs in progress). With ``jobs > 1`` runs execute in worker
+processes, each single-threaded; only the parent writes the store.
+
+Learning rates: the optimizer's hyperparameters come from the versioned config
+(:mod:`orthoptim.benchmarks.hparams`) unless given explicitly; the task may scale the lr (the
+large-batch task's linear scaling) through the factory's ``lr_scale``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import registry
+from .results import ResultStore, environment, run_key
+from .tasks import get_task
+from .tasks.base import NullProgress, Progress
+
+__all__ = ["PlannedRun", "run_one", "run_plan"]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run to execute.
+
+    Attributes:
+        task: task name (see ``orthoptim list tasks``).
+        preset: preset of the task's settings (``tiny``, ``quick``, ``paper``).
+        overrides: settings that replace the preset's values.
+        label: the report group this run belongs to (default: the task name).
+        optimizer: registry name.
+        hparams: the optimizer's hyperparameters.
+        hparams_source: where they came from (config version, CLI...).
+        seed: run seed.
+        suite: suite name, or None for a single ``orthoptim run``.
+    """
+
+    task: str
+    preset: str
+    optimizer: str
+    seed: int
+    hparams: dict[str, Any] = field(default_factory=dict)
+    hparams_source: str = "explicit"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+    suite: str | None = None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return get_task(self.task).settings(self.preset, **self.overrides)
+
+    @property
+    def key(self) -> str:
+        return run_key(self.task, self.settings, self.optimizer, self.hparams, self.seed)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_one(
+    plan: PlannedRun, data_dir: str | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Execute ``plan`` and return its record (see :mod:`orthoptim.benchmarks.results`).
+
+    Args:
+        plan: the run.
+        data_dir: root of the real datasets (``None``: embedded data only).
+        progress: per-step progress sink (default: none).
+    """
+    spec = get_task(plan.task)
+    settings = plan.settings
+    registry.get_optimizer(plan.optimizer)  # fail fast on a bad name, before any training
+
+    def make(model: torch.nn.Module, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+        with warnings.catch_warnings():
+            # param_groups() reports its routing; in a benchmark every run would repeat it.
+            warnings.simplefilter("ignore", UserWarning)
+            return registry.make_optimizer(plan.optimizer, model, plan.hparams, lr_scale)
+
+    started, t0 = _now(), time.perf_counter()
+    out = spec.run(
+        make, seed=plan.seed, settings=settings, data_dir=data_dir,
+        progress=progress or NullProgress(),
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    missing = [m.name for m in spec.metrics if m.name not in out.metrics]
+    if missing:
+        raise RuntimeError(f"task {spec.name!r} did not report metrics {missing}")
+    return {
+        "schema": 1,
+        "key": plan.key,
+        "suite": plan.suite,
+        "task": spec.name,
+        "family": spec.family,
+        "label": plan.label or spec.name,
+        "preset": plan.preset,
+        "settings": settings,
+        "optimizer": plan.optimizer,
+        "hparams": dict(plan.hparams),
+        "hparams_source": plan.hparams_source,
+        "seed": plan.seed,
+        "metrics": {k: float(v) for k, v in out.metrics.items()},
+        "metric_goals": {m.name: m.goal for m in spec.metrics},
+        "primary_metric": spec.primary.name,
+        "curves": out.curves,
+        "extra": out.extra,
+        "wall_seconds": wall,
+        "started": started,
+        "finished": _now(),
+        "environment": environment(),
+    }
+
+
+def _worker(plan: PlannedRun, data_dir: str | None, threads: int) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    return run_one(plan, data_dir)
+
+
+def run_plan(
+    plans: Sequence[PlannedRun],
+    store: ResultStore,
+    data_dir: str | None = None,
+    jobs: int = 1,
+    threads: int | None = None,
+    on_done: Callable[[dict[str, Any]], None] | None = None,
+    progress_factory: Callable[[str], Progress] | None = None,
+) -> list[dict[str, Any]]:
+    """Execute the runs of ``plans`` not yet in ``store``; append each record when it finishes.
+
+    Args:
+        plans: the runs, in order (duplicate keys run once).
+        store: where records go; keys already present are skipped (resume).
+        data_dir: root of the real datasets.
+        jobs: worker processes (1 = run in this process).
+        threads: torch threads per run (default: unchanged with ``jobs=1``, 1 with more jobs).
+        on_done: called with each new record after it is stored (progress display).
+        progress_factory: ``(description) -> Progress`` for per-step progress (``jobs=1`` only).
+
+    Returns:
+        The new records, in completion order.
+    """
+    if jobs < 1:
+        raise ValueError(f"Invalid jobs: {jobs}; expected an integer >= 1")
+    if threads is not None and threads < 1:
+        raise ValueError(f"Invalid threads: {threads}; expected an integer >= 1")
+    todo = _pending(plans, store.completed())
+    new: list[dict[str, Any]] = []
+
+    def finish(rec: dict[str, Any]) -> None:
+        store.append(rec)
+        new.append(rec)
+        if on_done is not None:
+            on_done(rec)
+
+    if jobs == 1:
+        prev = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            for plan in todo:
+                desc = f"{plan.label or plan.task} {plan.optimizer} s{plan.seed}"
+                prog = progress_factory(desc) if progress_factory else None
+                finish(run_one(plan, data_dir, prog))
+        finally:
+            torch.set_num_threads(prev)
+        return new
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        queue = iter(todo)
+        running = set()
+        for plan in _take(queue, jobs):
+            running.add(pool.submit(_worker, plan, data_dir, threads or 1))
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                finish(fut.result())
+                for plan in _take(queue, 1):
+                    running.add(pool.submit(_worker, plan, data_dir, threads or 1))
+    return new
+
+
+def _pending(plans: Iterable[PlannedRun], completed: set[str]) -> list[PlannedRun]:
+    seen, out = set(completed), []
+    for p in plans:
+        if p.key not in seen:
+            seen.add(p.key)
+            out.append(p)
+    return out
+
+
+def _take(it, n: int) -> list:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+    return out

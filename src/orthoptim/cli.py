@@ -1,0 +1,268 @@
+"""The ``orthoptim`` command line: list, run, suite, tune, report.
+
+    orthoptim list tasks|optimizers|suites
+    orthoptim suite quick [--out runs/quick] [--jobs 2]          # the main job
+    orthoptim suite paper --data-dir ../shared/data --jobs 2
+    orthoptim run continual-permuted -o fogo -o adamw --seeds 0 1 --preset quick
+    orthoptim tune longtail -o adamw -o fogo --preset quick --write
+    orthoptim report runs/quick
+
+Every run is appended to ``<out>/results.jsonl``; re-running the same command skips completed
+runs, so an interrupted suite resumes. Bad arguments end with one line ``orthoptim: error: ...``
+and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        raise _UsageError(message)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _kv(text: str) -> tuple[str, object]:
+    """``key=value`` with the value parsed as JSON when it is JSON (numbers, bools, lists)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="orthoptim",
+        description="Benchmarks for orthogonal optimizers (FOGO, FOP) and their baselines.",
+        epilog="Results: <out>/results.jsonl (resumable), report: <out>/report.md.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    ls = sub.add_parser("list", help="list tasks, optimizers or suites")
+    ls.add_argument("what", choices=("tasks", "optimizers", "suites"))
+
+    def common(sp, out_default):
+        sp.add_argument("--out", default=out_default, help="results folder (default %(default)s)")
+        sp.add_argument("--data-dir", default=None, help="root of the real datasets")
+        sp.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+        sp.add_argument("--threads", type=int, default=None, help="torch threads per run")
+        sp.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run")
+        sp.add_argument("--config", default=None, help="hyperparameter config JSON")
+        sp.add_argument("--no-report", action="store_true", help="do not render the report")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    su = sub.add_parser("suite", help="run a named suite (quick, paper) and write its report")
+    su.add_argument("name", help="suite name (see `orthoptim list suites`)")
+    common(su, None)
+    su.add_argument("--optimizers", nargs="+", default=None, help="only these optimizers")
+    su.add_argument("--tasks", nargs="+", default=None, help="only these tasks")
+
+    ru = sub.add_parser("run", help="run one task for some optimizers and seeds")
+    ru.add_argument("task", help="task name (see `orthoptim list tasks`)")
+    ru.add_argument("-o", "--optimizer", action="append", required=True, dest="optimizers",
+                    help="optimizer name (repeat for several)")  # fmt: skip
+    ru.add_argument("--preset", default="quick", help="settings preset (default %(default)s)")
+    ru.add_argument("--set", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                    help="override a task setting")  # fmt: skip
+    ru.add_argument("--hp", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                    help="override an optimizer hyperparameter (all optimizers)")  # fmt: skip
+    ru.add_argument("--label", default=None, help="report group label")
+    common(ru, "runs/single")
+
+    tu = sub.add_parser("tune", help="tune the lr of optimizers on a task's validation split")
+    tu.add_argument("task")
+    tu.add_argument("-o", "--optimizer", action="append", required=True, dest="optimizers")
+    tu.add_argument("--preset", default="quick")
+    tu.add_argument("--points", type=int, default=5, help="lr grid points (same for all)")
+    tu.add_argument("--seeds", type=int, nargs="+", default=[0])
+    tu.add_argument("--data-dir", default=None)
+    tu.add_argument("--config", default=None, help="config JSON to read and, with --write, update")
+    tu.add_argument("--write", action="store_true", help="store the chosen lrs in the config")
+    tu.add_argument("--quiet", action="store_true")
+
+    rp = sub.add_parser("report", help="render report.md and figures from saved results")
+    rp.add_argument("out", help="results folder holding results.jsonl")
+    rp.add_argument("--title", default="orthoptim benchmark report")
+    return p
+
+
+def _bar(desc: str, total: int | None, quiet: bool, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True, **kw)
+
+
+class _StepProgress:
+    """Adapts a tqdm bar to the tasks' Progress protocol."""
+
+    def __init__(self, desc: str, quiet: bool):
+        self.desc, self.quiet, self.bar = desc, quiet, None
+
+    def start(self, total: int, desc: str = "") -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = _bar(f"{self.desc} {desc}".strip(), total, self.quiet, leave=False, position=1)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _execute(plans, args, title: str) -> int:
+    from .benchmarks import report, runner
+    from .benchmarks.results import ResultStore
+
+    store = ResultStore(args.out)
+    done_before = store.completed()
+    todo = [p for p in plans if p.key not in done_before]
+    print(f"{len(plans)} runs planned, {len(plans) - len(todo)} already in {store.path}")
+    bar = _bar("runs", len(todo), args.quiet, position=0)
+    steps: list[_StepProgress] = []
+
+    def factory(desc):
+        steps.append(_StepProgress(desc, args.quiet))
+        return steps[-1]
+
+    def on_done(rec):
+        if steps:
+            steps.pop().close()
+        bar.update(1)
+        bar.set_postfix_str(f"{rec['label']} {rec['optimizer']} s{rec['seed']}")
+
+    t0 = time.perf_counter()
+    try:
+        runner.run_plan(
+            todo, store, data_dir=args.data_dir, jobs=args.jobs, threads=args.threads,
+            on_done=on_done, progress_factory=None if args.jobs > 1 else factory,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    print(f"finished in {time.perf_counter() - t0:.0f} s; results in {store.path}")
+    if not args.no_report:
+        command = "orthoptim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        path = report.render_report(store.records(), args.out, title=title, command=command)
+        print(f"report: {path}")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    if args.what == "tasks":
+        from .benchmarks.tasks import all_tasks
+
+        for t in all_tasks().values():
+            metrics = ", ".join(f"{m.name} ({m.goal})" for m in t.metrics[:3])
+            print(f"{t.name:24s} [{t.family}] {t.description}\n{'':24s} metrics: {metrics}; "
+                  f"presets: {', '.join(t.presets)}")  # fmt: skip
+    elif args.what == "optimizers":
+        from .benchmarks import registry
+
+        for name in registry.list_optimizers(include_peers=False):
+            print(f"{name:14s} {registry.get_optimizer(name).description}")
+        peers = [n for n in registry.list_optimizers() if registry.get_optimizer(n).kind == "peer"]
+        if peers:
+            print(f"\n{len(peers)} peers from pytorch-optimizer: {', '.join(peers)}")
+        else:
+            print("\n(pip install pytorch-optimizer for Lion, AdaBelief, Adan, AdamP, SPAM, ...)")
+    else:
+        from .benchmarks.suites import SUITES
+
+        for s in SUITES.values():
+            n = sum(len(it.optimizers) for it in s.items) * len(s.seeds)
+            print(f"{s.name:8s} {s.description}; {n} runs")
+    return 0
+
+
+def _cmd_suite(args) -> int:
+    from .benchmarks.hparams import load_hparams
+    from .benchmarks.suites import get_suite, plan_suite
+
+    suite = get_suite(args.name)
+    if suite.needs_data and args.data_dir is None:
+        raise ValueError(f"suite {suite.name!r} reads real datasets: pass --data-dir DIR")
+    args.out = args.out or f"runs/{suite.name}"
+    plans = plan_suite(suite, load_hparams(args.config), args.seeds, args.optimizers, args.tasks)
+    return _execute(plans, args, f"orthoptim `{suite.name}` suite")
+
+
+def _cmd_run(args) -> int:
+    from .benchmarks import registry
+    from .benchmarks.hparams import load_hparams
+    from .benchmarks.runner import PlannedRun
+    from .benchmarks.tasks import get_task
+
+    spec = get_task(args.task)
+    overrides = dict(args.set)
+    spec.settings(args.preset, **overrides)  # validate before anything runs
+    config = load_hparams(args.config)
+    plans = []
+    for opt in args.optimizers:
+        registry.get_optimizer(opt)
+        hp, source = config.lookup(spec.name, opt)
+        if args.hp:
+            hp, source = {**hp, **dict(args.hp)}, f"{source} + command line"
+        for seed in args.seeds or [0]:
+            plans.append(
+                PlannedRun(spec.name, args.preset, opt, seed, hp, source, overrides, args.label)
+            )
+    return _execute(plans, args, f"orthoptim run {spec.name}")
+
+
+def _cmd_tune(args) -> int:
+    from .benchmarks import tuning
+
+    return tuning.tune_command(args)
+
+
+def _cmd_report(args) -> int:
+    from .benchmarks import report
+    from .benchmarks.results import ResultStore
+
+    store = ResultStore(args.out)
+    records = store.records()
+    if not records:
+        raise ValueError(f"no results in {store.path}: run `orthoptim suite` or `run` first")
+    print(f"report: {report.render_report(records, args.out, title=args.title)}")
+    return 0
+
+
+_COMMANDS = {"list": _cmd_list, "suite": _cmd_suite, "run": _cmd_run, "tune": _cmd_tune,
+             "report": _cmd_report}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``orthoptim`` console script; returns the exit status."""
+    from .benchmarks._verify import DataError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return _COMMANDS[args.command](args)
+    except (_UsageError, ValueError, DataError) as e:
+        msg = " ".join(str(e).split())
+        print(f"orthoptim: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("orthoptim: interrupted; completed runs are saved, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The ``orthoptim`` command line: listing, one-line errors, a tiny end-to-end run with report,
+resume without duplicates, and a run killed with SIGKILL then resumed (no completed result lost
+or duplicated)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orthoptim.cli import main
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+@pytest.mark.parametrize("what", ["tasks", "optimizers", "suites"])
+def test_list(what, capsys):
+    code, out, _ = _run(["list", what], capsys)
+    assert code == 0
+    expected = {
+        "tasks": ["longtail", "continual-permuted", "continual-split-class", "lm-pretrain",
+                  "lm-continual", "large-batch"],
+        "optimizers": ["sgd", "adamw", "muon", "fogo", "fogo-nomem", "kfac", "kfac-2x", "fop"],
+        "suites": ["quick", "paper"],
+    }[what]  # fmt: skip
+    for name in expected:
+        assert name in out
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["run", "no-such-task", "-o", "adamw"], "Invalid task: 'no-such-task'"),
+        (["run", "longtail", "-o", "adamx"], "adamx"),
+        (["run", "longtail", "-o", "adamw", "--set", "bogus=1"], "bogus"),
+        (["run", "longtail", "-o", "adamw", "--preset", "huge"], "Invalid preset: 'huge'"),
+        (["run", "longtail", "-o", "adamw", "--set", "rho"], "key=value"),
+        (["suite", "paper"], "--data-dir"),
+        (["suite", "nope"], "Invalid suite: 'nope'"),
+        (["list", "widgets"], "widgets"),
+        (["frobnicate"], "frobnicate"),
+    ],
+)
+def test_bad_arguments_give_one_line_error(argv, needle, capsys, tmp_path):
+    code, out, err = _run([*argv, *(["--out", str(tmp_path)] if argv[0] == "run" else [])], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("orthoptim: error:"), err
+    assert needle in lines[0]
+
+
+def test_missing_data_names_path_and_fix(tmp_path, capsys):
+    code, _, err = _run(
+        ["run", "longtail", "-o", "adamw", "--preset", "paper", "--data-dir", str(tmp_path),
+         "--out", str(tmp_path / "out"), "--quiet"], capsys,
+    )  # fmt: skip
+    assert code == 2
+    assert str(tmp_path) in err and "orthoptim: error:" in err
+
+
+def test_run_writes_records_and_report_then_resumes(tmp_path, capsys):
+    argv = ["run", "continual-split-task", "-o", "adamw", "-o", "sgd", "--preset", "tiny",
+            "--seeds", "0", "1", "--out", str(tmp_path), "--quiet"]  # fmt: skip
+    code, out, _ = _run(argv, capsys)
+    assert code == 0, out
+    recs = _lines(tmp_path / "results.jsonl")
+    assert sorted((r["optimizer"], r["seed"]) for r in recs) == [
+        ("adamw", 0), ("adamw", 1), ("sgd", 0), ("sgd", 1)
+    ]
+    assert all(r["task"] == "continual-split-task" and "acc" in r["metrics"] for r in recs)
+    report = (tmp_path / "report.md").read_text()
+    assert "adamw" in report and "sgd" in report
+    code, out, _ = _run(argv, capsys)
+    assert code == 0 and "4 already" in out
+    assert len(_lines(tmp_path / "results.jsonl")) == 4  # nothing re-run, nothing duplicated
+
+
+def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "orthoptim", "run", "longtail", "-o", "adamw", "-o", "sgd",
+            "--preset", "tiny", "--seeds", "0", "1", "2", "--out", str(out), "--quiet",
+            "--no-report"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if results.exists() and len(results.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _lines(results)
+    assert 2 <= len(before) < 6
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    after = _lines(results)
+    keys = [r["key"] for r in after]
+    assert len(keys) == len(set(keys)) == 6
+    assert after[: len(before)] == before  # completed records untouched by the resume
