@@ -67,7 +67,7 @@ def _items(preset: str) -> tuple[SuiteItem, ...]:
 
 @dataclass(frozen=True)
 class Suite:
-    """A named suite: items, the task preset they use, seeds, and whether it needs ``--data-dir``."""
+    """A named suite: items, their default preset, seeds, and whether it needs ``--data-dir``."""
 
     name: str
     description: str
@@ -134,7 +134,8 @@ def plan_suite(
                 hp, source = config.lookup(it.task, opt)
                 plans.append(
                     PlannedRun(
-                        task=it.task, preset=it.preset or suite.preset, optimizer=opt, seed=int(seed),
+                        task=it.task, preset=it.preset or suite.preset, optimizer=opt,
+                        seed=int(seed),
                         hparams=hp, hparams_source=source, overrides=dict(it.overrides),
                         label=it.label, suite=suite.name,
                     )
