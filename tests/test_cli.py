@@ -113,3 +113,14 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
     keys = [r["key"] for r in after]
     assert len(keys) == len(set(keys)) == 6
     assert after[: len(before)] == before  # completed records untouched by the resume
+
+
+def test_a_failing_run_is_reported_not_stored_and_the_others_go_on(tmp_path, capsys):
+    """``momentum`` is an SGD hyperparameter; AdamW rejects it at construction. The SGD run is
+    stored, the AdamW run is reported and not stored (a re-run retries it), exit status 1."""
+    argv = ["run", "large-batch", "-o", "adamw", "-o", "sgd", "--preset", "tiny", "--hp",
+            "momentum=0.5", "--out", str(tmp_path), "--quiet", "--no-report"]  # fmt: skip
+    code, _, err = _run(argv, capsys)
+    assert code == 1
+    assert "FAILED large-batch adamw seed 0" in err and "momentum" in err
+    assert [r["optimizer"] for r in _lines(tmp_path / "results.jsonl")] == ["sgd"]

@@ -148,18 +148,27 @@ def _execute(plans, args, title: str) -> int:
         bar.set_postfix_str(f"{rec['label']} {rec['optimizer']} s{rec['seed']}")
 
     t0 = time.perf_counter()
+    failures: list = []
     try:
         runner.run_plan(
             todo, store, data_dir=args.data_dir, jobs=args.jobs, threads=args.threads,
             on_done=on_done, progress_factory=None if args.jobs > 1 else factory,
+            failures=failures,
         )  # fmt: skip
     finally:
         bar.close()
     print(f"finished in {time.perf_counter() - t0:.0f} s; results in {store.path}")
+    for plan, exc in failures:
+        print(f"FAILED {plan.label or plan.task} {plan.optimizer} seed {plan.seed}: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)  # fmt: skip
     if not args.no_report:
         command = "orthoptim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         path = report.render_report(store.records(), args.out, title=title, command=command)
         print(f"report: {path}")
+    if failures:
+        print(f"orthoptim: {len(failures)} run(s) failed (not stored; re-run to retry)",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

@@ -137,6 +137,7 @@ def run_plan(
     threads: int | None = None,
     on_done: Callable[[dict[str, Any]], None] | None = None,
     progress_factory: Callable[[str], Progress] | None = None,
+    failures: list[tuple[PlannedRun, BaseException]] | None = None,
 ) -> list[dict[str, Any]]:
     """Execute the runs of ``plans`` not yet in ``store``; append each record when it finishes.
 
@@ -148,6 +149,9 @@ def run_plan(
         threads: torch threads per run (default: unchanged with ``jobs=1``, 1 with more jobs).
         on_done: called with each new record after it is stored (progress display).
         progress_factory: ``(description) -> Progress`` for per-step progress (``jobs=1`` only).
+        failures: if given, a run that raises is appended here as ``(plan, exception)`` and the
+            other runs go on (nothing is stored for it, so a re-run retries it); if ``None``,
+            the first exception propagates.
 
     Returns:
         The new records, in completion order.
@@ -158,6 +162,11 @@ def run_plan(
         raise ValueError(f"Invalid threads: {threads}; expected an integer >= 1")
     todo = _pending(plans, store.completed())
     new: list[dict[str, Any]] = []
+
+    def failed(plan: PlannedRun, exc: BaseException) -> None:
+        if failures is None:
+            raise exc
+        failures.append((plan, exc))
 
     def finish(rec: dict[str, Any]) -> None:
         store.append(rec)
@@ -173,21 +182,32 @@ def run_plan(
             for plan in todo:
                 desc = f"{plan.label or plan.task} {plan.optimizer} s{plan.seed}"
                 prog = progress_factory(desc) if progress_factory else None
-                finish(run_one(plan, data_dir, prog))
+                try:
+                    rec = run_one(plan, data_dir, prog)
+                except Exception as e:  # noqa: BLE001 - reported to the caller, run not stored
+                    failed(plan, e)
+                else:
+                    finish(rec)
         finally:
             torch.set_num_threads(prev)
         return new
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         queue = iter(todo)
-        running = set()
+        running: dict = {}
         for plan in _take(queue, jobs):
-            running.add(pool.submit(_worker, plan, data_dir, threads or 1))
+            running[pool.submit(_worker, plan, data_dir, threads or 1)] = plan
         while running:
-            done, running = wait(running, return_when=FIRST_COMPLETED)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
-                finish(fut.result())
-                for plan in _take(queue, 1):
-                    running.add(pool.submit(_worker, plan, data_dir, threads or 1))
+                plan = running.pop(fut)
+                try:
+                    rec = fut.result()
+                except Exception as e:  # noqa: BLE001
+                    failed(plan, e)
+                else:
+                    finish(rec)
+                for nxt in _take(queue, 1):
+                    running[pool.submit(_worker, nxt, data_dir, threads or 1)] = nxt
     return new
 
 
