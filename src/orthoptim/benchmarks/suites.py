@@ -54,9 +54,10 @@ def _items(preset: str) -> tuple[SuiteItem, ...]:
             for b in (64, 512)
         ]
     else:
-        # rho 100 as in both papers; rho 10/50 run with `orthoptim run longtail --preset
-        # paper-rho10` (left out of the suite for its CPU time).
-        longtail = [SuiteItem("longtail", LONGTAIL_SET, "longtail/rho100", preset="paper")]
+        longtail = [
+            SuiteItem("longtail", LONGTAIL_SET, "longtail/rho100", preset="paper"),
+            SuiteItem("longtail", LONGTAIL_SET, "longtail/rho10", preset="paper-rho10"),
+        ]
         large = [
             SuiteItem("large-batch", FOP_SET, f"large-batch/bs{b}", preset=p)
             for b, p in ((128, "paper-b128"), (1024, "paper-b1024"), (4096, "paper"))
