@@ -106,6 +106,7 @@ _FOGO_INVALID = _COMMON_INVALID + (
     ("merge_threshold", -0.1),
     ("min_energy", 2.0),
     ("eviction", "random"),
+    ("overflow", "drop"),
     ("side", "both"),
     ("write_source", "weights"),
     ("sketch_dim", 0),

@@ -72,7 +72,7 @@ def test_consolidated_entries_are_never_merged_into_by_scheduled_writes():
 
 @pytest.mark.parametrize("policy", ["oldest", "least_used"])
 def test_eviction_when_slots_are_full(policy):
-    cfg = config(capacity=2, rank=12, eviction=policy)
+    cfg = config(capacity=2, rank=12, eviction=policy, overflow="evict")
     book = codebook.init_codebook(12, cfg, "cpu")
     codebook.write(book, low_rank(10, 12, 2, seed=0), 10, cfg, seed=1, kind=CONSOLIDATED, ready=10)
     codebook.write(book, low_rank(10, 12, 2, seed=1), 20, cfg, seed=2, kind=CONSOLIDATED, ready=20)
@@ -92,6 +92,67 @@ def test_eviction_when_the_pool_of_directions_is_full():
     owners = book["owner"][book["owner"] >= 0]
     assert owners.numel() == 3 and int(book["used"].sum()) == 1
     assert all(int(book["fresh"][o]) == 20 for o in owners)
+
+
+def _projector(v):
+    return v @ torch.linalg.pinv(v)
+
+
+def test_compression_keeps_the_energy_weighted_top_directions_of_the_two_oldest_entries():
+    """Slots full: the two oldest entries become one entry of write_rank directions, equal to
+    the top left singular vectors of [V_a E_a^(1/2), V_b E_b^(1/2)] (brute-force oracle); the
+    pool stays orthonormal and the newest entry is untouched."""
+    cfg = config(capacity=2, rank=12, write_rank=3)
+    book = codebook.init_codebook(12, cfg, "cpu")
+    codebook.write(book, low_rank(10, 12, 3, seed=0), 10, cfg, seed=1, kind=CONSOLIDATED, ready=10)
+    codebook.write(book, low_rank(10, 12, 3, seed=1), 20, cfg, seed=2, kind=CONSOLIDATED, ready=20)
+    v, e = book["basis"][:, book["owner"] >= 0].clone(), book["energy"][book["owner"] >= 0]
+    assert bool((e > 0).all()) and float(e.sum()) <= 2 + 1e-9
+    u, sv, _ = torch.linalg.svd(v * e.double().sqrt(), full_matrices=False)
+    expected = _projector(u[:, :3])
+    codebook.write(book, low_rank(10, 12, 2, seed=2), 30, cfg, seed=3, kind=CONSOLIDATED, ready=30)
+    assert int(book["used"].sum()) == 2
+    merged = [k for k in range(2) if bool(book["used"][k]) and int(book["fresh"][k]) == 20]
+    assert len(merged) == 1  # the compressed entry carries the newer age of the two
+    cols = book["owner"] == merged[0]
+    assert int(cols.sum()) == 3
+    assert torch.allclose(_projector(book["basis"][:, cols]), expected, atol=1e-10)
+    assert torch.allclose(book["energy"][cols].double(), sv[:3].square(), atol=1e-6)
+    pool = book["basis"][:, book["owner"] >= 0]
+    assert torch.allclose(pool.T @ pool, torch.eye(pool.shape[1], dtype=pool.dtype), atol=1e-10)
+
+
+def test_compression_keeps_a_direction_every_old_task_shares():
+    """Three tasks share one input direction x; with room for two entries, compression keeps x
+    protected (eviction would too here, but compression also keeps the older task's own top
+    direction instead of dropping it)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, generator=gen, dtype=torch.float64)
+    x /= x.norm()
+
+    def task(seed):
+        g = torch.Generator().manual_seed(seed)
+        own = torch.randn(12, generator=g, dtype=torch.float64)
+        a = torch.randn(10, 1, generator=g, dtype=torch.float64)
+        b = torch.randn(10, 1, generator=g, dtype=torch.float64)
+        return 3 * a @ x[None] + b @ own[None], own
+
+    for overflow in ("compress", "evict"):
+        cfg = config(capacity=2, rank=4, write_rank=2, overflow=overflow)
+        book = codebook.init_codebook(12, cfg, "cpu")
+        d1, own1 = task(1)
+        codebook.write(book, d1, 10, cfg, seed=1, kind=CONSOLIDATED, ready=10)
+        codebook.write(book, task(2)[0], 20, cfg, seed=2, kind=CONSOLIDATED, ready=20)
+        codebook.write(book, task(3)[0], 30, cfg, seed=3, kind=CONSOLIDATED, ready=30)
+        p = _projector(book["basis"][:, book["owner"] >= 0])
+        kept_x = float(x @ p @ x)
+        kept_task1 = float((d1 @ p).norm() / d1.norm())
+        if overflow == "compress":
+            assert kept_x > 0.99
+            compressed_task1 = kept_task1
+        else:
+            evicted_task1 = kept_task1
+    assert compressed_task1 > evicted_task1 + 0.05
 
 
 def test_overlap_gate_removes_protected_component_and_passes_orthogonal_updates():

@@ -162,7 +162,7 @@ def test_packaged_config_defaults_are_the_code_defaults_up_to_the_stated_rules()
         if name == "sgd":
             code["lr"] = 0.05
         assert config.defaults[name] == code
-        if "continual-permuted" not in config.tasks or name not in config.tasks["continual-permuted"]:
+        if name not in config.tasks.get("continual-permuted", {}):
             hp, source = config.lookup("continual-permuted", name)
             assert source == f"default v{config.version} (untuned)" and hp == config.defaults[name]
 

@@ -13,15 +13,22 @@ with the host:
     fresh    (K,)    int64          step of the entry's last write or merge (its age)
     kind     (K,)    int64          0 = scheduled write (task-agnostic), 1 = end_task consolidation
     hits     (K,)    int64          steps in which the entry was in conflict (usage count)
+    energy   (R,)    float32        share of its write's energy each column carried (weights of
+                                    the compression below)
     sign_dir (k, R)  float32        Gaussian sketch of the past direction's coordinates
                                     (only for the sign gate)
 
 *Write* (rare; may sync): the past direction D (the slow momentum) is deflated against the pool,
 its dominant remaining row space is found by a randomized range finder (a seeded Gaussian random
 projection), and the new directions either *merge* into the scheduled entry that already holds
-most of D's energy (refreshing its age) or are *inserted* as a new entry; when the pool or the
-slots are full, entries are *evicted* (oldest, or least used; window summaries before whole
-tasks, and a scheduled write never evicts a task consolidated by ``end_task``).
+most of D's energy (refreshing its age) or are *inserted* as a new entry. When the pool or the
+slots are full, room is made by *compressing* (default) or *evicting*; both pick the oldest
+entries (or least used; window summaries before whole tasks, and a scheduled write never touches
+a task consolidated by ``end_task``). Compression replaces the two chosen entries by one entry of
+``write_rank`` directions: the top left singular vectors of [V_a E_a^(1/2), V_b E_b^(1/2)] (V the
+entries' columns, E their energies), a Frequent-Directions-style summary (Liberty 2013) that keeps
+the directions the two stretches share and their strongest own ones, so old tasks lose rank
+gradually instead of all protection at once.
 
 *Correction* (every step): coordinates c = O V; an entry is in conflict when it is ready and
     overlap gate:  ||c_j||_F / ||O||_F > tau        (any use of the protected subspace)
@@ -61,7 +68,9 @@ class CodebookConfig:
         gate: ``"overlap"`` or ``"sign"``.
         gate_threshold: tau above.
         rho: proximal weight (radius r = rho / (1 + rho)); ``inf`` = hard projection.
-        eviction: ``"oldest"`` or ``"least_used"``.
+        eviction: ``"oldest"`` or ``"least_used"``: which entries make room.
+        overflow: ``"compress"`` (merge the two chosen entries into one) or ``"evict"`` (drop
+            the chosen entry).
         sketch_dim: k of the sign-gate sketch.
         dtype: storage dtype of the basis.
     """
@@ -77,6 +86,7 @@ class CodebookConfig:
     eviction: str
     sketch_dim: int
     dtype: torch.dtype
+    overflow: str = "compress"
 
 
 def init_codebook(n: int, config: CodebookConfig, device) -> dict[str, torch.Tensor]:
@@ -90,6 +100,7 @@ def init_codebook(n: int, config: CodebookConfig, device) -> dict[str, torch.Ten
         "fresh": torch.zeros(k, dtype=torch.int64, device=device),
         "kind": torch.zeros(k, dtype=torch.int64, device=device),
         "hits": torch.zeros(k, dtype=torch.int64, device=device),
+        "energy": torch.zeros(r, dtype=torch.float32, device=device),
     }
     if config.gate == "sign":
         state["sign_dir"] = torch.zeros(config.sketch_dim, r, dtype=torch.float32, device=device)
@@ -149,19 +160,19 @@ def correct(
     return corrected, stats
 
 
-def _evict_one(book: dict[str, torch.Tensor], config: CodebookConfig, keep: int, kind: int) -> bool:
-    """Free the entry chosen by the eviction policy; returns False if none may be evicted.
+def _victims(
+    book: dict[str, torch.Tensor], config: CodebookConfig, keep: int, kind: int
+) -> list[int]:
+    """Entries that may make room, in the order the policy gives them up.
 
-    Never evicts the entry ``keep``. Scheduled entries (window summaries) go before
-    consolidated ones (whole tasks), and a scheduled write may evict only scheduled entries.
+    Never the entry ``keep``. Scheduled entries (window summaries) go before consolidated ones
+    (whole tasks), and a scheduled write may touch only scheduled entries.
     """
     allowed = book["used"].clone()
     if 0 <= keep < allowed.numel():
         allowed[keep] = False
     if kind == SCHEDULED:
         allowed &= book["kind"] == SCHEDULED
-    if not bool(allowed.any()):
-        return False
     fresh = book["fresh"].double()
     if config.eviction == "least_used":
         # Fewest hits first, then oldest: hits dominate, age breaks ties.
@@ -169,15 +180,65 @@ def _evict_one(book: dict[str, torch.Tensor], config: CodebookConfig, keep: int,
     else:
         key = fresh
     key = key + book["kind"].double() * 1e15  # scheduled entries first
-    key = torch.where(allowed, key, torch.full_like(key, float("inf")))
-    victim = int(key.argmin())
+    order = torch.argsort(key, stable=True).tolist()
+    return [i for i in order if bool(allowed[i])]
+
+
+def _evict(book: dict[str, torch.Tensor], victim: int) -> None:
     cols = book["owner"] == victim
     book["basis"][:, cols] = 0
     book["owner"][cols] = -1
+    book["energy"][cols] = 0
     if "sign_dir" in book:
         book["sign_dir"][:, cols] = 0
     book["used"][victim] = False
     book["hits"][victim] = 0
+
+
+def _compress(book: dict[str, torch.Tensor], config: CodebookConfig, a: int, b: int) -> None:
+    """Replace entries ``a`` and ``b`` by one entry (id ``a``) of at most ``write_rank``
+    directions: the top left singular vectors of [V_a E_a^(1/2), V_b E_b^(1/2)].
+
+    The new columns span a subspace of span(V_a, V_b), so the pool stays orthonormal; their
+    energies are the squared singular values (the two entries' weights add up, so a compressed
+    entry counts as the tasks it summarises in later compressions).
+    """
+    cols = ((book["owner"] == a) | (book["owner"] == b)).nonzero().flatten()
+    v = book["basis"][:, cols].double()
+    e = book["energy"][cols].double().clamp(min=0)
+    # Zero energy (a state written before energies were kept) weighs the columns equally.
+    w = torch.where(e.sum() > 0, e, torch.ones_like(e)).sqrt()
+    u, sv, _ = torch.linalg.svd(v * w, full_matrices=False)
+    k = min(config.write_rank, int((sv > sv[0] * 1e-6).sum()) if sv.numel() else 0)
+    u = u[:, :k]
+    if "sign_dir" in book:
+        # Coordinates of the stored past directions in the new basis: u = V C, C = V^T u.
+        book["sign_dir"][:, cols[:k]] = (book["sign_dir"][:, cols].double() @ (v.mT @ u)).float()
+        book["sign_dir"][:, cols[k:]] = 0
+    book["basis"][:, cols] = 0
+    book["basis"][:, cols[:k]] = u.to(book["basis"].dtype)
+    book["energy"][cols] = 0
+    book["energy"][cols[:k]] = sv[:k].square().float()
+    book["owner"][cols] = -1
+    book["owner"][cols[:k]] = a
+    book["fresh"][a] = torch.maximum(book["fresh"][a], book["fresh"][b])
+    book["ready"][a] = torch.minimum(book["ready"][a], book["ready"][b])
+    book["kind"][a] = torch.maximum(book["kind"][a], book["kind"][b])
+    book["hits"][a] += book["hits"][b]
+    book["used"][b] = False
+    book["hits"][b] = 0
+
+
+def _make_room(book: dict[str, torch.Tensor], config: CodebookConfig, keep: int, kind: int) -> bool:
+    """Free one entry slot (and its columns) by compression or eviction; False if nothing may
+    be touched."""
+    victims = _victims(book, config, keep, kind)
+    if not victims:
+        return False
+    if config.overflow == "compress" and len(victims) >= 2:
+        _compress(book, config, victims[1], victims[0])  # keep the newer id, free the oldest
+    else:
+        _evict(book, victims[0])
     return True
 
 
@@ -215,14 +276,20 @@ def write(
     coords = d @ basis
     col2entry = entry_of_columns(book, config.capacity).double()
     entry_energy = coords.square().sum(0) @ col2entry
-    residual = d - coords @ basis.mT
-    v_new, s_new = range_finder(residual, config.write_rank, seed * 7919 + _WRITE_STREAM + step)
-    keep = s_new.square() >= config.min_energy * total
-    v_new = v_new[:, keep]
-    if v_new.shape[1]:
-        # Re-orthogonalise against the stored pool (its bf16 storage is not exactly orthonormal).
-        v_new = v_new - basis @ (basis.mT @ v_new)
-        v_new = torch.linalg.qr(v_new).Q
+
+    def deflated() -> torch.Tensor:
+        """The dominant directions of d outside the current pool (orthonormal, n x <= k)."""
+        pool = book["basis"].double()
+        residual = d - (d @ pool) @ pool.mT
+        v, sv = range_finder(residual, config.write_rank, seed * 7919 + _WRITE_STREAM + step)
+        v = v[:, sv.square() >= config.min_energy * total]
+        if v.shape[1]:
+            # Re-orthogonalise against the pool (its bf16 storage is not exactly orthonormal).
+            v = torch.linalg.qr(v - pool @ (pool.mT @ v)).Q
+        return v
+
+    v_new = deflated()
+    room_made = False
 
     # Similarity of the written energy to each scheduled entry, relative to the most that any
     # write_rank directions could hold (the top singular values of the direction itself).
@@ -241,8 +308,10 @@ def write(
     else:
         if not v_new.shape[1]:
             return "skip"
-        if bool(book["used"].all()) and not _evict_one(book, config, keep=-1, kind=kind):
-            return "skip"
+        if bool(book["used"].all()):
+            if not _make_room(book, config, keep=-1, kind=kind):
+                return "skip"
+            room_made = True
         target = int((~book["used"]).nonzero()[0])
         book["used"][target] = True
         book["fresh"][target] = step
@@ -252,11 +321,18 @@ def write(
 
     # An entry holds at most write_rank directions: a long stretch of similar writes refreshes
     # one entry instead of taking over the pool.
-    need = min(v_new.shape[1], config.write_rank - int((book["owner"] == target).sum()))
+    cap = config.write_rank - int((book["owner"] == target).sum())
+    need = min(v_new.shape[1], cap)
     while need and int((book["owner"] < 0).sum()) < need:
-        if not _evict_one(book, config, keep=target, kind=kind):
+        if not _make_room(book, config, keep=target, kind=kind):
             need = int((book["owner"] < 0).sum())  # nothing more may go: keep what fits
             break
+        room_made = True
+    if room_made:
+        # Room was made by dropping or compressing directions the first deflation counted as
+        # covered: deflate again against the pool as it is now.
+        v_new = deflated()
+        need = min(v_new.shape[1], cap, int((book["owner"] < 0).sum()))
     if not need and not merging:
         book["used"][target] = False  # no room at all for a new entry
         return "skip"
@@ -264,6 +340,8 @@ def write(
         free = (book["owner"] < 0).nonzero().flatten()[:need]
         book["basis"][:, free] = v_new[:, :need].to(book["basis"].dtype)
         book["owner"][free] = target
+        # Share of the written energy each new direction carries (residual energy on v_new).
+        book["energy"][free] = ((d @ v_new[:, :need]).square().sum(0) / best).float()
         if "sign_dir" in book:
             # Sketch of the coordinates of the past direction in the new columns.
             past = d if sign_source is None else sign_source.double()

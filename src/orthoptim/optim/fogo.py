@@ -102,7 +102,11 @@ class FOGO(Optimizer):
         merge_threshold: energy share above which a scheduled write merges into an existing
             scheduled entry. Default 0.5.
         min_energy: energy share below which a new direction is not stored. Default 1e-3.
-        eviction: ``"oldest"`` or ``"least_used"``. Default "oldest".
+        eviction: ``"oldest"`` or ``"least_used"``: which entries make room. Default "oldest".
+        overflow: how room is made when the pool or the entry slots are full: ``"compress"``
+            (the two chosen entries become one entry of their top ``write_rank`` energy-weighted
+            directions, so old tasks keep their dominant and shared directions) or ``"evict"``
+            (the chosen entry is dropped). Default "compress".
         side: protected side, ``"input"`` (row space, default) or ``"output"`` (column space).
         write_source: what a write summarises: ``"gradients"`` (default), a streaming Gaussian
             sketch Y = sum_t G_t^T G_t Omega of the gradients since the last write, read out by
@@ -150,6 +154,7 @@ class FOGO(Optimizer):
         merge_threshold: float = 0.5,
         min_energy: float = 1e-3,
         eviction: str = "oldest",
+        overflow: str = "compress",
         side: str = "input",
         write_source: str = "gradients",
         sketch_dim: int = 32,
@@ -166,6 +171,7 @@ class FOGO(Optimizer):
             write_rank=write_rank, write_interval=write_interval,
             min_age=min_age, gate=gate, gate_threshold=gate_threshold, radius=radius,
             merge_threshold=merge_threshold, min_energy=min_energy, eviction=eviction,
+            overflow=overflow,
             side=side, write_source=write_source, sketch_dim=sketch_dim, seed=seed,
         )  # fmt: skip
         self._validate(defaults)
@@ -215,6 +221,7 @@ class FOGO(Optimizer):
         check_range("merge_threshold", g["merge_threshold"], 0.0, 1.0)
         check_range("min_energy", g["min_energy"], 0.0, 1.0)
         check_choice("eviction", g["eviction"], ("oldest", "least_used"))
+        check_choice("overflow", g["overflow"], ("compress", "evict"))
         check_choice("side", g["side"], ("input", "output"))
         check_choice("write_source", g["write_source"], ("gradients", "slow"))
         check_int("sketch_dim", g["sketch_dim"], 1)
@@ -275,6 +282,7 @@ class FOGO(Optimizer):
             min_energy=group["min_energy"], merge_threshold=group["merge_threshold"],
             gate=group["gate"], gate_threshold=group["gate_threshold"],
             rho=rho_from_radius(group["radius"]), eviction=group["eviction"],
+            overflow=group["overflow"],
             sketch_dim=group["sketch_dim"], dtype=mem_dtype,
         )  # fmt: skip
 
