@@ -50,6 +50,8 @@ CONFIGS: dict[str, tuple[str, dict, bool]] = {
     # The Muon-like single stream (beta 0.95, Nesterov) with the memory on top.
     "muon_mem_aware": ("fogo", dict(dual_stream=False, beta_slow=0.95, nesterov=True), True),
     "muon_mem_agnostic": ("fogo", dict(dual_stream=False, beta_slow=0.95, nesterov=True), False),
+    "fogo_aware_evict": ("fogo", dict(overflow="evict"), True),
+    "fogo_agnostic_evict": ("fogo", dict(overflow="evict"), False),
     "fogo_aware_b95": ("fogo", dict(beta_slow=0.95, beta_fast=0.8), True),
     "fogo_nomem_b95": ("fogo", dict(memory=False, beta_slow=0.95, beta_fast=0.8), False),
 }
