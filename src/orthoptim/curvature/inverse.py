@@ -34,19 +34,34 @@ def pi_damping(A: torch.Tensor, G: torch.Tensor, damping: float):
 
 
 def _eigh(X: torch.Tensor):
-    d, Q = torch.linalg.eigh(X)
-    return d.clamp_min(0.0), Q  # factors are PSD; clip round-off negatives
+    r"""Eigendecomposition :math:`X = Q\,\mathrm{diag}(d)\,Q^\top` of a PSD factor, in float64.
+
+    Returns ``(d, Q)`` in float64 with ``d`` clipped at 0 (factors are PSD; the negatives are
+    round-off), so damping is always added to non-negative eigenvalues.
+
+    Why float64 whatever the factor dtype: a nearly rank-deficient fp32 factor (``A`` after a few
+    batch-1 steps has rank ~4 of 46) has a cluster of eigenvalues at fp32 round-off (±1e-7 around
+    0), and fp32 LAPACK ``syevd`` then fails to converge (``LinAlgError``, found by the fuzzer).
+    In float64 the same matrix decomposes. Factors are small and this runs once per inverse
+    update, so the cost is amortised.
+    """
+    d, Q = torch.linalg.eigh(X.to(torch.float64))
+    return d.clamp_min(0.0), Q
 
 
 def spd_inverse(X: torch.Tensor, shift: torch.Tensor, method: str) -> torch.Tensor:
-    """``(X + shift I)^{-1}``; Cholesky falls back to ``eigh`` if round-off breaks it."""
+    r"""``(X + shift I)^{-1}``; Cholesky falls back to ``eigh`` if round-off breaks it.
+
+    The eigen form is :math:`Q\,\mathrm{diag}(1/(\max(d, 0) + \mathrm{shift}))\,Q^\top`,
+    computed in float64 (see :func:`_eigh`) and returned in ``X.dtype``.
+    """
     eye = torch.eye(X.shape[0], dtype=X.dtype, device=X.device)
     if method == "cholesky":
         L, info = torch.linalg.cholesky_ex(X + shift * eye)
         if int(info) == 0:  # one sync per inverse update (amortised), never in the hot path
             return torch.cholesky_inverse(L)
     d, Q = _eigh(X)
-    return (Q / (d + shift)) @ Q.T
+    return ((Q / (d + shift.to(d.dtype))) @ Q.T).to(X.dtype)
 
 
 def compute_preconditioner(
@@ -58,7 +73,8 @@ def compute_preconditioner(
         return {"A_inv": spd_inverse(A, dA, method), "G_inv": spd_inverse(G, dG, method)}
     dA, QA = _eigh(A)
     dG, QG = _eigh(G)
-    return {"QA": QA, "QG": QG, "scale": 1.0 / (dG[:, None] * dA[None, :] + damping)}
+    scale = 1.0 / (dG[:, None] * dA[None, :] + damping)
+    return {"QA": QA.to(A.dtype), "QG": QG.to(G.dtype), "scale": scale.to(A.dtype)}
 
 
 def inverse_mv(pre: dict, M: torch.Tensor) -> torch.Tensor:
