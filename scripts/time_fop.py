@@ -4,7 +4,9 @@ Each optimizer trains its own copy of the same small CNN on the same fixed batch
 ``--interval`` steps (one factor update and one inverse update each, so the curvature cost is
 amortised exactly); windows of the three methods are interleaved (order rotated every round) and
 the per-step time is the median over ``--rounds`` windows. A step is forward + backward + ``step()``
-(two half-batch passes for the two-pass mode).
+(two half-batch passes for the two-pass mode). Ratios are given two ways: of the medians, and the
+median of the per-round ratios (windows of one round run back to back, so load drift between
+rounds cancels).
 
     python scripts/time_fop.py --rounds 7 --batch 128
 """
@@ -92,9 +94,11 @@ def main() -> None:
     for n in names:
         lo, hi = 1e3 * min(times[n]), 1e3 * max(times[n])
         print(f"{n:14s} median {1e3 * med[n]:8.2f} ms/step (min {lo:.2f}, max {hi:.2f})")
-    print(f"ratio fop_one_pass / kfac         = {med['fop_one_pass'] / med['kfac']:.3f}")
-    print(f"ratio fop_two_pass / kfac         = {med['fop_two_pass'] / med['kfac']:.3f}")
-    print(f"ratio fop_one_pass / fop_two_pass = {med['fop_one_pass'] / med['fop_two_pass']:.3f}")
+    for a, b in (("fop_one_pass", "kfac"), ("fop_two_pass", "kfac"), ("fop_one_pass", "fop_two_pass")):
+        paired = statistics.median(ta / tb for ta, tb in zip(times[a], times[b], strict=True))
+        wins = sum(ta < tb for ta, tb in zip(times[a], times[b], strict=True))
+        print(f"ratio {a} / {b}: of medians {med[a] / med[b]:.3f}, "
+              f"median per round {paired:.3f} ({a} faster in {wins}/{args.rounds} rounds)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ from orthoptim.curvature.inverse import (
     pi_damping,
 )
 from orthoptim.curvature.projection import fop_coefficients, fop_combine, fop_dots
-from orthoptim.curvature.split import avg_diff_from_total, first_half_grad, split_from_total
+from orthoptim.curvature.split import avg_diff_, first_half_grad, split_from_total
 
 __all__ = [
     "Capture",
     "a_factor",
-    "avg_diff_from_total",
+    "avg_diff_",
     "compute_preconditioner",
     "ema",
     "first_half_grad",

@@ -24,8 +24,11 @@ import torch
 from torch import nn
 
 
-def first_half_grad(module: nn.Module, x: torch.Tensor, gout: torch.Tensor, b1: int):
-    """``S_1`` in the layer-matrix layout ``[dW | db]`` (see :mod:`.factors`)."""
+def first_half_grad(
+    module: nn.Module, x: torch.Tensor, gout: torch.Tensor, b1: int, out: torch.Tensor | None = None
+):
+    """``S_1`` in the layer-matrix layout ``[dW | db]`` (see :mod:`.factors`), written into ``out``
+    when given (any float dtype; saves the copy of a later stack)."""
     x1, g1 = x[:b1], gout[:b1]
     if isinstance(module, nn.Conv2d):
         # one convolution_backward call gives both the weight and the bias gradient
@@ -39,7 +42,9 @@ def first_half_grad(module: nn.Module, x: torch.Tensor, gout: torch.Tensor, b1: 
         g_rows = g1.reshape(-1, g1.shape[-1])
         w = g_rows.T @ x1.reshape(-1, x1.shape[-1])
         b = g_rows.sum(0) if module.bias is not None else None
-    return w if b is None else torch.cat([w, b[:, None]], dim=1)
+    if b is None:
+        return w if out is None else out.copy_(w)
+    return torch.cat([w, b[:, None]], dim=1, out=out)
 
 
 def split_from_total(S1: torch.Tensor, g: torch.Tensor, batch: int, b1: int):
@@ -48,11 +53,19 @@ def split_from_total(S1: torch.Tensor, g: torch.Tensor, batch: int, b1: int):
     return S1 * (batch / b1), (g - S1) * (batch / b2)
 
 
-def avg_diff_from_total(S1: torch.Tensor, g: torch.Tensor, batch: int, b1: int):
-    """``(g_avg, g_diff) = ((g1 + g2) / 2, g1 - g2)`` straight from ``S1`` and ``g`` (2-3 ops).
+def avg_diff_(U: torch.Tensor, batch: int, b1: int) -> torch.Tensor:
+    r"""In place, ``U = [g; S_1]`` (shape ``(2, d_out, d_in [+1])``) becomes ``[g_avg; g_diff]``.
 
-    For an even batch ``g_avg`` is ``g`` itself (returned, not copied; treat it as read-only).
+    With :math:`c_1 = B/b_1`, :math:`c_2 = B/b_2`:
+    :math:`g_{avg} = \tfrac{c_2}{2} g + \tfrac{c_1 - c_2}{2} S_1` (``= g`` for an even batch, no
+    op) and :math:`g_{diff} = (c_1 + c_2) S_1 - c_2 g`. Two ops for an even batch.
     """
     c1, c2 = batch / b1, batch / (batch - b1)
-    g_avg = g if c1 == c2 else g.mul(0.5 * c2).add_(S1, alpha=0.5 * (c1 - c2))
-    return g_avg, S1.mul(c1 + c2).sub_(g, alpha=c2)
+    g, S1 = U.unbind()
+    if c1 == c2:
+        S1.mul_(c1 + c2).sub_(g, alpha=c2)
+    else:
+        g_avg = g.mul(0.5 * c2).add_(S1, alpha=0.5 * (c1 - c2))
+        S1.mul_(c1 + c2).sub_(g, alpha=c2)
+        g.copy_(g_avg)
+    return U

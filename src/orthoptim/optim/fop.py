@@ -34,14 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from orthoptim.curvature import (
-    avg_diff_from_total,
-    first_half_grad,
-    fop_coefficients,
-    fop_dots,
-    inverse_mv,
-    kron_mv,
-)
+from orthoptim.curvature import avg_diff_, first_half_grad, fop_coefficients, inverse_mv, kron_mv
 from orthoptim.optim._validation import check_range
 from orthoptim.optim.kfac import KFAC, grad_matrix, put_direction
 
@@ -87,8 +80,7 @@ class FOP(KFAC):
         eta_clamp: tuple[float, float] = (0.0, 2.0),
         **kfac_kwargs,
     ):
-        self._halves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._stacks: dict[str, tuple] = {}  # derived from the state, rebuilt when it changes
+        self._halves: dict[str, torch.Tensor] = {}  # name -> [g_avg; g_diff] from two passes
         super().__init__(
             model, lr, damping=damping, beta=beta, eta=eta, beta_clamp=beta_clamp,
             eta_clamp=eta_clamp, **kfac_kwargs,
@@ -110,7 +102,9 @@ class FOP(KFAC):
         self._halves = {}  # a skipped step also drops backward_two_pass's halves
 
     # -- sources of g1, g2 --------------------------------------------------------------------
-    def _one_pass_halves(self, name: str, module: nn.Module, M: torch.Tensor):
+    def _one_pass_halves(self, name: str, module: nn.Module, dtype: torch.dtype):
+        """``[g_avg; g_diff]`` (``(2, d_out, d_in [+1])``, in ``dtype``) from the hooks' records
+        and ``.grad``, or None when the layer cannot be split. Built in one buffer, in place."""
         rec = self._capture.records[name]
         if rec.n_forward != 1 or len(rec.inputs) != 1 or len(rec.grads) != 1:
             return None  # reused layer or accumulated backwards: not splittable
@@ -119,7 +113,11 @@ class FOP(KFAC):
         if batch < 2 or gout.shape[0] != batch:
             return None
         b1 = (batch + 1) // 2
-        return avg_diff_from_total(first_half_grad(module, x, gout, b1), M, batch, b1)
+        w = module.weight
+        U = w.new_empty((2, w.shape[0], w[0].numel() + (module.bias is not None)), dtype=dtype)
+        grad_matrix(module, out=U[0])
+        first_half_grad(module, x, gout, b1, out=U[1])
+        return avg_diff_(U, batch, b1)
 
     def backward_two_pass(self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn):
         """The paper's mode: two half-batch forward/backward passes instead of ``loss.backward()``.
@@ -155,30 +153,26 @@ class FOP(KFAC):
                 if m.weight in grads:
                     gb = grads.get(m.bias, (None, None)) if m.bias is not None else (None, None)
                     g1, g2 = (grad_matrix(m, grads[m.weight][k], gb[k]) for k in range(2))
-                    self._halves[name] = ((g1 + g2) * 0.5, g1 - g2)
+                    self._halves[name] = torch.stack([(g1 + g2) * 0.5, g1 - g2])
         return (losses[0] + losses[1]) * 0.5
 
     # -- directions ---------------------------------------------------------------------------
-    def _three_matvecs(self, name: str, ls: dict, g_avg, g_diff):
-        """``F g_avg``, ``F^-1 g_avg``, ``F^-1 g_diff`` and the :func:`fop_dots` matrix.
+    def _products(self, ls: dict, U: torch.Tensor):
+        """``V = [F g_avg; F^-1 g_avg; F^-1 g_diff]`` and the ``(2, 3)`` inner products of
+        ``U = [g_avg; g_diff]`` with ``V`` (the :func:`~orthoptim.curvature.fop_dots` layout).
 
-        With Kronecker-form inverses the three products are two batched matmuls against
-        ``[G, G^-1, G^-1]`` / ``[A, A^-1, A^-1]``, stacked once per factor/inverse update.
+        Three Kronecker products, as four matmuls written into one buffer: ``F g_avg``, then the
+        damped inverse applied to both rows of ``U`` at once (the right factor as one matmul of
+        the stacked ``(2 d_out, d_in)`` rows, the left one broadcast over the two).
         """
-        pre = ls["pre"]
-        if "A_inv" not in pre:  # eigenbasis (Tikhonov) form
-            p_avg, p_diff = inverse_mv(pre, g_avg), inverse_mv(pre, g_diff)
-            f_avg = kron_mv(ls["G"], ls["A"], g_avg)
-            return f_avg, p_avg, p_diff, fop_dots(g_avg, g_diff, f_avg, p_avg, p_diff)
-        cached = self._stacks.get(name)
-        if cached is None or cached[0] is not ls["A"] or cached[1] is not pre:
-            Gs = torch.stack([ls["G"], pre["G_inv"], pre["G_inv"]])
-            As = torch.stack([ls["A"], pre["A_inv"], pre["A_inv"]])
-            cached = self._stacks[name] = (ls["A"], pre, Gs, As)
-        X = torch.stack([g_avg, g_avg, g_diff])
-        Y = cached[2] @ X @ cached[3]
-        f_avg, p_avg, p_diff = Y.unbind()
-        return f_avg, p_avg, p_diff, X[1:].flatten(1) @ Y.flatten(1).T
+        pre, V = ls["pre"], U.new_empty((3, *U.shape[1:]))
+        if "A_inv" in pre:
+            torch.mm(ls["G"], U[0] @ ls["A"], out=V[0])
+            torch.matmul(pre["G_inv"], U @ pre["A_inv"], out=V[1:])
+        else:  # eigenbasis (Tikhonov) form, broadcast over the two rows
+            V[0] = kron_mv(ls["G"], ls["A"], U[0])
+            V[1:] = inverse_mv(pre, U)
+        return V, U.flatten(1) @ V.flatten(1).T
 
     def _directions(self, hp: dict) -> dict:
         """FOP directions; the scalar algebra of all layers is batched (no host sync)."""
@@ -188,24 +182,23 @@ class FOP(KFAC):
             ls = layers[name]
             if "pre" not in ls or m.weight.grad is None:
                 continue
-            M = grad_matrix(m)
-            halves = self._halves.get(name) or self._one_pass_halves(name, m, M)
-            if halves is None:  # not splittable: K-FAC on the mean gradient
-                put_direction(dirs, m, self._precondition(ls, M))
+            dtype, U = ls["A"].dtype, self._halves.get(name)
+            U = self._one_pass_halves(name, m, dtype) if U is None else U.to(dtype)
+            if U is None:  # not splittable: K-FAC on the mean gradient
+                put_direction(dirs, m, self._precondition(ls, grad_matrix(m)))
                 continue
-            g_avg, g_diff = (h.to(ls["A"].dtype) for h in halves)
-            _, p_avg, p_diff, d = self._three_matvecs(name, ls, g_avg, g_diff)
+            V, d = self._products(ls, U)
             dots.append(d)
-            todo.append((ls, m, p_avg, p_diff, M.dtype))
+            todo.append((ls, m, V))
         self._halves = {}
         if todo:
-            coef = fop_coefficients(
+            c_avg, c_diff, beta, eta = fop_coefficients(
                 torch.stack(dots), beta=hp["beta"], eta=hp["eta"],
                 beta_clamp=hp["beta_clamp"], eta_clamp=hp["eta_clamp"],
             )  # fmt: skip
-            for (ls, m, p_avg, p_diff, dtype), c_avg, c_diff, b, e in zip(
-                todo, *(c.unbind() for c in coef), strict=True
-            ):
+            coef = torch.stack([c_avg, c_diff], dim=1)  # d = c_avg F^-1 g_avg + c_diff F^-1 g_diff
+            for (ls, m, V), c, b, e in zip(todo, coef, beta.unbind(), eta.unbind(), strict=True):
                 ls["beta"], ls["eta"] = b, e
-                put_direction(dirs, m, torch.addcmul(p_avg * c_avg, p_diff, c_diff).to(dtype))
+                D = (c @ V[1:].flatten(1)).view(V.shape[1:])
+                put_direction(dirs, m, D.to(m.weight.grad.dtype))
         return dirs

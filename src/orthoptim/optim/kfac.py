@@ -64,15 +64,15 @@ def sgd_step_(p, d, state, *, lr, momentum, nesterov, weight_decay) -> None:
     p.add_(d, alpha=-lr)
 
 
-def grad_matrix(module: nn.Module, gw=None, gb=None) -> torch.Tensor:
+def grad_matrix(module: nn.Module, gw=None, gb=None, out=None) -> torch.Tensor:
     """The layer gradient ``[dW.flatten(1) | db]`` (``(d_out, d_in [+1])``), from ``.grad``
-    unless the weight / bias gradients ``gw`` / ``gb`` are given."""
+    unless the weight / bias gradients ``gw`` / ``gb`` are given; written into ``out`` if given."""
     w = (module.weight.grad if gw is None else gw).flatten(1)
     if module.bias is None:
-        return w
+        return w if out is None else out.copy_(w)
     b = module.bias.grad if gb is None else gb
     b = torch.zeros_like(module.bias) if b is None else b
-    return torch.cat([w, b[:, None]], dim=1)
+    return torch.cat([w, b[:, None]], dim=1, out=out)
 
 
 def put_direction(dirs: dict, module: nn.Module, D: torch.Tensor) -> None:
