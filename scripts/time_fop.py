@@ -94,7 +94,11 @@ def main() -> None:
     for n in names:
         lo, hi = 1e3 * min(times[n]), 1e3 * max(times[n])
         print(f"{n:14s} median {1e3 * med[n]:8.2f} ms/step (min {lo:.2f}, max {hi:.2f})")
-    for a, b in (("fop_one_pass", "kfac"), ("fop_two_pass", "kfac"), ("fop_one_pass", "fop_two_pass")):
+    for a, b in (
+        ("fop_one_pass", "kfac"),
+        ("fop_two_pass", "kfac"),
+        ("fop_one_pass", "fop_two_pass"),
+    ):
         paired = statistics.median(ta / tb for ta, tb in zip(times[a], times[b], strict=True))
         wins = sum(ta < tb for ta, tb in zip(times[a], times[b], strict=True))
         print(f"ratio {a} / {b}: of medians {med[a] / med[b]:.3f}, "

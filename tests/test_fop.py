@@ -18,8 +18,6 @@ OPT_KW = {k: v for k, v in HP.items() if k != "lr"} | {
 }
 
 
-
-
 def train(opt, model, data, two_pass=False):
     for x, y in data:
         opt.zero_grad()
@@ -195,3 +193,20 @@ def test_mc_fisher_with_batchnorm_and_sequences_trains(two_pass):
     assert losses[-1] < losses[0]
     etas = [ls["eta"] for ls in opt.state["kfac"]["layers"].values() if "eta" in ls]
     assert len(etas) == 3 and all(0.0 <= float(e) <= 2.0 for e in etas)
+
+
+def test_one_pass_split_runs_in_the_backward_hook_and_keeps_no_activations():
+    """Between factor updates the hooks keep neither inputs nor output gradients: the first-half
+    product is computed in the gradient hook. backward_two_pass computes no such product."""
+    model = cnn()
+    data = batches("cnn")
+    opt = FOP(model, lr=0.1, **(OPT_KW | {"factor_interval": 10}))
+    train(opt, model, data[:1])  # step 0 updates the factors
+    x, y = data[1]
+    F.cross_entropy(model(x), y).backward()
+    recs = opt._capture.records.values()
+    assert all(not r.inputs and not r.grads and len(r.splits) == 1 for r in recs)
+    opt.step()
+    opt.zero_grad()
+    opt.backward_two_pass(x, y, F.cross_entropy)
+    assert all(not r.splits for r in opt._capture.records.values())

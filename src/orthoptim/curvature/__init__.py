@@ -18,7 +18,12 @@ from orthoptim.curvature.inverse import (
     pi_damping,
 )
 from orthoptim.curvature.projection import fop_coefficients, fop_combine, fop_dots
-from orthoptim.curvature.split import avg_diff_, first_half_grad, split_from_total
+from orthoptim.curvature.split import (
+    avg_diff_,
+    first_half_grad,
+    first_half_pair,
+    split_from_total,
+)
 
 __all__ = [
     "Capture",
@@ -27,6 +32,7 @@ __all__ = [
     "compute_preconditioner",
     "ema",
     "first_half_grad",
+    "first_half_pair",
     "fop_coefficients",
     "fop_combine",
     "fop_dots",

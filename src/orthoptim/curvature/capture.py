@@ -13,6 +13,7 @@ to be a mean over that dimension; Monte-Carlo records (sum-reduced sampled loss)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -48,6 +49,7 @@ class Record:
     grads: list = field(default_factory=list)  # (grad of output, scale)
     outputs: list = field(default_factory=list)  # outputs kept for a Monte-Carlo backward
     mc_grads: list = field(default_factory=list)  # (grad of sampled loss wrt output, scale)
+    splits: list = field(default_factory=list)  # what ``Capture.split`` returned, per backward
     n_forward: int = 0
     n_backward: int = 0
 
@@ -57,12 +59,19 @@ class Capture:
 
     The flags ``save_inputs``, ``save_grads`` and ``save_outputs`` are set by the optimizer before
     each step, so that steps which need nothing (K-FAC between factor updates) keep no references.
+
+    ``split``, when not None, is called as ``split(module, x, grad)`` inside the gradient hook of
+    every recorded backward and its result (unless None) is appended to ``Record.splits``. FOP
+    uses it for the half-batch weight-gradient product: in the hook the output gradient has just
+    been written and the layer's own backward is about to read it, so it is still in cache, and
+    neither the input nor the output gradient has to be kept until ``step()``.
     """
 
     def __init__(self, modules: dict[str, nn.Module]):
         self.modules = dict(modules)
         self.records = {name: Record() for name in self.modules}
         self.save_inputs = self.save_grads = self.save_outputs = False
+        self.split: Callable[[nn.Module, torch.Tensor, torch.Tensor], object] | None = None
         self.paused = False
         self._handles = [
             m.register_forward_hook(partial(self._forward, n)) for n, m in self.modules.items()
@@ -78,13 +87,21 @@ class Capture:
             rec.inputs.append(x)
         if self.save_outputs:
             rec.outputs.append(output)
-        if self.save_grads:
-            output.register_hook(partial(self._grad, rec, float(x.shape[0])))
+        if self.save_grads or self.split is not None:
+            output.register_hook(partial(self._grad, rec, module, x, self.save_grads, self.split))
 
-    def _grad(self, rec: Record, scale: float, grad: torch.Tensor) -> None:
-        if not self.paused:
-            rec.grads.append((grad.detach(), scale))
-            rec.n_backward += 1
+    def _grad(self, rec: Record, module, x, save_grad: bool, split, grad: torch.Tensor) -> None:
+        if self.paused:
+            return
+        rec.n_backward += 1
+        grad = grad.detach()
+        if save_grad:
+            rec.grads.append((grad, float(x.shape[0])))
+        if split is not None:
+            with torch.no_grad():
+                out = split(module, x, grad)
+            if out is not None:
+                rec.splits.append(out)
 
     def clear(self) -> None:
         """Drop every stored tensor (called after each optimizer step)."""

@@ -47,6 +47,26 @@ def first_half_grad(
     return torch.cat([w, b[:, None]], dim=1, out=out)
 
 
+def first_half_pair(module: nn.Module, x: torch.Tensor, gout: torch.Tensor, dtype: torch.dtype):
+    """``(U, B)``: a ``(2, d_out, d_in [+1])`` buffer in ``dtype`` whose second row holds ``S_1``
+    (the first row is left for the full-batch gradient, see :func:`avg_diff_`) and the batch
+    size ``B``; None when the batch cannot be split (``B < 2``, or an output gradient whose
+    leading size is not ``B``) or the tensors are not real floating point (complex layers are
+    rejected with a clear error by ``step()``; a backward hook must not fail first).
+    Meant for :attr:`orthoptim.curvature.Capture.split`.
+    """
+    batch = x.shape[0]
+    if batch < 2 or gout.shape[0] != batch:
+        return None
+    if not (x.is_floating_point() and gout.is_floating_point()):
+        return None
+    w = module.weight
+    cols = w[0].numel() + (module.bias is not None)
+    U = torch.empty((2, w.shape[0], cols), dtype=dtype, device=w.device)
+    first_half_grad(module, x, gout, (batch + 1) // 2, out=U[1])
+    return U, batch
+
+
 def split_from_total(S1: torch.Tensor, g: torch.Tensor, batch: int, b1: int):
     """Return ``(g1, g2)``, the means over the two halves, from ``S1`` and the full mean ``g``."""
     b2 = batch - b1

@@ -31,12 +31,14 @@ Note (derived, see docs/fop.md): with :math:`g_{tot} = g_1 + g_2`, :math:`\eta^*
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
-from orthoptim.curvature import avg_diff_, first_half_grad, fop_coefficients, inverse_mv, kron_mv
+from orthoptim.curvature import avg_diff_, first_half_pair, fop_coefficients, inverse_mv, kron_mv
 from orthoptim.optim._validation import check_range
-from orthoptim.optim.kfac import KFAC, grad_matrix, put_direction
+from orthoptim.optim.kfac import _DTYPES, KFAC, grad_matrix, put_direction
 
 
 def _check_clamp(name: str, value) -> None:
@@ -94,30 +96,25 @@ class FOP(KFAC):
         _check_clamp("beta_clamp", args["beta_clamp"])
         _check_clamp("eta_clamp", args["eta_clamp"])
 
-    def _needs_split(self) -> bool:
-        return True
+    def _split_fn(self):
+        # the first-half product runs in the gradient hook, into a buffer in the factor dtype
+        return partial(first_half_pair, dtype=_DTYPES[self.param_groups[0]["factor_dtype"]])
 
     def _discard_step(self) -> None:
         super()._discard_step()
         self._halves = {}  # a skipped step also drops backward_two_pass's halves
 
     # -- sources of g1, g2 --------------------------------------------------------------------
-    def _one_pass_halves(self, name: str, module: nn.Module, dtype: torch.dtype):
-        """``[g_avg; g_diff]`` (``(2, d_out, d_in [+1])``, in ``dtype``) from the hooks' records
-        and ``.grad``, or None when the layer cannot be split. Built in one buffer, in place."""
+    def _one_pass_halves(self, name: str, module: nn.Module):
+        """``[g_avg; g_diff]`` (``(2, d_out, d_in [+1])``) from the first-half product the gradient
+        hook computed and ``.grad``, in place in the hook's buffer; None when the layer cannot be
+        split (not exactly one forward and one backward since the last step, or batch < 2)."""
         rec = self._capture.records[name]
-        if rec.n_forward != 1 or len(rec.inputs) != 1 or len(rec.grads) != 1:
+        if rec.n_forward != 1 or rec.n_backward != 1 or len(rec.splits) != 1:
             return None  # reused layer or accumulated backwards: not splittable
-        x, (gout, _) = rec.inputs[0], rec.grads[0]
-        batch = x.shape[0]
-        if batch < 2 or gout.shape[0] != batch:
-            return None
-        b1 = (batch + 1) // 2
-        w = module.weight
-        U = w.new_empty((2, w.shape[0], w[0].numel() + (module.bias is not None)), dtype=dtype)
+        U, batch = rec.splits[0]
         grad_matrix(module, out=U[0])
-        first_half_grad(module, x, gout, b1, out=U[1])
-        return avg_diff_(U, batch, b1)
+        return avg_diff_(U, batch, (batch + 1) // 2)
 
     def backward_two_pass(self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn):
         """The paper's mode: two half-batch forward/backward passes instead of ``loss.backward()``.
@@ -133,13 +130,17 @@ class FOP(KFAC):
             raise ValueError(f"Invalid inputs: batch of {inputs.shape[0]}; need at least 2")
         params = [p for g in self.param_groups for p in g["params"]]
         halves, losses = [], []
-        with torch.enable_grad():
-            for x, y in zip(xs, ys, strict=True):
-                out = self._model(x)
-                loss = loss_fn(out, y)
-                self.sample_fisher(out)
-                halves.append(torch.autograd.grad(loss, params, allow_unused=True))
-                losses.append(loss.detach())
+        split, self._capture.split = self._capture.split, None  # the halves come from autograd
+        try:
+            with torch.enable_grad():
+                for x, y in zip(xs, ys, strict=True):
+                    out = self._model(x)
+                    loss = loss_fn(out, y)
+                    self.sample_fisher(out)
+                    halves.append(torch.autograd.grad(loss, params, allow_unused=True))
+                    losses.append(loss.detach())
+        finally:
+            self._capture.split = split
         grads = {}
         with torch.no_grad():
             for p, a, b in zip(params, *halves, strict=True):
@@ -182,12 +183,13 @@ class FOP(KFAC):
             ls = layers[name]
             if "pre" not in ls or m.weight.grad is None:
                 continue
-            dtype, U = ls["A"].dtype, self._halves.get(name)
-            U = self._one_pass_halves(name, m, dtype) if U is None else U.to(dtype)
+            U = self._halves.get(name)
+            if U is None:
+                U = self._one_pass_halves(name, m)
             if U is None:  # not splittable: K-FAC on the mean gradient
                 put_direction(dirs, m, self._precondition(ls, grad_matrix(m)))
                 continue
-            V, d = self._products(ls, U)
+            V, d = self._products(ls, U.to(ls["A"].dtype))  # no-op cast unless state was reloaded
             dots.append(d)
             todo.append((ls, m, V))
         self._halves = {}

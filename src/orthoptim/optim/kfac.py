@@ -246,17 +246,19 @@ class KFAC(torch.optim.Optimizer):
     def _is_factor_step(self) -> bool:
         return self.kfac_step % self.param_groups[0]["factor_interval"] == 0
 
-    def _needs_split(self) -> bool:
-        return False  # FOP's one-pass split needs inputs and output grads every step
+    def _split_fn(self):
+        """What the gradient hooks compute for every backward (:attr:`Capture.split`); FOP's
+        one-pass split. None for K-FAC."""
+        return None
 
     def _arm_capture(self) -> None:
         """Tell the hooks what the coming step needs, so other steps keep no references."""
         factor = self._is_factor_step()
         mc = self.param_groups[0]["fisher"] == "mc"
-        split = self._needs_split()
-        self._capture.save_inputs = factor or split
-        self._capture.save_grads = (factor and not mc) or split
+        self._capture.save_inputs = factor
+        self._capture.save_grads = factor and not mc
         self._capture.save_outputs = factor and mc
+        self._capture.split = self._split_fn()
 
     # -- Monte-Carlo Fisher -------------------------------------------------------------------
     def sample_fisher(self, logits: torch.Tensor) -> None:
