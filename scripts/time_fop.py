@@ -8,6 +8,12 @@ the per-step time is the median over ``--rounds`` windows. A step is forward + b
 median of the per-round ratios (windows of one round run back to back, so load drift between
 rounds cancels).
 
+``--breakdown`` then runs ``--rounds`` more paired K-FAC / one-pass windows with timers on the
+work one-pass FOP cannot avoid without changing its math: the half-batch weight-gradient product
+of every layer (``Capture.split``, run in the backward hooks) and the three Kronecker products per
+layer against K-FAC's one (``FOP._products`` minus ``KFAC._precondition``). Those windows are not
+used for the ratios above (the timers add a little overhead).
+
     python scripts/time_fop.py --rounds 7 --batch 128
 """
 
@@ -45,6 +51,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7, help="timed windows per method")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (shared machines: 1)")
+    ap.add_argument(
+        "--breakdown", action="store_true",
+        help="extra paired windows that time FOP's inherent extra work (see the docstring)",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -103,6 +113,48 @@ def main() -> None:
         wins = sum(ta < tb for ta, tb in zip(times[a], times[b], strict=True))
         print(f"ratio {a} / {b}: of medians {med[a] / med[b]:.3f}, "
               f"median per round {paired:.3f} ({a} faster in {wins}/{args.rounds} rounds)")  # fmt: skip
+    if args.breakdown:
+        breakdown(args, runs, window, dev)
+
+
+def breakdown(args, runs, window, dev) -> None:
+    spent = {"split": 0.0, "products": 0.0, "kfac_products": 0.0}
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            spent[key] += time.perf_counter() - t0
+            return out
+
+        return wrapper
+
+    fop, kfac = runs["fop_one_pass"][1], runs["kfac"][1]
+    split_fn = fop._split_fn
+    fop._split_fn = lambda: timed(split_fn(), "split")  # Capture.split is re-armed every step
+    fop._products = timed(fop._products, "products")
+    kfac._precondition = timed(kfac._precondition, "kfac_products")
+    rows = []
+    for _ in range(args.rounds):
+        for key in spent:
+            spent[key] = 0.0
+        t_kfac, t_fop = window("kfac"), window("fop_one_pass")
+        per_step = {k: v / args.interval for k, v in spent.items()}
+        extra = per_step["products"] - per_step["kfac_products"]
+        rows.append((t_kfac, t_fop, per_step["split"], extra))
+    t_kfac, t_fop, split, extra = (statistics.median(c) for c in zip(*rows, strict=True))
+    print(f"breakdown ({args.rounds} paired windows, medians, ms/step): kfac {1e3 * t_kfac:.2f}, "
+          f"fop_one_pass {1e3 * t_fop:.2f}")  # fmt: skip
+    print(f"  half-batch weight-gradient products {1e3 * split:.2f} = {split / t_kfac:.3f} x kfac")
+    print(f"  2 extra Kronecker products per layer {1e3 * extra:.2f} = {extra / t_kfac:.3f} x kfac")
+    inherent = statistics.median((s + e) / k for k, _, s, e in rows)
+    rest = statistics.median((f - k - s - e) / k for k, f, s, e in rows)
+    print(f"  inherent floor of fop_one_pass / kfac = {1 + inherent:.3f}; "
+          f"everything else {rest:+.3f} x kfac")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -206,6 +206,8 @@ def test_one_pass_split_runs_in_the_backward_hook_and_keeps_no_activations():
     F.cross_entropy(model(x), y).backward()
     recs = opt._capture.records.values()
     assert all(not r.inputs and not r.grads and len(r.splits) == 1 for r in recs)
+    F.cross_entropy(model(x), y).backward()  # accumulated: the layers will not be split
+    assert all(not r.splits for r in recs)
     opt.step()
     opt.zero_grad()
     opt.backward_two_pass(x, y, F.cross_entropy)
