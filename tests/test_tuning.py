@@ -62,6 +62,16 @@ def test_tune_runs_every_lr_and_seed_on_the_val_split_with_lr_scale():
     assert res.scores[1e-3] == [0.0, 0.0] and res.best_score == 0.0
 
 
+def test_overrides_reach_the_runs_but_never_the_eval_split():
+    calls = []
+    task = fake_task(lambda lr, seed: 0.0, calls=calls)
+    tuning.tune(task, "adamw", preset="tiny", grid=[1e-3], overrides={"scale": 4.0,
+                "eval_split": "test"})  # fmt: skip
+    assert calls[0]["settings"] == {"scale": 4.0, "eval_split": "val"}
+    with pytest.raises(ValueError, match="bogus"):
+        tuning.tune(task, "adamw", preset="tiny", grid=[1e-3], overrides={"bogus": 1})
+
+
 @pytest.mark.parametrize("goal", ["max", "min"])
 def test_best_follows_the_metric_goal(goal):
     # score = log10(lr): "max" wants the largest lr, "min" the smallest.

@@ -128,6 +128,7 @@ def tune(
     progress: Progress | None = None,
     base_hparams: dict[str, Any] | None = None,
     on_run: Callable[[float, int, float], None] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> TuneResult:
     """Tune the lr of ``optimizer`` on ``task`` by the equal-budget protocol (module docstring).
 
@@ -141,6 +142,8 @@ def tune(
         progress: step progress passed to every run (default: none shown).
         base_hparams: hyperparameters other than the lr (default: the registry's code defaults).
         on_run: called as ``on_run(lr, seed, score)`` after each run (logging).
+        overrides: settings that replace the preset's (as a suite item's); ``eval_split`` is
+            always ``"val"``.
     """
     entry = registry.get_optimizer(optimizer)
     base = {**entry.defaults, **(base_hparams or {})}
@@ -155,7 +158,7 @@ def tune(
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("Invalid seeds: []; expected at least one seed")
-    settings = task.settings(preset, eval_split="val")
+    settings = task.settings(preset, **{**(overrides or {}), "eval_split": "val"})
     metric = task.primary
     progress = progress if progress is not None else NullProgress()
     scores: dict[float, list[float]] = {}
