@@ -102,7 +102,7 @@ def test_compression_keeps_the_energy_weighted_top_directions_of_the_two_oldest_
     """Slots full: the two oldest entries become one entry of write_rank directions, equal to
     the top left singular vectors of [V_a E_a^(1/2), V_b E_b^(1/2)] (brute-force oracle); the
     pool stays orthonormal and the newest entry is untouched."""
-    cfg = config(capacity=2, rank=12, write_rank=3)
+    cfg = config(capacity=2, rank=12, write_rank=3, overflow="compress")
     book = codebook.init_codebook(12, cfg, "cpu")
     codebook.write(book, low_rank(10, 12, 3, seed=0), 10, cfg, seed=1, kind=CONSOLIDATED, ready=10)
     codebook.write(book, low_rank(10, 12, 3, seed=1), 20, cfg, seed=2, kind=CONSOLIDATED, ready=20)

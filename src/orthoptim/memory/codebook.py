@@ -22,7 +22,7 @@ with the host:
 its dominant remaining row space is found by a randomized range finder (a seeded Gaussian random
 projection), and the new directions either *merge* into the scheduled entry that already holds
 most of D's energy (refreshing its age) or are *inserted* as a new entry. When the pool or the
-slots are full, room is made by *compressing* (default) or *evicting*; both pick the oldest
+slots are full, room is made by *evicting* (default) or *compressing*; both pick the oldest
 entries (or least used; window summaries before whole tasks, and a scheduled write never touches
 a task consolidated by ``end_task``). Compression replaces the two chosen entries by one entry of
 ``write_rank`` directions: the top left singular vectors of [V_a E_a^(1/2), V_b E_b^(1/2)] (V the
@@ -86,7 +86,7 @@ class CodebookConfig:
     eviction: str
     sketch_dim: int
     dtype: torch.dtype
-    overflow: str = "compress"
+    overflow: str = "evict"
 
 
 def init_codebook(n: int, config: CodebookConfig, device) -> dict[str, torch.Tensor]:

@@ -106,7 +106,8 @@ class FOGO(Optimizer):
         overflow: how room is made when the pool or the entry slots are full: ``"compress"``
             (the two chosen entries become one entry of their top ``write_rank`` energy-weighted
             directions, so old tasks keep their dominant and shared directions) or ``"evict"``
-            (the chosen entry is dropped). Default "compress".
+            (the chosen entry is dropped). Default "evict" (compression was tried and measured
+            no better, docs/fogo.md section 3).
         side: protected side, ``"input"`` (row space, default) or ``"output"`` (column space).
         write_source: what a write summarises: ``"gradients"`` (default), a streaming Gaussian
             sketch Y = sum_t G_t^T G_t Omega of the gradients since the last write, read out by
@@ -154,7 +155,7 @@ class FOGO(Optimizer):
         merge_threshold: float = 0.5,
         min_energy: float = 1e-3,
         eviction: str = "oldest",
-        overflow: str = "compress",
+        overflow: str = "evict",
         side: str = "input",
         write_source: str = "gradients",
         sketch_dim: int = 32,
