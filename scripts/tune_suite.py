@@ -32,16 +32,82 @@ TUNED = {
 }
 
 
-def _one(task: str, preset: str, opt: str, points: int, seeds, data_dir, config_path):
+def _one(task: str, preset: str, opt: str, points: int, seeds, data_dir, config_path, grid=None):
     torch.set_num_threads(1)
     config = hparams.load_hparams(config_path)
     base = config.default_hparams(opt)
-    grid = tuning.lr_grid(base["lr"], points=points)
+    grid = grid or tuning.lr_grid(base["lr"], points=points)
     res = tuning.tune(
         get_task(task), opt, preset=preset, grid=grid, seeds=seeds, data_dir=data_dir,
         base_hparams=base,
     )  # fmt: skip
     return task, opt, res
+
+
+def _edge_lr(entry_prov: dict | None, default_lr: float, goal: str, points: int) -> float | None:
+    """The next lr beyond the grid's edge when the best lr sits on it (None: interior).
+
+    No stored entry means every lr failed (NaN): try below the grid (too large an lr is the
+    usual cause: divergence, or a target never reached)."""
+    step = math.sqrt(10.0)
+    if entry_prov is None:
+        return min(tuning.lr_grid(default_lr, points=points)) / step
+    grid = sorted(entry_prov["grid"])
+    means = {}
+    for lr in grid:
+        vals = [v for v in entry_prov["scores"][f"{lr:g}"] if v is not None]
+        means[lr] = sum(vals) / len(vals) if vals else math.nan
+    rank = {lr: (-math.inf if math.isnan(m) else (m if goal == "max" else -m))
+            for lr, m in means.items()}  # fmt: skip
+    best = max(grid, key=lambda lr: (rank[lr], -lr))
+    if len(grid) < 2 or best not in (grid[0], grid[-1]):
+        return None
+    return best / step if best == grid[0] else best * step
+
+
+def extend(args, opts, config_path) -> None:
+    """One round: every (task, optimizer) whose best lr is on its grid's edge (or that failed at
+    every lr) runs one more lr, a sqrt(10) step beyond that edge; the merged grid is stored."""
+    config = hparams.load_hparams(config_path)
+    todo = []
+    for task, (preset, _) in TUNED.items():
+        if args.tasks and task not in args.tasks:
+            continue
+        goal = get_task(task).primary.goal
+        for opt in opts[task]:
+            entry = config.tasks.get(task, {}).get(opt)
+            prov = entry["tuned"] if entry else None
+            if prov and prov.get("shared_from"):
+                continue
+            lr = _edge_lr(prov, config.default_hparams(opt)["lr"], goal, args.points)
+            if lr is not None:
+                todo.append((task, preset, opt, prov, float(f"{lr:.4g}")))
+    print(f"extending {len(todo)} edge grids")
+    with ProcessPoolExecutor(args.jobs) as pool:
+        futs = [pool.submit(_one, t, p, o, 1, args.seeds, args.data_dir, config_path, [lr])
+                for t, p, o, _, lr in todo]  # fmt: skip
+        results = [f.result() for f in futs]
+    for (task, _, opt, prov, lr), (_, _, res) in zip(todo, results, strict=True):
+        scores = dict(prov["scores"]) if prov else {}
+        grid = sorted(set((prov["grid"] if prov else []) + [lr]))
+        new = res.provenance()
+        scores.update(new["scores"])
+        merged = {**new, "grid": grid, "scores": scores, "extended": True}
+        means = {g: [v for v in scores.get(f"{g:g}", []) if v is not None] for g in grid}
+        goal = res.goal
+        ok = {g: sum(v) / len(v) for g, v in means.items() if v}
+        if not ok:
+            print(f"{task:22s} {opt:11s} still failing at every lr {grid}")
+            continue
+        best = (max if goal == "max" else min)(ok, key=lambda g: (ok[g], -g) if goal == "max"
+                                                else (ok[g], g))  # fmt: skip
+        hp = {**hparams.load_hparams(config_path).default_hparams(opt), "lr": best}
+        print(f"{task:22s} {opt:11s} grid {grid} -> best lr {best:g} ({ok[best]:.4g})")
+        if args.write:
+            hparams.save_tuned(config_path, task, opt, hp, merged)
+            for other in TUNED[task][1]:
+                if opt in opts.get(other, ()):
+                    hparams.save_tuned(config_path, other, opt, hp, {**merged, "shared_from": task})
 
 
 def main() -> None:
@@ -54,9 +120,14 @@ def main() -> None:
     ap.add_argument("--config", default=None)
     ap.add_argument("--tasks", nargs="+", default=None, help="only these tuned tasks")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--extend", action="store_true",
+                    help="one more lr beyond the edge for every best-on-the-edge grid")
     args = ap.parse_args()
     suite = get_suite(args.suite)
     opts = {it.task: it.optimizers for it in suite.items}
+    if args.extend:
+        extend(args, opts, args.config or hparams.DEFAULT_PATH)
+        return
     pairs = [(t, p, o) for t, (p, _) in TUNED.items() if not args.tasks or t in args.tasks
              for o in opts[t]]  # fmt: skip
     for _, _, o in pairs:
