@@ -77,8 +77,8 @@ def extend(args, opts, config_path) -> None:
         for opt in opts[task]:
             entry = config.tasks.get(task, {}).get(opt)
             prov = entry["tuned"] if entry else None
-            if prov and prov.get("shared_from"):
-                continue
+            if (prov and prov.get("shared_from")) or opt == "kfac-2x":
+                continue  # kfac-2x = K-FAC at twice K-FAC's tuned lr (shares kfac's entry)
             lr = _edge_lr(prov, config.default_hparams(opt)["lr"], goal, args.points)
             if lr is not None:
                 todo.append((task, preset, opt, prov, float(f"{lr:.4g}")))
@@ -88,8 +88,11 @@ def extend(args, opts, config_path) -> None:
                 for t, p, o, _, lr in todo]  # fmt: skip
         results = [f.result() for f in futs]
     for (task, _, opt, prov, lr), (_, _, res) in zip(todo, results, strict=True):
-        scores = dict(prov["scores"]) if prov else {}
-        grid = sorted(set((prov["grid"] if prov else []) + [lr]))
+        if prov is None:  # every lr of the first grid failed: keep them, as failures
+            first = tuning.lr_grid(config.default_hparams(opt)["lr"], points=args.points)
+            prov = {"grid": first, "scores": {f"{g:g}": [None] for g in first}}
+        scores = dict(prov["scores"])
+        grid = sorted(set(prov["grid"] + [lr]))
         new = res.provenance()
         scores.update(new["scores"])
         merged = {**new, "grid": grid, "scores": scores, "extended": True}
@@ -108,6 +111,9 @@ def extend(args, opts, config_path) -> None:
             for other in TUNED[task][1]:
                 if opt in opts.get(other, ()):
                     hparams.save_tuned(config_path, other, opt, hp, {**merged, "shared_from": task})
+            if opt == "kfac" and "kfac-2x" in opts[task]:
+                hparams.save_tuned(config_path, task, "kfac-2x", hp,
+                                   {**merged, "shared_from": f"{task} kfac"})  # fmt: skip
 
 
 def main() -> None:
