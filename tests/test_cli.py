@@ -124,3 +124,22 @@ def test_a_failing_run_is_reported_not_stored_and_the_others_go_on(tmp_path, cap
     assert code == 1
     assert "FAILED large-batch adamw seed 0" in err and "momentum" in err
     assert [r["optimizer"] for r in _lines(tmp_path / "results.jsonl")] == ["sgd"]
+
+
+def test_checksum_mismatch_names_the_file_and_the_fix(tmp_path, capsys):
+    folder = tmp_path / "tinyshakespeare"
+    folder.mkdir()
+    text = folder / "input.txt"
+    text.write_text("To be, or not to be\n" * 50)
+    size = text.stat().st_size
+    (folder / "SOURCES.md").write_text(
+        f"| file | bytes | md5 | sha256 |\n|---|---|---|---|\n| input.txt | {size} | {'a' * 32} "
+        f"| {'0' * 64} |\n"
+    )
+    code, _, err = _run(
+        ["run", "lm-pretrain", "-o", "adamw", "--preset", "paper", "--data-dir", str(tmp_path),
+         "--out", str(tmp_path / "out"), "--quiet"], capsys,
+    )  # fmt: skip
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("orthoptim: error:")
+    assert "sha256 mismatch" in err and str(text) in err

@@ -161,7 +161,7 @@ def _execute(plans, args, title: str) -> int:
     for plan, exc in failures:
         print(f"FAILED {plan.label or plan.task} {plan.optimizer} seed {plan.seed}: "
               f"{type(exc).__name__}: {exc}", file=sys.stderr)  # fmt: skip
-    if not args.no_report:
+    if not args.no_report and store.records():
         command = "orthoptim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         path = report.render_report(store.records(), args.out, title=title, command=command)
         print(f"report: {path}")

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from . import registry
+from ._verify import DataError
 from .results import ResultStore, environment, run_key
 from .tasks import get_task
 from .tasks.base import NullProgress, Progress
@@ -151,7 +152,8 @@ def run_plan(
         progress_factory: ``(description) -> Progress`` for per-step progress (``jobs=1`` only).
         failures: if given, a run that raises is appended here as ``(plan, exception)`` and the
             other runs go on (nothing is stored for it, so a re-run retries it); if ``None``,
-            the first exception propagates.
+            the first exception propagates. A data error (missing file, checksum mismatch)
+            always propagates: it would fail every run.
 
     Returns:
         The new records, in completion order.
@@ -164,7 +166,8 @@ def run_plan(
     new: list[dict[str, Any]] = []
 
     def failed(plan: PlannedRun, exc: BaseException) -> None:
-        if failures is None:
+        # Missing or corrupt data fails every run the same way: stop at once, with its message.
+        if failures is None or isinstance(exc, DataError):
             raise exc
         failures.append((plan, exc))
 
