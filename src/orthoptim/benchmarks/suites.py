@@ -2,10 +2,10 @@
 claim.
 
 * ``quick``: embedded data only (scikit-learn digits, text from the Python standard library),
-  every task family, the headline optimizers, 2 seeds; about 10 minutes on 2 CPU cores with
+  every task family, the headline optimizers, 2 seeds; about 2 minutes on 2 CPU cores with
   ``--jobs 2``. A smoke test of the whole pipeline and a first look, not evidence.
 * ``paper``: real data under ``--data-dir`` (MNIST, Fashion-MNIST, Tiny Shakespeare), 3 seeds,
-  the settings docs/benchmarks.md reports; about an hour or two on 2 CPU cores.
+  the settings docs/benchmarks.md reports; 44 minutes on 2 CPU cores with ``--jobs 2``.
 
 Optimizer sets follow the claims: the FOGO families compare FOGO with its baselines (SGD, AdamW,
 Muon) and with itself without memory (the ablation that isolates the codebook); the large-batch
@@ -82,12 +82,12 @@ class Suite:
 SUITES: dict[str, Suite] = {
     "quick": Suite(
         "quick",
-        "embedded data, every task family, headline optimizers, 2 seeds (~10 min on 2 cores)",
+        "embedded data, every task family, headline optimizers, 2 seeds (~2 min on 2 cores)",
         "quick", (0, 1), _items("quick"), needs_data=False,
     ),
     "paper": Suite(
         "paper",
-        "real data (MNIST, Fashion-MNIST, Tiny Shakespeare), 3 seeds (hours on 2 CPU cores)",
+        "real data (MNIST, Fashion-MNIST, Tiny Shakespeare), 3 seeds (~45 min on 2 cores)",
         "paper", (0, 1, 2), _items("paper"), needs_data=True,
     ),
 }  # fmt: skip
