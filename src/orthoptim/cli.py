@@ -106,26 +106,6 @@ def _bar(desc: str, total: int | None, quiet: bool, **kw):
     return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True, **kw)
 
 
-class _StepProgress:
-    """Adapts a tqdm bar to the tasks' Progress protocol."""
-
-    def __init__(self, desc: str, quiet: bool):
-        self.desc, self.quiet, self.bar = desc, quiet, None
-
-    def start(self, total: int, desc: str = "") -> None:
-        if self.bar is not None:
-            self.bar.close()
-        self.bar = _bar(f"{self.desc} {desc}".strip(), total, self.quiet, leave=False, position=1)
-
-    def advance(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _execute(plans, args, title: str) -> int:
     from .benchmarks import report, runner
     from .benchmarks.results import ResultStore
@@ -135,10 +115,12 @@ def _execute(plans, args, title: str) -> int:
     todo = [p for p in plans if p.key not in done_before]
     print(f"{len(plans)} runs planned, {len(plans) - len(todo)} already in {store.path}")
     bar = _bar("runs", len(todo), args.quiet, position=0)
-    steps: list[_StepProgress] = []
+    from .benchmarks.progress import TqdmProgress
+
+    steps: list[TqdmProgress] = []
 
     def factory(desc):
-        steps.append(_StepProgress(desc, args.quiet))
+        steps.append(TqdmProgress(desc, args.quiet, position=1))
         return steps[-1]
 
     def on_done(rec):

@@ -27,17 +27,14 @@ character one corpus lacks simply never occurs in it.
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
 import os
 import unicodedata
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ._types import TextDataset
-from .data import DEFAULT_STDLIB_MODULES, load_tiny_shakespeare
+from .data import DEFAULT_STDLIB_MODULES, load_tiny_shakespeare, stdlib_source_text
 
 __all__ = ["OFFLINE_CORPORA", "CORPORA", "load_corpus", "shared_vocab", "text_to_dataset"]
 
@@ -68,13 +65,7 @@ def text_to_dataset(text: str, name: str, train_frac: float = TRAIN_FRAC) -> Tex
 
 
 def _stdlib_text() -> str:
-    parts = []
-    for m in DEFAULT_STDLIB_MODULES:
-        src = inspect.getsourcefile(importlib.import_module(m))
-        if src is None:
-            raise ValueError(f"module {m!r} has no Python source file")
-        parts.append(Path(src).read_text(encoding="utf-8"))
-    return "\n".join(parts)
+    return stdlib_source_text(DEFAULT_STDLIB_MODULES)
 
 
 def _pydoc_text() -> str:

@@ -311,13 +311,18 @@ def load_stdlib_text(
         modules: importable pure-Python module names, concatenated in this order.
         train_frac: train fraction of the character split (see :func:`load_text`).
     """
+    return _split_text(stdlib_source_text(modules), "stdlib-text", train_frac)
+
+
+def stdlib_source_text(modules: tuple[str, ...] = DEFAULT_STDLIB_MODULES) -> str:
+    """The source files of the standard-library ``modules``, concatenated with newlines."""
     parts = []
     for m in modules:
         src = inspect.getsourcefile(importlib.import_module(m))
         if src is None:
             raise ValueError(f"module {m!r} has no Python source file")
         parts.append(Path(src).read_text(encoding="utf-8"))
-    return _split_text("\n".join(parts), "stdlib-text", train_frac)
+    return "\n".join(parts)
 
 
 def load_image_dataset(name: str, data_dir=None, **kwargs) -> ImageDataset:

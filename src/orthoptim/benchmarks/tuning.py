@@ -29,6 +29,7 @@ from torch import nn
 
 from . import registry
 from .hparams import load_hparams, save_tuned
+from .progress import TqdmProgress
 from .tasks import get_task
 from .tasks.base import NullProgress, Progress, TaskSpec
 
@@ -191,28 +192,6 @@ def tune(
     )  # fmt: skip
 
 
-class _Bar:
-    """A tqdm bar behind the tasks' Progress protocol (one bar per run)."""
-
-    def __init__(self, quiet: bool):
-        self.quiet, self.bar = quiet, None
-
-    def start(self, total: int, desc: str = "") -> None:
-        from tqdm.auto import tqdm
-
-        self.close()
-        self.bar = tqdm(total=total, desc=desc, disable=self.quiet, leave=False)
-
-    def advance(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
 def tune_command(args) -> int:
     """``orthoptim tune``: tune each ``args.optimizers`` on ``args.task``; print the scores and,
     with ``args.write``, store the winners in ``args.config`` (default: the packaged config).
@@ -226,7 +205,7 @@ def tune_command(args) -> int:
     config = load_hparams(args.config)
     for opt in args.optimizers:  # bad names fail before any run
         registry.get_optimizer(opt)
-    bar = _Bar(args.quiet)
+    bar = TqdmProgress(quiet=args.quiet)
     try:
         for opt in args.optimizers:
             base = config.default_hparams(opt)
