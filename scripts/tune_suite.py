@@ -44,6 +44,15 @@ def _one(task: str, preset: str, opt: str, points: int, seeds, data_dir, config_
     return task, opt, res
 
 
+def _means(scores: dict, grid) -> dict[float, float]:
+    """lr -> mean of the stored (JSON, null = NaN) scores; NaN when none is finite."""
+    out = {}
+    for lr in grid:
+        vals = [v for v in scores.get(f"{lr:g}", []) if v is not None]
+        out[lr] = sum(vals) / len(vals) if vals else math.nan
+    return out
+
+
 def _edge_lr(entry_prov: dict | None, default_lr: float, goal: str, points: int) -> float | None:
     """The next lr beyond the grid's edge when the best lr sits on it (None: interior).
 
@@ -53,13 +62,7 @@ def _edge_lr(entry_prov: dict | None, default_lr: float, goal: str, points: int)
     if entry_prov is None:
         return min(tuning.lr_grid(default_lr, points=points)) / step
     grid = sorted(entry_prov["grid"])
-    means = {}
-    for lr in grid:
-        vals = [v for v in entry_prov["scores"][f"{lr:g}"] if v is not None]
-        means[lr] = sum(vals) / len(vals) if vals else math.nan
-    rank = {lr: (-math.inf if math.isnan(m) else (m if goal == "max" else -m))
-            for lr, m in means.items()}  # fmt: skip
-    best = max(grid, key=lambda lr: (rank[lr], -lr))
+    best = tuning.best_lr(_means(entry_prov["scores"], grid), goal)
     if len(grid) < 2 or best not in (grid[0], grid[-1]):
         return None
     return best / step if best == grid[0] else best * step
@@ -96,16 +99,13 @@ def extend(args, opts, config_path) -> None:
         new = res.provenance()
         scores.update(new["scores"])
         merged = {**new, "grid": grid, "scores": scores, "extended": True}
-        means = {g: [v for v in scores.get(f"{g:g}", []) if v is not None] for g in grid}
-        goal = res.goal
-        ok = {g: sum(v) / len(v) for g, v in means.items() if v}
-        if not ok:
+        means = _means(scores, grid)
+        if all(math.isnan(m) for m in means.values()):
             print(f"{task:22s} {opt:11s} still failing at every lr {grid}")
             continue
-        best = (max if goal == "max" else min)(ok, key=lambda g: (ok[g], -g) if goal == "max"
-                                                else (ok[g], g))  # fmt: skip
+        best = tuning.best_lr(means, res.goal)
         hp = {**hparams.load_hparams(config_path).default_hparams(opt), "lr": best}
-        print(f"{task:22s} {opt:11s} grid {grid} -> best lr {best:g} ({ok[best]:.4g})")
+        print(f"{task:22s} {opt:11s} grid {grid} -> best lr {best:g} ({means[best]:.4g})")
         if args.write:
             hparams.save_tuned(config_path, task, opt, hp, merged)
             for other in TUNED[task][1]:

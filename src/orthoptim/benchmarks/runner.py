@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import torch
@@ -86,10 +86,7 @@ def run_one(
     registry.get_optimizer(plan.optimizer)  # fail fast on a bad name, before any training
 
     def make(model: torch.nn.Module, lr_scale: float = 1.0) -> torch.optim.Optimizer:
-        with warnings.catch_warnings():
-            # param_groups() reports its routing; in a benchmark every run would repeat it.
-            warnings.simplefilter("ignore", UserWarning)
-            return registry.make_optimizer(plan.optimizer, model, plan.hparams, lr_scale)
+        return registry.make_optimizer(plan.optimizer, model, plan.hparams, lr_scale)
 
     started, t0 = _now(), time.perf_counter()
     out = spec.run(
@@ -197,7 +194,7 @@ def run_plan(
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         queue = iter(todo)
         running: dict = {}
-        for plan in _take(queue, jobs):
+        for plan in islice(queue, jobs):
             running[pool.submit(_worker, plan, data_dir, threads or 1)] = plan
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -209,7 +206,7 @@ def run_plan(
                     failed(plan, e)
                 else:
                     finish(rec)
-                for nxt in _take(queue, 1):
+                for nxt in islice(queue, 1):
                     running[pool.submit(_worker, nxt, data_dir, threads or 1)] = nxt
     return new
 
@@ -222,12 +219,3 @@ def _pending(plans: Iterable[PlannedRun], completed: set[str]) -> list[PlannedRu
             out.append(p)
     return out
 
-
-def _take(it, n: int) -> list:
-    out = []
-    for _ in range(n):
-        try:
-            out.append(next(it))
-        except StopIteration:
-            break
-    return out

@@ -35,6 +35,7 @@ __all__ = [
     "ContinualResult",
     "LongTailResult",
     "task_seed",
+    "seeded",
     "batch_indices",
     "train",
     "predict",
@@ -156,8 +157,10 @@ def batch_indices(n: int, batch_size: int, steps: int, generator: torch.Generato
 
 
 @contextlib.contextmanager
-def _seeded(seed: int, device: torch.device):
-    """Fork the global RNGs of the CPU (and of ``device`` if CUDA), then seed them with ``seed``."""
+def seeded(seed: int, device: torch.device | str = "cpu"):
+    """Fork the global RNGs of the CPU (and of ``device`` if CUDA), then seed them with ``seed``:
+    model initialisation inside is reproducible and the caller's RNG state is left as it was."""
+    device = torch.device(device)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(seed))
@@ -313,7 +316,7 @@ def run_continual(
     names = [t.name for t in stream]
     train_s, calls = 0.0, 0
     t_start = time.perf_counter()
-    with _seeded(seed, dev):
+    with seeded(seed, dev):
         model = model_fn().to(dev)
         optimizer = optimizer_fn(model)
         end_task = getattr(optimizer, "end_task", None) if task_aware else None
@@ -380,7 +383,7 @@ def run_longtail(
     C = dataset.num_classes
     counts = dataset.train_counts()
     t_start = time.perf_counter()
-    with _seeded(seed, dev):
+    with seeded(seed, dev):
         model = model_fn().to(dev)
         optimizer = optimizer_fn(model)
         res = train(

@@ -33,7 +33,7 @@ from .progress import TqdmProgress
 from .tasks import get_task
 from .tasks.base import NullProgress, Progress, TaskSpec
 
-__all__ = ["lr_grid", "tune", "TuneResult", "tune_command"]
+__all__ = ["lr_grid", "best_lr", "tune", "TuneResult", "tune_command"]
 
 SQRT10 = 10**0.5
 
@@ -118,6 +118,18 @@ def _rank_value(mean: float, goal: str) -> float:
     return mean if goal == "max" else -mean
 
 
+def best_lr(means: dict[float, float], goal: str) -> float:
+    """The lr with the best mean score by ``goal`` (``"max"``/``"min"``); NaN is the worst, and
+    ties go to the smaller lr.
+
+    Args:
+        means: lr -> mean score over seeds.
+        goal: the metric's direction.
+    """
+    # max() keeps the first of equal values: iterating in ascending lr, ties go to the smaller.
+    return max(sorted(means), key=lambda lr: _rank_value(means[lr], goal))
+
+
 def tune(
     task: TaskSpec,
     optimizer: str,
@@ -182,9 +194,7 @@ def tune(
             scores.setdefault(lr, []).append(value)
             if on_run is not None:
                 on_run(lr, seed, value)
-    # max() keeps the first of equal values: the grid is ascending, so ties go to the smaller lr.
-    means = {lr: sum(v) / len(v) for lr, v in scores.items()}
-    best = max(grid, key=lambda lr: _rank_value(means[lr], metric.goal))
+    best = best_lr({lr: sum(v) / len(v) for lr, v in scores.items()}, metric.goal)
     return TuneResult(
         task=task.name, optimizer=optimizer, preset=preset, metric=metric.name,
         goal=metric.goal, grid=grid, seeds=seeds, scores=scores, best_lr=best,

@@ -36,11 +36,10 @@ import torch
 _TINY = 1e-12
 
 
-def fop_dots(g_avg, g_diff, f_avg, p_avg, p_diff) -> torch.Tensor:
-    """``(2, 3)`` inner products of ``[g_avg, g_diff]`` with ``[F g_avg, p_avg, p_diff]``."""
-    u = torch.stack([g_avg, g_diff]).flatten(1)
-    v = torch.stack([f_avg, p_avg, p_diff]).flatten(1)
-    return u @ v.T
+def fop_dots(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``(2, 3)`` inner products of the rows of ``U = [g_avg; g_diff]`` with those of
+    ``V = [F g_avg; p_avg; p_diff]`` (stacks of same-shape tensors along dim 0)."""
+    return U.flatten(1) @ V.flatten(1).T
 
 
 def fop_coefficients(
@@ -90,6 +89,6 @@ def fop_combine(
     """
     g_avg, g_diff = (g1 + g2) * 0.5, g1 - g2
     p_avg, p_diff = imv(g_avg), imv(g_diff)
-    dots = fop_dots(g_avg, g_diff, fmv(g_avg), p_avg, p_diff)[None]
+    dots = fop_dots(torch.stack([g_avg, g_diff]), torch.stack([fmv(g_avg), p_avg, p_diff]))[None]
     c_avg, c_diff, b, e = fop_coefficients(dots, **kwargs)
     return c_avg[0] * p_avg + c_diff[0] * p_diff, b[0], e[0]

@@ -36,7 +36,14 @@ from functools import partial
 import torch
 from torch import nn
 
-from orthoptim.curvature import avg_diff_, first_half_pair, fop_coefficients, inverse_mv, kron_mv
+from orthoptim.curvature import (
+    avg_diff_,
+    first_half_pair,
+    fop_coefficients,
+    fop_dots,
+    inverse_mv,
+    kron_mv,
+)
 from orthoptim.optim._validation import check_range
 from orthoptim.optim.kfac import _DTYPES, KFAC, grad_matrix, put_direction
 
@@ -173,7 +180,7 @@ class FOP(KFAC):
         else:  # eigenbasis (Tikhonov) form, broadcast over the two rows
             V[0] = kron_mv(ls["G"], ls["A"], U[0])
             V[1:] = inverse_mv(pre, U)
-        return V, U.flatten(1) @ V.flatten(1).T
+        return V, fop_dots(U, V)
 
     def _directions(self, hp: dict) -> dict:
         """FOP directions; the scalar algebra of all layers is batched (no host sync)."""

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..train import evaluate, task_seed, train
+from ..train import evaluate, seeded, task_seed, train
 from ._common import COMMON_DATA, check_positive, model_fn, prepare
 from .base import Metric, NullProgress, RunOutput, TaskSpec
 
@@ -109,8 +109,7 @@ def run(make_optimizer, *, seed: int, settings: dict[str, Any], data_dir=None,
 
     evals: dict[str, list[float]] = {"step": [], "epoch": [], "seconds": [], "acc": []}
     state = {"eval_s": 0.0, "hit": None}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+    with seeded(seed):
         model = model_fn(s, data)()
         opt = make_optimizer(model, lr_scale=lr_scale)
         sched = None

@@ -37,7 +37,7 @@ Shared protocol (identical for every optimizer):
 - Clipping: ``clip_grad_norm_(model.parameters(), grad_clip)`` before every step (nanoGPT's
   ``grad_clip=1.0``; 0 disables), applied to the raw gradient whatever the optimizer does next.
 - Determinism: model initialisation and optimizer construction run under
-  ``torch.random.fork_rng`` after ``torch.manual_seed(seed)`` (:func:`..train._seeded`).
+  ``torch.random.fork_rng`` after ``torch.manual_seed(seed)`` (:func:`..train.seeded`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .. import corpora
 from ..gpt import GPT, GPTConfig
-from ..train import _seeded, task_seed
+from ..train import seeded, task_seed
 from .base import Metric, NullProgress, RunOutput, TaskSpec
 
 __all__ = ["TASKS", "LM_PRETRAIN", "LM_CONTINUAL", "loss_matrix_metrics", "lr_multiplier"]
@@ -261,7 +261,7 @@ def run_pretrain(
     tokens_per_step = s["batch_size"] * cfg.block_size
     progress.start(steps, desc="lm-pretrain")
     train_losses, eval_steps, eval_losses = [], [], []
-    with _seeded(seed, _CPU):
+    with seeded(seed, _CPU):
         model = GPT(cfg)
         stage = _Stage(model, make_optimizer(model), s, ds.train, steps, seed, 0)
         for k in range(1, steps + 1):
@@ -324,7 +324,7 @@ def run_continual(
     losses: list[float] = []
     calls, train_s = 0, 0.0
     progress.start(sum(stage_steps), desc="lm-continual")
-    with _seeded(seed, _CPU):
+    with seeded(seed, _CPU):
         model = GPT(cfg)
         optimizer = make_optimizer(model)
         end_task = getattr(optimizer, "end_task", None) if s["task_aware"] else None
