@@ -7,6 +7,7 @@ from torch import nn
 
 from orthoptim import KFAC
 from orthoptim.curvature import (
+    Capture,
     compute_preconditioner,
     ema,
     first_half_grad,
@@ -162,3 +163,84 @@ def test_sequence_linear_split():
     for got, s in ((g1, slice(0, 3)), (g2, slice(3, 6))):
         gw, gb = torch.autograd.grad((lin(x[s]) * w[s]).mean(0).sum(), [lin.weight, lin.bias])
         torch.testing.assert_close(got, grad_matrix(lin, gw, gb))
+
+
+class _OwnForwardLinear(nn.Linear):
+    """A subclass with its own forward (same math): its weight gradient stays autograd's."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+def _fused_model(kind):
+    torch.manual_seed(0)
+    if kind == "cnn":  # stride, dilation, a bias-free conv, in-place ReLU right after a layer
+        return cnn()[:2].append(nn.Conv2d(3, 2, 2, bias=False)).append(
+            nn.ReLU(inplace=True)).append(nn.Flatten()).append(nn.Linear(8, 3)).double()
+    if kind == "subclass":
+        return nn.Sequential(_OwnForwardLinear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
+
+
+@pytest.mark.parametrize("kind,batch", [("mlp", 7), ("cnn", 6), ("subclass", 5)])
+def test_capture_split_keeps_autograd_gradients_and_equals_half_batch_autograd(kind, batch):
+    """FOP's one-pass capture: stock layers get their weight gradient as two half-batch products
+    (HalfBatchWeightGrad), a subclass with its own forward one extra product; either way ``.grad``
+    equals plain autograd's and ``S_1`` gives the half-batch gradients."""
+    model = _fused_model(kind)
+    plain = _fused_model(kind)
+    x, y = data("cnn" if kind == "cnn" else "mlp", batch)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    cap = Capture(layers)
+    cap.split_dtype = torch.float64
+    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(plain(x), y).backward()
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    b1 = (batch + 1) // 2
+    halves = [forward_grads(plain, x[s], y[s], F.cross_entropy)[3]
+              for s in (slice(0, b1), slice(b1, None))]  # fmt: skip
+    pm = dict(plain.named_modules())
+    for name, m in layers.items():
+        (U, B), = cap.records[name].splits
+        assert B == batch and U.dtype == torch.float64
+        g1, g2 = split_from_total(U[1], grad_matrix(m), batch, b1)
+        for got, h in ((g1, halves[0]), (g2, halves[1])):
+            ref = pm[name]
+            torch.testing.assert_close(got, grad_matrix(ref, h[ref.weight], h.get(ref.bias)))
+
+
+def test_capture_split_sequences_and_unbatched_inputs():
+    """(B, T, d) inputs split over B; an unbatched conv input (C, H, W) is not split."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2).double()
+    cap = Capture({"lin": lin})
+    cap.split_dtype = torch.float64
+    x, w = torch.randn(6, 4, 3).double(), torch.randn(6, 4, 2).double()
+    (lin(x) * w).mean(0).sum().backward()
+    (U, _), = cap.records["lin"].splits
+    gw, gb = torch.autograd.grad((lin(x[:3]) * w[:3]).mean(0).sum(), [lin.weight, lin.bias])
+    torch.testing.assert_close(U[1] * 2.0, grad_matrix(lin, gw, gb))
+    conv = nn.Conv2d(3, 3, 3).double()  # C_in == C_out: the channel dim must not pass for a batch
+    cap = Capture({"conv": conv})
+    cap.split_dtype = torch.float64
+    conv(torch.randn(3, 5, 5).double()).sum().backward()
+    assert not cap.records["conv"].splits
+
+
+def test_capture_split_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    plain = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    plain.load_state_dict(model.state_dict())
+    cap = Capture({n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    cap.split_dtype = torch.float32
+    x, y = data("mlp", 8)
+    for net in (model, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(net(x.float()), y)
+        loss.backward()
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-3)
+    assert all(len(r.splits) == 1 for r in cap.records.values())

@@ -22,6 +22,7 @@ from orthoptim.curvature.split import (
     avg_diff_,
     first_half_grad,
     first_half_pair,
+    halves_weight_grad,
     split_from_total,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "ema",
     "first_half_grad",
     "first_half_pair",
+    "halves_weight_grad",
     "fop_coefficients",
     "fop_combine",
     "fop_dots",

@@ -6,10 +6,16 @@ its per-sample gradient divided by ``B``; so the first-half contribution
 
 .. math:: S_1 = \sum_{i \le b_1} \frac{1}{B}\, g_i a_i^\top
 
-costs one half-size weight-gradient product, and, with ``g`` the full-batch gradient
-already in ``p.grad``,
+and, with ``g`` the full-batch gradient in ``p.grad``,
 
 .. math:: g_1 = \tfrac{B}{b_1} S_1, \qquad g_2 = \tfrac{B}{b_2} (g - S_1).
+
+:math:`S_1` comes at no extra cost for stock ``nn.Linear`` / ``nn.Conv2d`` layers:
+:class:`HalfBatchWeightGrad` makes autograd form the layer's weight gradient as two half-batch
+products, :math:`S_1 + S_2`, instead of one full-batch product (the same FLOPs). Subclasses that
+override ``forward`` instead get :math:`S_1` from one extra half-size product
+(:func:`first_half_pair`, in the output-gradient hook), since their weight gradient is autograd's
+business.
 
 This is exact when the layer's per-sample gradients do not interact across samples through the
 layer itself. BatchNorm *before* the layer couples samples through the batch statistics: the split
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def first_half_grad(
@@ -47,20 +54,27 @@ def first_half_grad(
     return torch.cat([w, b[:, None]], dim=1, out=out)
 
 
+def splittable(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """True when the layer input ``x`` and its output (or output gradient) ``y`` have a batch
+    dimension of at least 2 samples (an unbatched ``(C, H, W)`` or 1-D input has none) and are real
+    floating point (complex layers are rejected with a clear error by ``step()``; a hook must not
+    fail first)."""
+    batched = x.dim() == 4 if isinstance(module, nn.Conv2d) else x.dim() >= 2
+    if not batched or x.shape[0] < 2 or y.shape[0] != x.shape[0]:
+        return False
+    return x.is_floating_point() and y.is_floating_point()
+
+
 def first_half_pair(module: nn.Module, x: torch.Tensor, gout: torch.Tensor, dtype: torch.dtype):
     """``(U, B)``: a ``(2, d_out, d_in [+1])`` buffer in ``dtype`` whose second row holds ``S_1``
     (the first row is left for the full-batch gradient, see :func:`avg_diff_`) and the batch
-    size ``B``; None when the batch cannot be split (``B < 2``, or an output gradient whose
-    leading size is not ``B``) or the tensors are not real floating point (complex layers are
-    rejected with a clear error by ``step()``; a backward hook must not fail first).
-    Meant for :attr:`orthoptim.curvature.Capture.split`.
+    size ``B``; None unless :func:`splittable`. The fallback of
+    :class:`~orthoptim.curvature.Capture` for layers without a stock forward (one extra
+    half-size product).
     """
-    batch = x.shape[0]
-    if batch < 2 or gout.shape[0] != batch:
+    if not splittable(module, x, gout):
         return None
-    if not (x.is_floating_point() and gout.is_floating_point()):
-        return None
-    w = module.weight
+    batch, w = x.shape[0], module.weight
     cols = w[0].numel() + (module.bias is not None)
     U = torch.empty((2, w.shape[0], cols), dtype=dtype, device=w.device)
     first_half_grad(module, x, gout, (batch + 1) // 2, out=U[1])
@@ -89,3 +103,83 @@ def avg_diff_(U: torch.Tensor, batch: int, b1: int) -> torch.Tensor:
         S1.mul_(c1 + c2).sub_(g, alpha=c2)
         g.copy_(g_avg)
     return U
+
+
+def has_stock_forward(module: nn.Module) -> bool:
+    """True when ``module`` computes exactly ``nn.Linear`` / ``nn.Conv2d``'s forward (so its weight
+    gradient may be formed by :class:`HalfBatchWeightGrad`)."""
+    return type(module).forward in (nn.Linear.forward, nn.Conv2d.forward)
+
+
+def _conv_args(module: nn.Conv2d, mask):
+    return (module.stride, module.padding, module.dilation, False, [0], 1, mask)
+
+
+def halves_weight_grad(module, x, gout, weight, b1: int, out: torch.Tensor):
+    """The full-batch ``(grad_weight, grad_bias)`` of a stock layer formed as ``S_1 + S_2`` (two
+    half-batch products, the FLOPs of one full product), with ``S_1`` written into ``out`` in the
+    layer-matrix layout ``[dW | db]``; ``grad_bias`` is None without a bias."""
+    has_bias, n = module.bias is not None, weight[0].numel()
+    if isinstance(module, nn.Conv2d):
+        sizes = [module.out_channels] if has_bias else None
+        args = _conv_args(module, (False, True, has_bias))
+        _, w1, c1 = torch.ops.aten.convolution_backward(gout[:b1], x[:b1], weight, sizes, *args)
+        _, w2, c2 = torch.ops.aten.convolution_backward(gout[b1:], x[b1:], weight, sizes, *args)
+        out[:, :n].copy_(w1.flatten(1))
+        gw = w1.add_(w2)
+    else:
+        xr, gr = x.reshape(-1, x.shape[-1]), gout.reshape(-1, gout.shape[-1])
+        r1 = b1 * (xr.shape[0] // x.shape[0])  # rows of the first b1 samples (sequences: b1 * T)
+        w1 = gr[:r1].T @ xr[:r1]
+        out[:, :n].copy_(w1)
+        gw = torch.addmm(w1, gr[r1:].T, xr[r1:])
+        if has_bias:
+            c1, c2 = gr[:r1].sum(0), gr[r1:].sum(0)
+    if not has_bias:
+        return gw, None
+    out[:, n].copy_(c1)
+    return gw, c1.add_(c2)
+
+
+def input_grad(module, x, gout, weight) -> torch.Tensor:
+    """The gradient of a stock layer's input (what autograd's own backward computes)."""
+    if isinstance(module, nn.Conv2d):
+        args = _conv_args(module, (True, False, False))
+        return torch.ops.aten.convolution_backward(gout, x, weight, None, *args)[0]
+    return gout @ weight
+
+
+class HalfBatchWeightGrad(torch.autograd.Function):
+    """Identity on a stock layer's output whose backward computes the layer's gradients itself:
+    the weight (and bias) gradient as two half-batch products (:func:`halves_weight_grad`), so FOP's
+    one-pass split costs no extra product, and the input gradient as usual.
+
+    ``apply(x, weight, bias, out, module, sink, dtype)``: ``out`` is the *detached* output of the
+    layer's own forward; it is marked dirty (not a view), so in-place ops after the layer stay
+    legal. In backward, ``sink((U, B))`` receives the ``(2, d_out, d_in [+1])`` buffer in ``dtype``
+    whose second row holds ``S_1`` (as :func:`first_half_pair`). Gradients are computed in the
+    output gradient's dtype (autocast) and returned in the inputs' dtypes. Not twice
+    differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, out, module, sink, dtype):
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, weight)
+        ctx.module, ctx.sink, ctx.dtype = module, sink, dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gout):
+        x, weight = ctx.saved_tensors
+        m, dt, batch = ctx.module, gout.dtype, x.shape[0]
+        xc, wc = x.to(dt), weight.to(dt)
+        cols = weight[0].numel() + (ctx.bias_dtype is not None)
+        U = torch.empty((2, weight.shape[0], cols), dtype=ctx.dtype, device=weight.device)
+        gw, gb = halves_weight_grad(m, xc, gout, wc, (batch + 1) // 2, out=U[1])
+        gx = input_grad(m, xc, gout, wc).to(x.dtype) if ctx.needs_input_grad[0] else None
+        ctx.sink((U, batch))
+        gb = None if gb is None else gb.to(ctx.bias_dtype)
+        return gx, gw.to(weight.dtype), gb, None, None, None, None

@@ -13,10 +13,10 @@ K-FAC's.
 Sources of :math:`g_1, g_2`:
 
 * **one pass (default)**: ``opt.zero_grad(); loss.backward(); opt.step()`` with ``loss`` a mean over
-  the batch. The hooks already hold each layer's input and output gradient, so
-  :mod:`orthoptim.curvature.split` forms the first-half gradient with a half-size product and the
-  second from ``p.grad``. Exact without cross-sample coupling; with BatchNorm the halves share
-  full-batch statistics (see that module).
+  the batch. The hooks make autograd form each layer's weight gradient as two half-batch products
+  (:mod:`orthoptim.curvature.split`; the same FLOPs as one full product), keep the first half and
+  take the second from ``p.grad``. Exact without cross-sample coupling; with BatchNorm the halves
+  share full-batch statistics (see that module).
 * **two passes (the paper's code)**: ``loss = opt.backward_two_pass(x, y, loss_fn)`` runs two
   half-batch forward/backward passes (BatchNorm then sees half batches, like ghost-BN), sets
   ``p.grad = (g1 + g2) / 2`` and keeps both halves for the next ``step()``.
@@ -31,14 +31,11 @@ Note (derived, see docs/fop.md): with :math:`g_{tot} = g_1 + g_2`, :math:`\eta^*
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import nn
 
 from orthoptim.curvature import (
     avg_diff_,
-    first_half_pair,
     fop_coefficients,
     fop_dots,
     inverse_mv,
@@ -103,9 +100,9 @@ class FOP(KFAC):
         _check_clamp("beta_clamp", args["beta_clamp"])
         _check_clamp("eta_clamp", args["eta_clamp"])
 
-    def _split_fn(self):
-        # the first-half product runs in the gradient hook, into a buffer in the factor dtype
-        return partial(first_half_pair, dtype=_DTYPES[self.param_groups[0]["factor_dtype"]])
+    def _split_dtype(self):
+        # the first-half gradient is formed in backward, into a buffer in the factor dtype
+        return _DTYPES[self.param_groups[0]["factor_dtype"]]
 
     def _discard_step(self) -> None:
         super()._discard_step()
@@ -137,7 +134,7 @@ class FOP(KFAC):
             raise ValueError(f"Invalid inputs: batch of {inputs.shape[0]}; need at least 2")
         params = [p for g in self.param_groups for p in g["params"]]
         halves, losses = [], []
-        split, self._capture.split = self._capture.split, None  # the halves come from autograd
+        split, self._capture.split_dtype = self._capture.split_dtype, None  # halves from autograd
         try:
             with torch.enable_grad():
                 for x, y in zip(xs, ys, strict=True):
@@ -147,7 +144,7 @@ class FOP(KFAC):
                     halves.append(torch.autograd.grad(loss, params, allow_unused=True))
                     losses.append(loss.detach())
         finally:
-            self._capture.split = split
+            self._capture.split_dtype = split
         grads = {}
         with torch.no_grad():
             for p, a, b in zip(params, *halves, strict=True):

@@ -246,9 +246,9 @@ class KFAC(torch.optim.Optimizer):
     def _is_factor_step(self) -> bool:
         return self.kfac_step % self.param_groups[0]["factor_interval"] == 0
 
-    def _split_fn(self):
-        """What the gradient hooks compute for every backward (:attr:`Capture.split`); FOP's
-        one-pass split. None for K-FAC."""
+    def _split_dtype(self):
+        """Dtype of the first-half gradients the hooks form for every backward
+        (:attr:`Capture.split_dtype`, FOP's one-pass split); None for K-FAC."""
         return None
 
     def _arm_capture(self) -> None:
@@ -258,7 +258,7 @@ class KFAC(torch.optim.Optimizer):
         self._capture.save_inputs = factor
         self._capture.save_grads = factor and not mc
         self._capture.save_outputs = factor and mc
-        self._capture.split = self._split_fn()
+        self._capture.split_dtype = self._split_dtype()
 
     # -- Monte-Carlo Fisher -------------------------------------------------------------------
     def sample_fisher(self, logits: torch.Tensor) -> None:
