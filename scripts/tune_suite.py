@@ -29,6 +29,7 @@ TUNED = {
     "continual-permuted": ("paper", ("continual-rotated",)),
     "continual-split-task": ("paper", ("continual-split-class",)),
     "large-batch": ("paper-b1024", ()),
+    "large-batch-cnn": ("paper-b1024", ()),
 }
 
 
@@ -134,8 +135,9 @@ def main() -> None:
     if args.extend:
         extend(args, opts, args.config or hparams.DEFAULT_PATH)
         return
+    # kfac-2x is not tuned: it is K-FAC at twice K-FAC's tuned lr (it shares kfac's entry)
     pairs = [(t, p, o) for t, (p, _) in TUNED.items() if not args.tasks or t in args.tasks
-             for o in opts[t]]  # fmt: skip
+             for o in opts[t] if o != "kfac-2x"]  # fmt: skip
     for _, _, o in pairs:
         registry.get_optimizer(o)
     config_path = args.config or hparams.DEFAULT_PATH
@@ -156,6 +158,9 @@ def main() -> None:
                 hparams.save_tuned(
                     config_path, other, opt, res.hparams, {**prov, "shared_from": task}
                 )
+        if opt == "kfac" and "kfac-2x" in opts[task]:
+            hparams.save_tuned(config_path, task, "kfac-2x", res.hparams,
+                               {**prov, "shared_from": f"{task} kfac"})  # fmt: skip
     if args.write:
         print(f"stored in {config_path} (version {hparams.load_hparams(config_path).version})")
 

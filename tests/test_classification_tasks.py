@@ -47,13 +47,16 @@ def _run(spec: TaskSpec, factory=adamw, seed=0, preset="tiny", **overrides):
 def test_task_table():
     assert [t.name for t in TASKS] == [
         "longtail", "continual-permuted", "continual-rotated", "continual-split-task",
-        "continual-split-class", "large-batch",
+        "continual-split-class", "large-batch", "large-batch-cnn",
     ]  # fmt: skip
     fam = {t.name: t.family for t in TASKS}
     assert fam["longtail"] == "longtail" and fam["large-batch"] == "large-batch"
     assert BY_NAME["longtail"].primary.name == "balanced_accuracy"
     assert BY_NAME["large-batch"].primary.name == "steps_to_target"
     assert BY_NAME["large-batch"].primary.goal == "min"
+    cnn = BY_NAME["large-batch-cnn"]
+    assert cnn.family == "large-batch" and cnn.metrics == BY_NAME["large-batch"].metrics
+    assert all(cnn.settings(p)["model"] == "cnn" for p in cnn.presets)
     for t in CONTINUAL:
         assert [(m.name, m.goal) for m in t.metrics] == [
             ("acc", "max"), ("bwt", "max"), ("forgetting", "min"), ("learning_accuracy", "max"),
@@ -306,3 +309,19 @@ def test_unknown_settings_errors():
 def test_resnet_runs_in_a_task():
     out = _run(BY_NAME["continual-split-task"], model="resnet8", width=4, steps_per_task=3)
     assert np.array(out.extra["R"]).shape == (5, 5)
+
+
+def test_large_batch_cnn_preconditions_conv_layers():
+    """large-batch-cnn is the large-batch protocol on the small CNN: K-FAC sees two convs."""
+    from orthoptim import KFAC
+
+    built = []
+
+    def factory(model, lr_scale=1.0):
+        built.append(KFAC(model, lr=0.01 * lr_scale))
+        return built[-1]
+
+    out = _run(BY_NAME["large-batch-cnn"], factory, max_steps=10)
+    kinds = [type(m).__name__ for m in built[0]._layers.values()]
+    assert kinds == ["Conv2d", "Conv2d", "Linear", "Linear"]
+    assert out.extra["steps_run"] <= 10 and out.metrics["final_accuracy"] > 0.0

@@ -62,6 +62,10 @@ def _items(preset: str) -> tuple[SuiteItem, ...]:
             SuiteItem("large-batch", FOP_SET, f"large-batch/bs{b}", preset=p)
             for b, p in ((128, "paper-b128"), (1024, "paper-b1024"), (4096, "paper"))
         ]
+        large += [
+            SuiteItem("large-batch-cnn", FOP_SET, f"large-batch-cnn/bs{b}", preset=p)
+            for b, p in ((128, "paper-b128"), (1024, "paper-b1024"), (4096, "paper"))
+        ]
     items = longtail + [SuiteItem(t, FOGO_SET) for t in _CONTINUAL]
     items += [SuiteItem("lm-pretrain", LM_SET), SuiteItem("lm-continual", LM_SET)]
     return tuple(items + large)

@@ -9,7 +9,8 @@ in its own module):
   ``continual-split-class`` (class-IL) (:mod:`._continual_tasks`; van de Ven & Tolias 2019, GEM
   metrics).
 - ``large-batch`` (:mod:`._large_batch`): steps / epochs / seconds to a target accuracy with the
-  linear learning-rate scaling rule (Goyal et al. 2017).
+  linear learning-rate scaling rule (Goyal et al. 2017); ``large-batch-cnn`` is the same protocol
+  on the small CNN.
 
 Datasets: ``"digits"`` (scikit-learn's embedded 8x8 digits; the ``tiny`` and ``quick`` presets,
 no data directory), ``"mnist"``, ``"fashion_mnist"`` and ``"cifar10"`` from ``data_dir`` (the
@@ -21,10 +22,10 @@ hold-out of the training data and never reads the test set (:mod:`._common`).
 from __future__ import annotations
 
 from ._continual_tasks import CONTINUAL_TASKS
-from ._large_batch import LARGE_BATCH
+from ._large_batch import LARGE_BATCH, LARGE_BATCH_CNN
 from ._longtail_task import LONGTAIL
 from .base import TaskSpec
 
 __all__ = ["TASKS"]
 
-TASKS: tuple[TaskSpec, ...] = (LONGTAIL, *CONTINUAL_TASKS, LARGE_BATCH)
+TASKS: tuple[TaskSpec, ...] = (LONGTAIL, *CONTINUAL_TASKS, LARGE_BATCH, LARGE_BATCH_CNN)
