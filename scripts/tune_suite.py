@@ -69,9 +69,11 @@ def _edge_lr(entry_prov: dict | None, default_lr: float, goal: str, points: int)
     return best / step if best == grid[0] else best * step
 
 
-def extend(args, opts, config_path) -> None:
+def extend(args, opts, config_path, failed: dict) -> None:
     """One round: every (task, optimizer) whose best lr is on its grid's edge (or that failed at
-    every lr) runs one more lr, a sqrt(10) step beyond that edge; the merged grid is stored."""
+    every lr) runs one more lr, a sqrt(10) step beyond that edge; the merged grid is stored.
+    ``failed`` keeps, across the rounds of one invocation, the grids that failed at every lr
+    (they have no config entry), so the next round goes one step further down."""
     config = hparams.load_hparams(config_path)
     todo = []
     for task, (preset, _) in TUNED.items():
@@ -80,7 +82,7 @@ def extend(args, opts, config_path) -> None:
         goal = get_task(task).primary.goal
         for opt in opts[task]:
             entry = config.tasks.get(task, {}).get(opt)
-            prov = entry["tuned"] if entry else None
+            prov = entry["tuned"] if entry else failed.get((task, opt))
             if (prov and prov.get("shared_from")) or opt == "kfac-2x":
                 continue  # kfac-2x = K-FAC at twice K-FAC's tuned lr (shares kfac's entry)
             lr = _edge_lr(prov, config.default_hparams(opt)["lr"], goal, args.points)
@@ -103,6 +105,7 @@ def extend(args, opts, config_path) -> None:
         means = _means(scores, grid)
         if all(math.isnan(m) for m in means.values()):
             print(f"{task:22s} {opt:11s} still failing at every lr {grid}")
+            failed[(task, opt)] = merged
             continue
         best = tuning.best_lr(means, res.goal)
         hp = {**hparams.load_hparams(config_path).default_hparams(opt), "lr": best}
@@ -129,11 +132,14 @@ def main() -> None:
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--extend", action="store_true",
                     help="one more lr beyond the edge for every best-on-the-edge grid")
+    ap.add_argument("--rounds", type=int, default=1, help="extension rounds (with --extend)")
     args = ap.parse_args()
     suite = get_suite(args.suite)
     opts = {it.task: it.optimizers for it in suite.items}
     if args.extend:
-        extend(args, opts, args.config or hparams.DEFAULT_PATH)
+        failed: dict = {}
+        for _ in range(args.rounds):
+            extend(args, opts, args.config or hparams.DEFAULT_PATH, failed)
         return
     # kfac-2x is not tuned: it is K-FAC at twice K-FAC's tuned lr (it shares kfac's entry)
     pairs = [(t, p, o) for t, (p, _) in TUNED.items() if not args.tasks or t in args.tasks
