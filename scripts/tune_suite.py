@@ -29,7 +29,7 @@ TUNED = {
     "continual-permuted": ("paper", ("continual-rotated",)),
     "continual-split-task": ("paper", ("continual-split-class",)),
     "large-batch": ("paper-b1024", ()),
-    "large-batch-cnn": ("paper-b1024", ()),
+    "large-batch-cnn": ("paper-b1024", ("longtail-cnn",)),  # same CNN, lrs at batch 128
 }
 
 

@@ -46,8 +46,8 @@ def _run(spec: TaskSpec, factory=adamw, seed=0, preset="tiny", **overrides):
 
 def test_task_table():
     assert [t.name for t in TASKS] == [
-        "longtail", "continual-permuted", "continual-rotated", "continual-split-task",
-        "continual-split-class", "large-batch", "large-batch-cnn",
+        "longtail", "longtail-cnn", "continual-permuted", "continual-rotated",
+        "continual-split-task", "continual-split-class", "large-batch", "large-batch-cnn",
     ]  # fmt: skip
     fam = {t.name: t.family for t in TASKS}
     assert fam["longtail"] == "longtail" and fam["large-batch"] == "large-batch"

@@ -57,6 +57,7 @@ def _items(preset: str) -> tuple[SuiteItem, ...]:
         longtail = [
             SuiteItem("longtail", LONGTAIL_SET, "longtail/rho100", preset="paper"),
             SuiteItem("longtail", LONGTAIL_SET, "longtail/rho10", preset="paper-rho10"),
+            SuiteItem("longtail-cnn", FOP_SET, "longtail-cnn/rho100", preset="paper"),
         ]
         large = [
             SuiteItem("large-batch", FOP_SET, f"large-batch/bs{b}", preset=p)

@@ -1,7 +1,8 @@
 """``longtail``: long-tailed classification with a balanced evaluation set (FOP's LT-CIFAR claim).
 
 Protocol (Cao et al., "Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss",
-NeurIPS 2019, arXiv:1906.07413): the class at rank ``i`` keeps
+NeurIPS 2019, arXiv:1906.07413; ``longtail-cnn``: the same on the small CNN of
+``large-batch-cnn``): the class at rank ``i`` keeps
 ``n_i = int(n_max * (1/rho) ** (i / (C - 1)))`` training examples (exponential profile,
 :func:`~orthoptim.benchmarks.longtail.make_longtail`); rank 0 is class 0 unless
 ``shuffle_classes`` draws a seeded class-to-rank order (benchmarks.md: on Fashion-MNIST the hard
@@ -18,6 +19,7 @@ group, common with 10 classes).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,7 @@ from ..train import run_longtail, task_seed
 from ._common import COMMON_DATA, check_positive, loss_curve, model_fn, prepare, progress_callback
 from .base import Metric, NullProgress, RunOutput, TaskSpec
 
-__all__ = ["LONGTAIL"]
+__all__ = ["LONGTAIL", "LONGTAIL_CNN"]
 
 METRICS = (
     Metric("balanced_accuracy", "max", "mean per-class accuracy on the balanced eval set"),
@@ -114,4 +116,14 @@ LONGTAIL = TaskSpec(
     presets=PRESETS,
     run=run,
     datasets=("mnist", "fashion_mnist", "cifar10"),
+)
+
+_CNN = {"model": "cnn", "width": 8, "hidden": [64]}
+# The FOP set on the small CNN of large-batch-cnn (its lrs at batch 128 are shared: same model,
+# same batch); Fashion-MNIST-LT rho = 100 as ``paper``.
+LONGTAIL_CNN = dataclasses.replace(
+    LONGTAIL,
+    name="longtail-cnn",
+    description="longtail on the small CNN of large-batch-cnn (conv layers preconditioned)",
+    presets={k: {**PRESETS[k], **_CNN} for k in ("tiny", "quick", "paper", "paper-rho10")},
 )

@@ -4,7 +4,8 @@ Each task is a :class:`~orthoptim.benchmarks.tasks.base.TaskSpec` (protocols, me
 in its own module):
 
 - ``longtail`` (:mod:`._longtail_task`): exponential-profile long-tailed training set (Cao et al.,
-  NeurIPS 2019), balanced evaluation, balanced / group / shot accuracies.
+  NeurIPS 2019), balanced evaluation, balanced / group / shot accuracies; ``longtail-cnn`` is the
+  same on the small CNN of ``large-batch-cnn``.
 - ``continual-permuted``, ``continual-rotated`` (domain-IL), ``continual-split-task`` (task-IL),
   ``continual-split-class`` (class-IL) (:mod:`._continual_tasks`; van de Ven & Tolias 2019, GEM
   metrics).
@@ -23,9 +24,11 @@ from __future__ import annotations
 
 from ._continual_tasks import CONTINUAL_TASKS
 from ._large_batch import LARGE_BATCH, LARGE_BATCH_CNN
-from ._longtail_task import LONGTAIL
+from ._longtail_task import LONGTAIL, LONGTAIL_CNN
 from .base import TaskSpec
 
 __all__ = ["TASKS"]
 
-TASKS: tuple[TaskSpec, ...] = (LONGTAIL, *CONTINUAL_TASKS, LARGE_BATCH, LARGE_BATCH_CNN)
+TASKS: tuple[TaskSpec, ...] = (
+    LONGTAIL, LONGTAIL_CNN, *CONTINUAL_TASKS, LARGE_BATCH, LARGE_BATCH_CNN,
+)  # fmt: skip
