@@ -89,7 +89,9 @@ def run_one(args, experiment: str, name: str, seed: int) -> dict:
             stream = streams.rotated_stream(ds, args.tasks, seed=seed)
         else:
             scenario = "task-il" if experiment == "split_task" else "class-il"
-            stream = streams.split_stream(ds, 2, scenario, seed=seed)
+            # --tasks T < 5 keeps the first T class pairs (0-1, 2-3, ...)
+            order = list(range(2 * min(args.tasks, 5)))
+            stream = streams.split_stream(ds, 2, scenario, seed=seed, class_order=order)
         holder = {}
 
         def model_fn():
@@ -173,7 +175,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["adamw", "fogo_nomem", "fogo_aware"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--dataset", default="mnist", choices=["mnist", "fashion"])
-    ap.add_argument("--tasks", type=int, default=5)
+    ap.add_argument("--tasks", type=int, default=5, help="tasks (split: class pairs, at most 5)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--width", type=int, default=256)

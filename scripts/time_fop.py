@@ -88,6 +88,10 @@ def main() -> None:
         help="also time one-pass FOP through its extra-product fallback (fop_extra_product)",
     )  # fmt: skip
     ap.add_argument(
+        "--passes", action="store_true",
+        help="instead: plain autograd, one full-batch forward/backward vs two half-batch ones",
+    )  # fmt: skip
+    ap.add_argument(
         "--breakdown", action="store_true",
         help="extra paired windows that time FOP's inherent extra work (see the docstring)",
     )  # fmt: skip
@@ -99,6 +103,10 @@ def main() -> None:
     x = torch.randn(args.batch, *shape, device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
     kw = dict(lr=0.01, damping=1e-2, factor_interval=args.interval, inverse_interval=args.interval)
+
+    if args.passes:
+        passes(args, x, y, dev)
+        return
 
     def make(cls, wrap=lambda m: m):
         model = wrap(small_cnn(args.width) if args.model == "cnn" else mlp()).to(dev)
@@ -153,6 +161,30 @@ def main() -> None:
               f"median per round {paired:.3f} ({a} faster in {wins}/{args.rounds} rounds)")  # fmt: skip
     if args.breakdown:
         breakdown(args, runs, window, dev)
+
+
+def passes(args, x, y, dev) -> None:
+    """Plain autograd (no optimizer, no hooks): is one full-batch forward/backward cheaper than
+    two half-batch ones on this device? (The cost model behind one-pass vs two-pass FOP.)"""
+    model = (small_cnn(args.width) if args.model == "cnn" else mlp()).to(dev)
+    params = list(model.parameters())
+
+    def run(two: bool) -> float:
+        t0 = time.perf_counter()
+        for _ in range(args.interval):
+            chunks = zip(x.chunk(2), y.chunk(2), strict=True) if two else [(x, y)]
+            for xs, ys in chunks:
+                torch.autograd.grad(F.cross_entropy(model(xs), ys), params)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / args.interval
+
+    run(False), run(True)  # warm-up
+    rows = [(run(False), run(True)) for _ in range(args.rounds)]
+    one, two = (statistics.median(c) for c in zip(*rows, strict=True))
+    ratio = statistics.median(b / a for a, b in rows)
+    print(f"model {args.model}, batch {args.batch}: one pass {1e3 * one:.2f} ms, two half passes "
+          f"{1e3 * two:.2f} ms; two / one median per round {ratio:.3f}")  # fmt: skip
 
 
 def breakdown(args, runs, window, dev) -> None:
