@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orthoptim import FOP, KFAC
+from orthoptim.benchmarks.models import SmallCNN
 
 
 def small_cnn(width: int) -> nn.Module:
@@ -73,10 +74,18 @@ def own_forward(model: nn.Module) -> nn.Module:
     return model
 
 
+def bench_cnn() -> nn.Module:
+    """The small CNN of the ``large-batch-cnn`` benchmark (channels 8 and 16, hidden 64)."""
+    torch.manual_seed(0)
+    return SmallCNN(1, 10, 28, channels=(8, 16), hidden=64)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--model", choices=("cnn", "mlp"), default="cnn")
+    ap.add_argument("--model", choices=("cnn", "mlp", "bench-cnn"), default="cnn",
+                    help="cnn: 3 conv + 2 linear on 3x16x16; mlp: 784-256-256-10; bench-cnn: the "
+                         "small CNN of the large-batch-cnn benchmark on 1x28x28")  # fmt: skip
     ap.add_argument("--image", type=int, default=16, help="CNN input side (the MLP takes 28x28)")
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--interval", type=int, default=10, help="factor and inverse interval")
@@ -100,16 +109,17 @@ def main() -> None:
     dev = torch.device(args.device)
     torch.manual_seed(1)
     shape = (3, args.image, args.image) if args.model == "cnn" else (1, 28, 28)
+    build = {"cnn": lambda: small_cnn(args.width), "mlp": mlp, "bench-cnn": bench_cnn}[args.model]
     x = torch.randn(args.batch, *shape, device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
     kw = dict(lr=0.01, damping=1e-2, factor_interval=args.interval, inverse_interval=args.interval)
 
     if args.passes:
-        passes(args, x, y, dev)
+        passes(args, build, x, y, dev)
         return
 
     def make(cls, wrap=lambda m: m):
-        model = wrap(small_cnn(args.width) if args.model == "cnn" else mlp()).to(dev)
+        model = wrap(build()).to(dev)
         return model, cls(model, **kw)
 
     runs = {"kfac": make(KFAC), "fop_one_pass": make(FOP), "fop_two_pass": make(FOP)}
@@ -163,10 +173,10 @@ def main() -> None:
         breakdown(args, runs, window, dev)
 
 
-def passes(args, x, y, dev) -> None:
+def passes(args, build, x, y, dev) -> None:
     """Plain autograd (no optimizer, no hooks): is one full-batch forward/backward cheaper than
     two half-batch ones on this device? (The cost model behind one-pass vs two-pass FOP.)"""
-    model = (small_cnn(args.width) if args.model == "cnn" else mlp()).to(dev)
+    model = build().to(dev)
     params = list(model.parameters())
 
     def run(two: bool) -> float:
