@@ -29,6 +29,7 @@ import torch
 import orthoptim.optim.fop as fop_module
 from orthoptim.benchmarks import hparams, registry
 from orthoptim.benchmarks.tasks import get_task
+from orthoptim.curvature import fop_terms
 
 RECORDS: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 _coefficients = fop_module.fop_coefficients
@@ -45,11 +46,8 @@ def summarize(beta_clamp: float) -> dict[str, float]:
     """Medians over all (step, layer) pairs of the quantities in the module docstring."""
     rows = {"noise": [], "beta": [], "clamped": [], "perp": [], "cos": [], "eta": []}
     for dots, beta, eta in RECORDS:
-        den_s, num_s = dots[:, 0, 0], dots[:, 1, 0]
-        a, x, y = dots[:, 0, 1], dots[:, 0, 2], dots[:, 1, 2]
-        s = torch.where(den_s.abs() > 1e-12, num_s / den_s, 0.0)
-        D, E = x - s * a, y - 2 * s * x + s * s * a
-        rows["noise"] += (y / a).tolist()
+        _, a, D, E = fop_terms(dots)
+        rows["noise"] += (dots[:, 1, 2] / a).tolist()  # <g_diff, P g_diff> / <g_avg, P g_avg>
         rows["beta"] += beta.tolist()
         rows["clamped"] += (beta.abs() >= beta_clamp - 1e-12).double().tolist()
         rows["perp"] += (beta.abs() * (E.clamp_min(0) / a).sqrt()).tolist()

@@ -33,6 +33,18 @@ TUNED = {
 }
 
 
+def _store(config_path, task: str, opt: str, hp: dict, prov: dict, opts: dict) -> None:
+    """Store a tuned lr, and its copies: the tasks that share ``task``'s tuning (``TUNED``) and,
+    for K-FAC, ``kfac-2x`` (K-FAC at twice K-FAC's lr)."""
+    hparams.save_tuned(config_path, task, opt, hp, prov)
+    for other in TUNED[task][1]:
+        if opt in opts.get(other, ()):
+            hparams.save_tuned(config_path, other, opt, hp, {**prov, "shared_from": task})
+    if opt == "kfac" and "kfac-2x" in opts[task]:
+        hparams.save_tuned(config_path, task, "kfac-2x", hp,
+                           {**prov, "shared_from": f"{task} kfac"})  # fmt: skip
+
+
 def _one(task: str, preset: str, opt: str, points: int, seeds, data_dir, config_path, grid=None):
     torch.set_num_threads(1)
     config = hparams.load_hparams(config_path)
@@ -111,13 +123,7 @@ def extend(args, opts, config_path, failed: dict) -> None:
         hp = {**hparams.load_hparams(config_path).default_hparams(opt), "lr": best}
         print(f"{task:22s} {opt:11s} grid {grid} -> best lr {best:g} ({means[best]:.4g})")
         if args.write:
-            hparams.save_tuned(config_path, task, opt, hp, merged)
-            for other in TUNED[task][1]:
-                if opt in opts.get(other, ()):
-                    hparams.save_tuned(config_path, other, opt, hp, {**merged, "shared_from": task})
-            if opt == "kfac" and "kfac-2x" in opts[task]:
-                hparams.save_tuned(config_path, task, "kfac-2x", hp,
-                                   {**merged, "shared_from": f"{task} kfac"})  # fmt: skip
+            _store(config_path, task, opt, hp, merged, opts)
 
 
 def main() -> None:
@@ -157,16 +163,7 @@ def main() -> None:
         print(f"{task:22s} {opt:11s} best lr {res.best_lr:g}; {res.metric} means {means}{edge}")
         if not args.write or math.isnan(res.best_score):
             continue
-        prov = res.provenance()
-        hparams.save_tuned(config_path, task, opt, res.hparams, prov)
-        for other in TUNED[task][1]:
-            if opt in opts.get(other, ()):
-                hparams.save_tuned(
-                    config_path, other, opt, res.hparams, {**prov, "shared_from": task}
-                )
-        if opt == "kfac" and "kfac-2x" in opts[task]:
-            hparams.save_tuned(config_path, task, "kfac-2x", res.hparams,
-                               {**prov, "shared_from": f"{task} kfac"})  # fmt: skip
+        _store(config_path, task, opt, res.hparams, res.provenance(), opts)
     if args.write:
         print(f"stored in {config_path} (version {hparams.load_hparams(config_path).version})")
 

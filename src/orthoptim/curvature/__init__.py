@@ -17,7 +17,7 @@ from orthoptim.curvature.inverse import (
     kron_mv,
     pi_damping,
 )
-from orthoptim.curvature.projection import fop_coefficients, fop_combine, fop_dots
+from orthoptim.curvature.projection import fop_coefficients, fop_combine, fop_dots, fop_terms
 from orthoptim.curvature.split import (
     avg_diff_,
     first_half_grad,
@@ -38,6 +38,7 @@ __all__ = [
     "fop_coefficients",
     "fop_combine",
     "fop_dots",
+    "fop_terms",
     "g_factor",
     "grad_rows",
     "input_rows",

@@ -42,6 +42,17 @@ def fop_dots(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return U.flatten(1) @ V.flatten(1).T
 
 
+def fop_terms(dots: torch.Tensor):
+    """From stacked :func:`fop_dots` (``(L, 2, 3)``) the per-layer scalars of the projection:
+    ``(s, a, D, E)`` with ``a = <g_avg, F^-1 g_avg>``, ``D = <g_avg, F^-1 g_perp>`` and
+    ``E = <g_perp, F^-1 g_perp>`` (``s = 0`` where ``<g_avg, F g_avg>`` is tiny)."""
+    den_s, num_s = dots[:, 0, 0], dots[:, 1, 0]
+    a, x, y = dots[:, 0, 1], dots[:, 0, 2], dots[:, 1, 2]  # <ga,p_avg>, <ga,p_diff>, <gd,p_diff>
+    ok = den_s.abs() > _TINY
+    s = torch.where(ok, num_s / torch.where(ok, den_s, 1.0), 0.0)
+    return s, a, x - s * a, y - 2.0 * s * x + s * s * a
+
+
 def fop_coefficients(
     dots: torch.Tensor,
     *,
@@ -56,12 +67,7 @@ def fop_coefficients(
     ``c_avg[l] * p_avg + c_diff[l] * p_diff``. ``beta`` / ``eta``: a number fixes the coefficient
     (used as given, not clamped); ``None`` uses the adaptive, clamped value.
     """
-    den_s, num_s = dots[:, 0, 0], dots[:, 1, 0]
-    a, x, y = dots[:, 0, 1], dots[:, 0, 2], dots[:, 1, 2]  # <ga,p_avg>, <ga,p_diff>, <gd,p_diff>
-    ok = den_s.abs() > _TINY
-    s = torch.where(ok, num_s / torch.where(ok, den_s, 1.0), 0.0)
-    D = x - s * a
-    E = y - 2.0 * s * x + s * s * a
+    s, a, D, E = fop_terms(dots)
     if beta is None:
         b = torch.where(E.abs() > _TINY, (D / (E + _TINY)).clamp(*beta_clamp), 0.0)
     else:

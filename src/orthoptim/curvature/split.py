@@ -31,27 +31,44 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 
+def _conv_args(module: nn.Conv2d, mask):
+    return (module.stride, module.padding, module.dilation, False, [0], 1, mask)
+
+
+def _weight_grad(module: nn.Module, x: torch.Tensor, gout: torch.Tensor, weight: torch.Tensor):
+    """``(dW.flatten(1), db or None)`` of a stock layer from its input ``x`` and output gradient
+    ``gout`` (any batch slice; sequences: rows over all positions)."""
+    has_bias = module.bias is not None
+    if isinstance(module, nn.Conv2d):
+        # one convolution_backward call gives both the weight and the bias gradient
+        sizes = [module.out_channels] if has_bias else None
+        _, w, b = torch.ops.aten.convolution_backward(
+            gout, x, weight, sizes, *_conv_args(module, (False, True, has_bias))
+        )
+        return w.flatten(1), b
+    g_rows = gout.reshape(-1, gout.shape[-1])
+    return g_rows.T @ x.reshape(-1, x.shape[-1]), (g_rows.sum(0) if has_bias else None)
+
+
+def _put(out: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``[w | b]`` (the layer-matrix layout), written into ``out`` when given."""
+    if b is None:
+        return w if out is None else out.copy_(w)
+    return torch.cat([w, b[:, None]], dim=1, out=out)
+
+
 def first_half_grad(
     module: nn.Module, x: torch.Tensor, gout: torch.Tensor, b1: int, out: torch.Tensor | None = None
 ):
     """``S_1`` in the layer-matrix layout ``[dW | db]`` (see :mod:`.factors`), written into ``out``
     when given (any float dtype; saves the copy of a later stack)."""
-    x1, g1 = x[:b1], gout[:b1]
-    if isinstance(module, nn.Conv2d):
-        # one convolution_backward call gives both the weight and the bias gradient
-        has_bias = module.bias is not None
-        _, w, b = torch.ops.aten.convolution_backward(
-            g1, x1, module.weight, [module.out_channels] if has_bias else None, module.stride,
-            module.padding, module.dilation, False, [0], 1, (False, True, has_bias),
-        )  # fmt: skip
-        w = w.flatten(1)
-    else:
-        g_rows = g1.reshape(-1, g1.shape[-1])
-        w = g_rows.T @ x1.reshape(-1, x1.shape[-1])
-        b = g_rows.sum(0) if module.bias is not None else None
-    if b is None:
-        return w if out is None else out.copy_(w)
-    return torch.cat([w, b[:, None]], dim=1, out=out)
+    return _put(out, *_weight_grad(module, x[:b1], gout[:b1], module.weight))
+
+
+def _pair_buffer(weight: torch.Tensor, has_bias: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The ``(2, d_out, d_in [+1])`` buffer whose second row receives ``S_1``."""
+    cols = weight[0].numel() + has_bias
+    return torch.empty((2, weight.shape[0], cols), dtype=dtype, device=weight.device)
 
 
 def splittable(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -74,9 +91,8 @@ def first_half_pair(module: nn.Module, x: torch.Tensor, gout: torch.Tensor, dtyp
     """
     if not splittable(module, x, gout):
         return None
-    batch, w = x.shape[0], module.weight
-    cols = w[0].numel() + (module.bias is not None)
-    U = torch.empty((2, w.shape[0], cols), dtype=dtype, device=w.device)
+    batch = x.shape[0]
+    U = _pair_buffer(module.weight, module.bias is not None, dtype)
     first_half_grad(module, x, gout, (batch + 1) // 2, out=U[1])
     return U, batch
 
@@ -111,34 +127,15 @@ def has_stock_forward(module: nn.Module) -> bool:
     return type(module).forward in (nn.Linear.forward, nn.Conv2d.forward)
 
 
-def _conv_args(module: nn.Conv2d, mask):
-    return (module.stride, module.padding, module.dilation, False, [0], 1, mask)
-
-
 def halves_weight_grad(module, x, gout, weight, b1: int, out: torch.Tensor):
     """The full-batch ``(grad_weight, grad_bias)`` of a stock layer formed as ``S_1 + S_2`` (two
     half-batch products, the FLOPs of one full product), with ``S_1`` written into ``out`` in the
     layer-matrix layout ``[dW | db]``; ``grad_bias`` is None without a bias."""
-    has_bias, n = module.bias is not None, weight[0].numel()
-    if isinstance(module, nn.Conv2d):
-        sizes = [module.out_channels] if has_bias else None
-        args = _conv_args(module, (False, True, has_bias))
-        _, w1, c1 = torch.ops.aten.convolution_backward(gout[:b1], x[:b1], weight, sizes, *args)
-        _, w2, c2 = torch.ops.aten.convolution_backward(gout[b1:], x[b1:], weight, sizes, *args)
-        out[:, :n].copy_(w1.flatten(1))
-        gw = w1.add_(w2)
-    else:
-        xr, gr = x.reshape(-1, x.shape[-1]), gout.reshape(-1, gout.shape[-1])
-        r1 = b1 * (xr.shape[0] // x.shape[0])  # rows of the first b1 samples (sequences: b1 * T)
-        w1 = gr[:r1].T @ xr[:r1]
-        out[:, :n].copy_(w1)
-        gw = torch.addmm(w1, gr[r1:].T, xr[r1:])
-        if has_bias:
-            c1, c2 = gr[:r1].sum(0), gr[r1:].sum(0)
-    if not has_bias:
-        return gw, None
-    out[:, n].copy_(c1)
-    return gw, c1.add_(c2)
+    w1, c1 = _weight_grad(module, x[:b1], gout[:b1], weight)
+    w2, c2 = _weight_grad(module, x[b1:], gout[b1:], weight)
+    _put(out, w1, c1)
+    gw = w1.add_(w2).view_as(weight)
+    return gw, (None if c1 is None else c1.add_(c2))
 
 
 def input_grad(module, x, gout, weight) -> torch.Tensor:
@@ -176,8 +173,7 @@ class HalfBatchWeightGrad(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         m, dt, batch = ctx.module, gout.dtype, x.shape[0]
         xc, wc = x.to(dt), weight.to(dt)
-        cols = weight[0].numel() + (ctx.bias_dtype is not None)
-        U = torch.empty((2, weight.shape[0], cols), dtype=ctx.dtype, device=weight.device)
+        U = _pair_buffer(weight, ctx.bias_dtype is not None, ctx.dtype)
         gw, gb = halves_weight_grad(m, xc, gout, wc, (batch + 1) // 2, out=U[1])
         gx = input_grad(m, xc, gout, wc).to(x.dtype) if ctx.needs_input_grad[0] else None
         ctx.sink((U, batch))
