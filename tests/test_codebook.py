@@ -37,14 +37,15 @@ def test_write_stores_orthonormal_row_space_of_direction():
     assert bool(book["used"][0]) and int(book["fresh"][0]) == 5 and int(book["kind"][0]) == 1
 
 
-def test_scheduled_write_merges_when_energy_already_stored_and_refreshes_age():
+def test_scheduled_write_merges_refreshing_age_but_not_postponing_protection():
     cfg = config()
     book = codebook.init_codebook(12, cfg, "cpu")
     d = low_rank(10, 12, 2, seed=0)
     codebook.write(book, d, 10, cfg, seed=1, kind=SCHEDULED, ready=30)
     assert codebook.write(book, 2 * d, 20, cfg, seed=2, kind=SCHEDULED, ready=40) == "merge"
     assert int(book["used"].sum()) == 1
-    assert int(book["fresh"][0]) == 20 and int(book["ready"][0]) == 40
+    # Younger for eviction, but it protects from its first write + min_age as before.
+    assert int(book["fresh"][0]) == 20 and int(book["ready"][0]) == 30
 
 
 def test_new_directions_insert_a_new_entry_orthogonal_to_the_pool():

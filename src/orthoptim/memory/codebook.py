@@ -9,8 +9,9 @@ with the host:
     basis    (n, R)  memory dtype   the directions; unused columns are zero
     owner    (R,)    int64          entry id of each column, -1 if free
     used     (K,)    bool           entry slot occupied
-    ready    (K,)    int64          step from which the entry protects (min-age rule)
-    fresh    (K,)    int64          step of the entry's last write or merge (its age)
+    ready    (K,)    int64          step from which the entry protects (its first write + min_age;
+                                    a merge does not move it)
+    fresh    (K,)    int64          step of the entry's last write or merge (its age for eviction)
     kind     (K,)    int64          0 = scheduled write (task-agnostic), 1 = end_task consolidation
     hits     (K,)    int64          steps in which the entry was in conflict (usage count)
     energy   (R,)    float32        share of its write's energy each column carried (weights of
@@ -21,7 +22,8 @@ with the host:
 *Write* (rare; may sync): the past direction D (the slow momentum) is deflated against the pool,
 its dominant remaining row space is found by a randomized range finder (a seeded Gaussian random
 projection), and the new directions either *merge* into the scheduled entry that already holds
-most of D's energy (refreshing its age) or are *inserted* as a new entry. When the pool or the
+most of D's energy (refreshing its age for eviction, not delaying its protection: an entry
+protects from ``min_age`` after its first write) or are *inserted* as a new entry. When the pool or the
 slots are full, room is made by *evicting* (default) or *compressing*; both pick the oldest
 entries (or least used; window summaries before whole tasks, and a scheduled write never touches
 a task consolidated by ``end_task``). Compression replaces the two chosen entries by one entry of
@@ -302,9 +304,11 @@ def write(
         kind == SCHEDULED and merge_into >= 0 and float(share[merge_into]) >= config.merge_threshold
     )
     if merging:
+        # A merge refreshes the entry's age (it is evicted later) but never postpones its
+        # protection: an old stretch's entry protects min_age after its first write even when a
+        # new stretch with the same dominant inputs (a class shift) keeps merging into it.
         target = merge_into
         book["fresh"][target] = step
-        book["ready"][target] = ready
     else:
         if not v_new.shape[1]:
             return "skip"

@@ -91,9 +91,10 @@ class FOGO(Optimizer):
         write_rank: directions added per write (default: R // 2, at least 1).
         write_interval: steps between scheduled (task-agnostic) writes; 0 disables them.
             Default 50.
-        min_age: steps an entry written on schedule waits, after its last refresh, before it
-            protects (so the current stretch of training does not block itself: a stationary
-            stretch refreshes its entry at every write). Default: write_interval.
+        min_age: steps an entry written on schedule waits, after its first write, before it
+            protects (so the newest directions do not block current progress; later writes that
+            merge into the entry do not postpone it, so a class shift that keeps the old
+            dominant inputs is still protected against). Default: write_interval.
         gate: conflict test, ``"overlap"`` (any use of a protected subspace) or ``"sign"``
             (the update undoes the stored direction). Default "overlap".
         gate_threshold: tau of the gate. Default 0.0.
