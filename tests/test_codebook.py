@@ -37,15 +37,41 @@ def test_write_stores_orthonormal_row_space_of_direction():
     assert bool(book["used"][0]) and int(book["fresh"][0]) == 5 and int(book["kind"][0]) == 1
 
 
-def test_scheduled_write_merges_refreshing_age_but_not_postponing_protection():
+def test_scheduled_write_merges_when_energy_already_stored_and_refreshes_age():
     cfg = config()
     book = codebook.init_codebook(12, cfg, "cpu")
     d = low_rank(10, 12, 2, seed=0)
     codebook.write(book, d, 10, cfg, seed=1, kind=SCHEDULED, ready=30)
     assert codebook.write(book, 2 * d, 20, cfg, seed=2, kind=SCHEDULED, ready=40) == "merge"
     assert int(book["used"].sum()) == 1
-    # Younger for eviction, but it protects from its first write + min_age as before.
+    assert int(book["fresh"][0]) == 20 and int(book["ready"][0]) == 40
+
+
+def test_a_new_stretch_closes_entries_so_merges_no_longer_postpone_their_protection():
+    cfg = config()
+    d = low_rank(10, 12, 2, seed=0)
+    book = codebook.init_codebook(12, cfg, "cpu")
+    codebook.write(book, d, 10, cfg, seed=1, kind=SCHEDULED, ready=30)
+    # A class shift: the same inputs (the write merges), a new stretch by the output side.
+    assert (
+        codebook.write(book, d, 20, cfg, seed=2, kind=SCHEDULED, ready=40, new_stretch=True)
+        == "merge"
+    )
     assert int(book["fresh"][0]) == 20 and int(book["ready"][0]) == 30
+    assert codebook.write(book, d, 50, cfg, seed=3, kind=SCHEDULED, ready=70) == "merge"
+    assert int(book["ready"][0]) == 30  # closed for good
+    # An entry inserted in the new stretch is open again.
+    other = low_rank(10, 12, 2, seed=5)
+    assert codebook.write(book, other, 60, cfg, seed=4, kind=SCHEDULED, ready=80) == "insert"
+    assert codebook.write(book, other, 70, cfg, seed=5, kind=SCHEDULED, ready=90) == "merge"
+    assert int(book["ready"][1]) == 90
+
+
+def test_profile_cosine():
+    a = torch.tensor([1.0, 2.0, 0.0])
+    assert codebook.profile_cosine(a, 3 * a) == pytest.approx(1.0)
+    assert codebook.profile_cosine(a, torch.tensor([0.0, 0.0, 5.0])) == 0.0
+    assert codebook.profile_cosine(torch.zeros(3), a) == 0.0  # no previous window
 
 
 def test_new_directions_insert_a_new_entry_orthogonal_to_the_pool():

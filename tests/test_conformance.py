@@ -24,7 +24,7 @@ from orthoptim.optim import _nonfinite
 IDS = [info.id for info in OPTIMIZERS]
 # State that keeps its own dtype (documented): step counters, FOGO's codebook (bf16 bases,
 # bool/int64 metadata), its float32 gradient sketch and statistics.
-OWN_DTYPE = ("step", "memory", "last_stats", "grad_sketch")
+OWN_DTYPE = ("step", "memory", "last_stats", "grad_sketch", "row_energy", "last_profile")
 
 
 def flatten(obj, prefix=""):
@@ -566,11 +566,11 @@ def test_state_dict_from_an_incompatible_configuration_fails_clearly(info):
     ).double()
     with pytest.raises(ValueError, match="shape"):
         info.make(other).load_state_dict(sd)
-    edited = copy.deepcopy(sd)  # a memory configuration that does not match the saved codebook
-    group = edited["param_groups"][0]  # the other write source: another pool rank and sketch
-    group["write_source"] = "slow" if group["write_source"] == "gradients" else "gradients"
-    with pytest.raises(ValueError, match="memory"):
-        info.make(tiny_model()).load_state_dict(edited)
+    for edit in (dict(capacity=3), dict(memory_budget=1.0, stretch_threshold=0.0)):
+        edited = copy.deepcopy(sd)  # a memory configuration that does not fit the saved codebook
+        edited["param_groups"][0].update(edit)  # fewer entries; another pool rank
+        with pytest.raises(ValueError, match="memory"):
+            info.make(tiny_model()).load_state_dict(edited)
     adamw = torch.optim.AdamW(model.parameters())  # another optimizer's state
     model(batches(1)[0][0]).sum().backward()
     adamw.step()

@@ -9,8 +9,8 @@ with the host:
     basis    (n, R)  memory dtype   the directions; unused columns are zero
     owner    (R,)    int64          entry id of each column, -1 if free
     used     (K,)    bool           entry slot occupied
-    ready    (K,)    int64          step from which the entry protects (its first write + min_age;
-                                    a merge does not move it)
+    ready    (K,)    int64          step from which the entry protects (min-age rule; a merge
+                                    postpones it while the entry is open)
     fresh    (K,)    int64          step of the entry's last write or merge (its age for eviction)
     kind     (K,)    int64          0 = scheduled write (task-agnostic), 1 = end_task consolidation
     hits     (K,)    int64          steps in which the entry was in conflict (usage count)
@@ -18,19 +18,24 @@ with the host:
                                     the compression below)
     sign_dir (k, R)  float32        Gaussian sketch of the past direction's coordinates
                                     (only for the sign gate)
+    open     (K,)    bool           entry of the current stretch of training: a merge into it
+                                    postpones its protection (closed at a new stretch)
 
-*Write* (rare; may sync): the past direction D (the slow momentum) is deflated against the pool,
-its dominant remaining row space is found by a randomized range finder (a seeded Gaussian random
-projection), and the new directions either *merge* into the scheduled entry that already holds
-most of D's energy (refreshing its age for eviction, not delaying its protection: an entry
-protects from ``min_age`` after its first write) or are *inserted* as a new entry. When the pool or the
-slots are full, room is made by *evicting* (default) or *compressing*; both pick the oldest
-entries (or least used; window summaries before whole tasks, and a scheduled write never touches
-a task consolidated by ``end_task``). Compression replaces the two chosen entries by one entry of
-``write_rank`` directions: the top left singular vectors of [V_a E_a^(1/2), V_b E_b^(1/2)] (V the
-entries' columns, E their energies), a Frequent-Directions-style summary (Liberty 2013) that keeps
-the directions the two stretches share and their strongest own ones, so old tasks lose rank
-gradually instead of all protection at once.
+*Write* (rare; may sync): the past direction D (a factor of the gradients since the last write,
+or the slow momentum) is deflated against the pool, its dominant remaining row space is found by
+a randomized range finder (a seeded Gaussian random projection), and the new directions either
+*merge* into the scheduled entry that already holds most of D's energy (refreshing its age; it
+also postpones the entry's protection while the entry is *open*, i.e. belongs to the current
+stretch of training: a new stretch, detected from the output side, closes every entry) or are
+*inserted* as a new entry. When
+the pool or the slots are full, room is made by *evicting* (default) or *compressing*; both
+pick the oldest entries (or least used; window summaries before whole tasks, and a scheduled
+write never touches a task consolidated by ``end_task``). Compression replaces the two chosen
+entries by one entry of ``write_rank`` directions: the top left singular vectors of
+[V_a E_a^(1/2), V_b E_b^(1/2)] (V the entries' columns, E their energies), a
+Frequent-Directions-style summary (Liberty 2013) that keeps the directions the two stretches
+share and their strongest own ones, so old tasks lose rank gradually instead of all protection
+at once.
 
 *Correction* (every step): coordinates c = O V; an entry is in conflict when it is ready and
     overlap gate:  ||c_j||_F / ||O||_F > tau        (any use of the protected subspace)
@@ -103,10 +108,22 @@ def init_codebook(n: int, config: CodebookConfig, device) -> dict[str, torch.Ten
         "kind": torch.zeros(k, dtype=torch.int64, device=device),
         "hits": torch.zeros(k, dtype=torch.int64, device=device),
         "energy": torch.zeros(r, dtype=torch.float32, device=device),
+        "open": torch.zeros(k, dtype=torch.bool, device=device),
     }
     if config.gate == "sign":
         state["sign_dir"] = torch.zeros(config.sketch_dim, r, dtype=torch.float32, device=device)
     return state
+
+
+def profile_cosine(previous: torch.Tensor, current: torch.Tensor) -> float:
+    """Cosine between two windows' output-energy profiles sqrt(sum_t rowsq(G_t)) (0 if empty).
+
+    A stationary stretch of training keeps the profile (cosine ~0.99 between consecutive
+    windows); a shift of the task moves the error to other output units (0.6-0.8 measured on
+    split Fashion-MNIST, docs/fogo.md section 3) even when the dominant inputs stay the same.
+    """
+    a, b = previous.double(), current.double()
+    return float((a @ b) / (a.norm() * b.norm()).clamp(min=1e-300))
 
 
 def sign_sketch(m: int, config: CodebookConfig, seed: int, device) -> torch.Tensor:
@@ -223,6 +240,7 @@ def _compress(book: dict[str, torch.Tensor], config: CodebookConfig, a: int, b: 
     book["energy"][cols[:k]] = sv[:k].square().float()
     book["owner"][cols] = -1
     book["owner"][cols[:k]] = a
+    book["open"][a] = book["open"][a] & book["open"][b]
     book["fresh"][a] = torch.maximum(book["fresh"][a], book["fresh"][b])
     book["ready"][a] = torch.minimum(book["ready"][a], book["ready"][b])
     book["kind"][a] = torch.maximum(book["kind"][a], book["kind"][b])
@@ -255,6 +273,7 @@ def write(
     ready: int,
     sketch: torch.Tensor | None = None,
     sign_source: torch.Tensor | None = None,
+    new_stretch: bool = False,
 ) -> str:
     """Summarise ``direction`` (m x n) into the codebook; returns "insert", "merge" or "skip".
 
@@ -269,7 +288,12 @@ def write(
         sketch: the sign-gate sketch S (needed when ``config.gate == "sign"``).
         sign_source: the past direction (out x side) whose coordinates the sign gate stores;
             defaults to ``direction``.
+        new_stretch: a new stretch of training began in this window (see ``profile_cosine``):
+            every stored entry is closed first, so later merges refresh its age but no longer
+            postpone its protection.
     """
+    if new_stretch:
+        book["open"].zero_()
     d = direction.double()
     total = d.square().sum()
     if not bool(total > 0):
@@ -304,11 +328,14 @@ def write(
         kind == SCHEDULED and merge_into >= 0 and float(share[merge_into]) >= config.merge_threshold
     )
     if merging:
-        # A merge refreshes the entry's age (it is evicted later) but never postpones its
-        # protection: an old stretch's entry protects min_age after its first write even when a
-        # new stretch with the same dominant inputs (a class shift) keeps merging into it.
+        # A merge refreshes the entry's age (it is evicted later). It postpones its protection
+        # only while the entry belongs to the current stretch: a class shift can keep the old
+        # dominant inputs (the input share says "merge") while it moves the error to other
+        # output units (a new stretch, which closed the entry); the old entry protects through it.
         target = merge_into
         book["fresh"][target] = step
+        if bool(book["open"][target]):
+            book["ready"][target] = ready
     else:
         if not v_new.shape[1]:
             return "skip"
@@ -322,6 +349,7 @@ def write(
         book["ready"][target] = ready
         book["kind"][target] = kind
         book["hits"][target] = 0
+        book["open"][target] = True
 
     # An entry holds at most write_rank directions: a long stretch of similar writes refreshes
     # one entry instead of taking over the pool.
