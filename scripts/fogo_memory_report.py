@@ -51,7 +51,9 @@ def main() -> None:
     for p in params[: len(matrices)]:
         st = opt.state[p]
         mem = sum(t.numel() * t.element_size() for t in st["memory"].values())
-        mem += st["grad_sketch"].numel() * st["grad_sketch"].element_size()
+        for name in ("grad_sketch", "row_energy", "last_profile"):
+            if name in st:
+                mem += st[name].numel() * st[name].element_size()
         by_shape[tuple(p.shape), st["memory"]["owner"].numel(), mem] += 1
     print(
         f"{'shape':>14s} {'count':>5s} {'pool rank R':>11s} {'memory bytes':>13s} {'% of weight':>11s}"

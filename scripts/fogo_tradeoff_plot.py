@@ -1,6 +1,6 @@
 """Plot FOGO's memory / forgetting trade-off from evidence records (docs/fogo_tradeoff.png).
 
-    python scripts/fogo_tradeoff_plot.py --out runs/fogo_v2 --png docs/fogo_tradeoff.png
+    python scripts/fogo_tradeoff_plot.py --out runs/fogo_v5 --png docs/fogo_tradeoff.png
 
 Uses the permuted-MNIST records of `fogo_evidence.py` (main and `_budget` files): mean BWT over
 the seeds that every budget shares, against the measured memory bytes of the two hidden layers.
@@ -24,7 +24,7 @@ BUDGETS = {"aware": ["fogo_nomem", "fogo_aware_b0.01", "fogo_aware", "fogo_aware
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", type=Path, default=Path("runs/fogo_v2"))
+    ap.add_argument("--out", type=Path, default=Path("runs/fogo_v5"))
     ap.add_argument("--png", type=Path, default=Path("docs/fogo_tradeoff.png"))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     args = ap.parse_args()

@@ -1,9 +1,13 @@
-"""What FOGO's scheduled memory writes do in a task-agnostic continual run (docs/fogo.md, 3.5).
+"""What FOGO's scheduled memory writes do in a task-agnostic continual run (docs/fogo.md, 3.6-3.7).
 
 Runs split (Fashion-)MNIST task-IL with FOGO's default memory and no ``end_task()`` calls, and
 counts the outcome of every codebook write (``insert`` a new entry, ``merge`` into an existing
-scheduled entry, which refreshes its age and so delays its protection, or ``skip``) per task and
-per protected matrix (keyed by the protected side's dimension: 784 = first layer, 256 = second).
+scheduled entry, or ``skip``) per task and per protected matrix (keyed by the protected side's
+dimension: 784 = first layer, 256 = second). ``--per-write`` also prints, for every write, the
+signals a "new stretch" test can use: the share of the window's gradient energy that the best
+stored entry already holds (the merge rule's similarity), the window's gradient energy
+sum_t ||G_t||_F^2 relative to the previous window's, the cosine between the output-energy
+profiles of the window and the previous one, and whether FOGO declared a new stretch.
 
     python scripts/fogo_write_log.py --data-dir ../shared/data --dataset fashion --tasks 3
 """
@@ -18,6 +22,20 @@ import torch
 import orthoptim.optim.fogo as fogo_module
 from orthoptim import FOGO, param_groups
 from orthoptim.benchmarks import data, models, streams, train
+from orthoptim.ops.sketch import nystrom_factor, range_finder
+
+
+def stored_share(opt: FOGO, group: dict, p: torch.Tensor) -> float:
+    """Largest share of the window's energy held by one stored entry (before the write)."""
+    state = opt.state[p]
+    book, config = state["memory"], opt._codebook_config(group, p)
+    if not bool(book["used"].any()):
+        return 0.0
+    d = nystrom_factor(state["grad_sketch"], opt._omega(p)).mT.double()
+    col2entry = fogo_module.codebook.entry_of_columns(book, config.capacity).double()
+    held = (d @ book["basis"].double()).square().sum(0) @ col2entry
+    _, top = range_finder(d, config.write_rank, 1)
+    return float(held.max() / top.square().sum().clamp(min=1e-300))
 
 
 def main() -> None:
@@ -27,17 +45,37 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=3)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-write", action="store_true", help="print every write's signals")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    log = []
-    write = fogo_module.codebook.write
+    log = []  # (step, side, outcome, share, energy ratio, profile cosine, new stretch)
+    energy = collections.defaultdict(float)  # gradient energy of the current window, per matrix
+    previous = {}
+    finish, write = fogo_module.FOGO._finish, fogo_module.FOGO._write
+    new_stretch = fogo_module.FOGO._new_stretch
+    detected = {}
 
-    def logged(book, d, step, config, **kw):
-        out = write(book, d, step, config, **kw)
-        log.append((step, d.shape[1], out))
+    def logged_new_stretch(self, group, p, kind):
+        state = self.state[p]
+        profile = state["row_energy"].sqrt()
+        cosine = fogo_module.codebook.profile_cosine(state["last_profile"], profile)
+        detected[id(p)] = (cosine, new_stretch(self, group, p, kind))
+        return detected[id(p)][1]
+
+    def logged_finish(self, group, p, direction):
+        energy[id(p)] += float(p.grad.double().square().sum())
+        return finish(self, group, p, direction)
+
+    def logged_write(self, group, p, step, kind):
+        share = stored_share(self, group, p)
+        ratio = energy[id(p)] / previous[id(p)] if previous.get(id(p)) else float("nan")
+        previous[id(p)], energy[id(p)] = energy[id(p)], 0.0
+        out = write(self, group, p, step, kind)
+        log.append((step, self._as_matrix(p).shape[1], out, share, ratio, *detected[id(p)]))
         return out
 
-    fogo_module.codebook.write = logged
+    fogo_module.FOGO._finish, fogo_module.FOGO._write = logged_finish, logged_write
+    fogo_module.FOGO._new_stretch = logged_new_stretch
     load = data.load_mnist if args.dataset == "mnist" else data.load_fashion_mnist
     stream = streams.split_stream(load(args.data_dir), 2, "task-il", seed=args.seed,
                                   class_order=list(range(2 * args.tasks)))  # fmt: skip
@@ -46,16 +84,29 @@ def main() -> None:
         lambda m: FOGO(param_groups(m, verbose=False), lr=1e-3, ns_dtype="float32"),
         steps_per_task=args.steps, batch_size=128, seed=args.seed, task_aware=False,
     )  # fmt: skip
-    counts = collections.Counter(
-        (min((step - 1) // args.steps, args.tasks - 1), side, out) for step, side, out in log
+    task_of = lambda step: min((step - 1) // args.steps, args.tasks - 1)  # noqa: E731
+    counts = collections.Counter((task_of(step), side, out) for step, side, out, *_ in log)
+    print(
+        f"{args.dataset}, {args.tasks} tasks, seed {args.seed}: BWT {100 * res.metrics['bwt']:.1f}"
     )
-    print(f"{args.dataset}, {args.tasks} tasks, seed {args.seed}: BWT {100 * res.metrics['bwt']:.1f}")
+    sides = sorted({s for _, s, *_ in log}, reverse=True)
     print("| task | protected side | insert | merge | skip |")
     print("|---|---|---|---|---|")
     for task in range(args.tasks):
-        for side in sorted({s for _, s, _ in log}, reverse=True):
+        for side in sides:
             row = [counts[(task, side, o)] for o in ("insert", "merge", "skip")]
             print(f"| {task + 1} | {side} | {row[0]} | {row[1]} | {row[2]} |")
+    if args.per_write:
+        print(
+            "\n| step | task | protected side | outcome | stored share | energy / previous "
+            "window | profile cosine | new stretch |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for step, side, out, share, ratio, cosine, new in log:
+            print(
+                f"| {step} | {task_of(step) + 1} | {side} | {out} | {share:.2f} | {ratio:.2f} | "
+                f"{cosine:.2f} | {'yes' if new else ''} |"
+            )
 
 
 if __name__ == "__main__":
