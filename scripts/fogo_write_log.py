@@ -22,7 +22,7 @@ import torch
 import orthoptim.optim.fogo as fogo_module
 from orthoptim import FOGO, param_groups
 from orthoptim.benchmarks import data, models, streams, train
-from orthoptim.ops.sketch import nystrom_factor, range_finder
+from orthoptim.ops.sketch import nystrom_factor
 
 
 def stored_share(opt: FOGO, group: dict, p: torch.Tensor) -> float:
@@ -31,11 +31,8 @@ def stored_share(opt: FOGO, group: dict, p: torch.Tensor) -> float:
     book, config = state["memory"], opt._codebook_config(group, p)
     if not bool(book["used"].any()):
         return 0.0
-    d = nystrom_factor(state["grad_sketch"], opt._omega(p)).mT.double()
-    col2entry = fogo_module.codebook.entry_of_columns(book, config.capacity).double()
-    held = (d @ book["basis"].double()).square().sum(0) @ col2entry
-    _, top = range_finder(d, config.write_rank, 1)
-    return float(held.max() / top.square().sum().clamp(min=1e-300))
+    d = nystrom_factor(state["grad_sketch"], opt._omega(p)).mT
+    return float(fogo_module.codebook.entry_shares(book, d, config, seed=1)[0].max())
 
 
 def main() -> None:

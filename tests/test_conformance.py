@@ -566,9 +566,15 @@ def test_state_dict_from_an_incompatible_configuration_fails_clearly(info):
     ).double()
     with pytest.raises(ValueError, match="shape"):
         info.make(other).load_state_dict(sd)
-    for edit in (dict(capacity=3), dict(memory_budget=1.0, stretch_threshold=0.0)):
+    source = "slow" if sd["param_groups"][0]["write_source"] == "gradients" else "gradients"
+    edits = (
+        dict(write_source=source),
+        dict(capacity=3),
+        dict(memory_budget=1.0, stretch_threshold=0.0),
+    )
+    for edit in edits:  # another write source (sketch or none); fewer entries; no profiles, rank
         edited = copy.deepcopy(sd)  # a memory configuration that does not fit the saved codebook
-        edited["param_groups"][0].update(edit)  # fewer entries; another pool rank
+        edited["param_groups"][0].update(edit)
         with pytest.raises(ValueError, match="memory"):
             info.make(tiny_model()).load_state_dict(edited)
     adamw = torch.optim.AdamW(model.parameters())  # another optimizer's state

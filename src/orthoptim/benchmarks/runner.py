@@ -218,4 +218,3 @@ def _pending(plans: Iterable[PlannedRun], completed: set[str]) -> list[PlannedRu
             seen.add(p.key)
             out.append(p)
     return out
-

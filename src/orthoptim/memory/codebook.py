@@ -27,15 +27,14 @@ a randomized range finder (a seeded Gaussian random projection), and the new dir
 *merge* into the scheduled entry that already holds most of D's energy (refreshing its age; it
 also postpones the entry's protection while the entry is *open*, i.e. belongs to the current
 stretch of training: a new stretch, detected from the output side, closes every entry) or are
-*inserted* as a new entry. When
-the pool or the slots are full, room is made by *evicting* (default) or *compressing*; both
-pick the oldest entries (or least used; window summaries before whole tasks, and a scheduled
-write never touches a task consolidated by ``end_task``). Compression replaces the two chosen
-entries by one entry of ``write_rank`` directions: the top left singular vectors of
-[V_a E_a^(1/2), V_b E_b^(1/2)] (V the entries' columns, E their energies), a
-Frequent-Directions-style summary (Liberty 2013) that keeps the directions the two stretches
-share and their strongest own ones, so old tasks lose rank gradually instead of all protection
-at once.
+*inserted* as a new entry. When the pool or the slots are full, room is made by *evicting*
+(default) or *compressing*; both pick the oldest entries (or least used; window summaries
+before whole tasks, and a scheduled write never touches a task consolidated by ``end_task``).
+Compression replaces the two chosen entries by one entry of ``write_rank`` directions: the top
+left singular vectors of [V_a E_a^(1/2), V_b E_b^(1/2)] (V the entries' columns, E their
+energies), a Frequent-Directions-style summary (Liberty 2013) that keeps the directions the
+two stretches share and their strongest own ones, so old tasks lose rank gradually instead of
+all protection at once.
 
 *Correction* (every step): coordinates c = O V; an entry is in conflict when it is ready and
     overlap gate:  ||c_j||_F / ||O||_F > tau        (any use of the protected subspace)
@@ -179,6 +178,20 @@ def correct(
     return corrected, stats
 
 
+def entry_shares(
+    book: dict[str, torch.Tensor], direction: torch.Tensor, config: CodebookConfig, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Share of ``direction``'s energy that each entry's subspace holds (K,), relative to the
+    most any ``write_rank`` directions could hold (its top singular values, by a range finder
+    seeded with ``seed``), and that best energy. The merge rule's similarity."""
+    d = direction.double()
+    coords = d @ book["basis"].double()
+    held = coords.square().sum(0) @ entry_of_columns(book, config.capacity).double()
+    _, top = range_finder(d, config.write_rank, seed)
+    best = top.square().sum().clamp(min=1e-300)
+    return held / best, best
+
+
 def _victims(
     book: dict[str, torch.Tensor], config: CodebookConfig, keep: int, kind: int
 ) -> list[int]:
@@ -298,10 +311,6 @@ def write(
     total = d.square().sum()
     if not bool(total > 0):
         return "skip"
-    basis = book["basis"].double()
-    coords = d @ basis
-    col2entry = entry_of_columns(book, config.capacity).double()
-    entry_energy = coords.square().sum(0) @ col2entry
 
     def deflated() -> torch.Tensor:
         """The dominant directions of d outside the current pool (orthonormal, n x <= k)."""
@@ -317,12 +326,9 @@ def write(
     v_new = deflated()
     room_made = False
 
-    # Similarity of the written energy to each scheduled entry, relative to the most that any
-    # write_rank directions could hold (the top singular values of the direction itself).
-    _, s_top = range_finder(d, config.write_rank, seed * 7919 + _WRITE_STREAM + step + 1)
-    best = s_top.square().sum().clamp(min=1e-300)
+    held, best = entry_shares(book, d, config, seed * 7919 + _WRITE_STREAM + step + 1)
     scheduled = book["used"] & (book["kind"] == SCHEDULED)
-    share = torch.where(scheduled, entry_energy / best, torch.zeros_like(entry_energy))
+    share = torch.where(scheduled, held, torch.zeros_like(held))
     merge_into = int(share.argmax()) if bool(scheduled.any()) else -1
     merging = (
         kind == SCHEDULED and merge_into >= 0 and float(share[merge_into]) >= config.merge_threshold

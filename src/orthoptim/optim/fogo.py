@@ -57,6 +57,17 @@ _SHIFT_GROWTH = 1.5
 _OWN_DTYPE_STATE = ("memory", "last_stats", "grad_sketch", "row_energy", "last_profile")
 
 
+def _tensor_shapes(state: dict, prefix: str = "") -> dict[str, tuple]:
+    """``{"name" or "memory.name": shape}`` of every tensor in a (nested) state dict."""
+    out = {}
+    for name, value in state.items():
+        if isinstance(value, dict):
+            out.update(_tensor_shapes(value, f"{prefix}{name}."))
+        elif isinstance(value, torch.Tensor):
+            out[prefix + name] = tuple(value.shape)
+    return out
+
+
 class FOGO(Optimizer):
     """Forgetting-aware Orthogonalization Optimizer.
 
@@ -307,31 +318,37 @@ class FOGO(Optimizer):
         )  # fmt: skip
 
     def _init_state(self, group: dict, p: torch.Tensor, index: int) -> None:
-        state = self.state[p]
-        state["step"] = torch.tensor(0.0)
+        self.state[p].update(self._new_state(group, p, index, p.device))
+
+    def _new_state(self, group: dict, p: torch.Tensor, index: int, device) -> dict:
+        """The fresh state of ``p`` under ``group``'s settings, on ``device`` ("meta": shapes
+        only, what ``load_state_dict`` checks a saved state against)."""
+        state = {"step": torch.tensor(0.0)}
         if self._algorithm(group, p) == "adamw":
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            return
+            state["exp_avg"] = torch.zeros_like(
+                p, memory_format=torch.preserve_format, device=device
+            )
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+            return state
         mat = self._as_matrix(p)
-        state["momentum_slow"] = torch.zeros_like(mat)
+        state["momentum_slow"] = torch.zeros_like(mat, device=device)
         if group["dual_stream"]:
-            state["momentum_fast"] = torch.zeros_like(mat)
+            state["momentum_fast"] = torch.zeros_like(mat, device=device)
         if group["memory"] and p.numel() > 0:  # a zero-size matrix has nothing to protect
             config = self._codebook_config(group, p)
             side_dim = mat.shape[1] if group["side"] == "input" else mat.shape[0]
             state["seed"] = group["seed"] * 1_000_003 + index
             state["writes"] = 0
-            state["memory"] = codebook.init_codebook(side_dim, config, p.device)
+            state["memory"] = codebook.init_codebook(side_dim, config, device)
             if group["write_source"] == "gradients":
                 width = min(config.write_rank + 4, side_dim)
-                state["grad_sketch"] = torch.zeros(side_dim, width, device=p.device)
+                state["grad_sketch"] = torch.zeros(side_dim, width, device=device)
             if group["stretch_threshold"] > 0:
                 other_dim = mat.shape[0] if group["side"] == "input" else mat.shape[1]
-                state["row_energy"] = torch.zeros(other_dim, device=p.device)
-                state["last_profile"] = torch.zeros(other_dim, device=p.device)
+                state["row_energy"] = torch.zeros(other_dim, device=device)
+                state["last_profile"] = torch.zeros(other_dim, device=device)
                 state["stretch_windows"] = 0
-                state["last_energy"] = 0.0
+        return state
 
     def _sketch(self, group: dict, p: torch.Tensor) -> torch.Tensor | None:
         """The sign-gate sketch of ``p``: derived from its seed, cached, never saved."""
@@ -511,14 +528,13 @@ class FOGO(Optimizer):
         state = self.state[p]
         if "row_energy" not in state:
             return kind == codebook.CONSOLIDATED
-        energy = float(state["row_energy"].sum())
+        # The window's energy sum_t ||G_t||^2 is the squared norm of its profile.
+        last = state["last_profile"]
+        grew = bool(state["row_energy"].sum() >= _SHIFT_GROWTH * last.square().sum())
         profile = state["row_energy"].sqrt()
         state["row_energy"].zero_()
-        cosine = codebook.profile_cosine(state["last_profile"], profile)
-        agree = cosine >= group["stretch_threshold"]
-        grew = energy >= _SHIFT_GROWTH * state["last_energy"]
-        state["last_profile"].copy_(profile)
-        state["last_energy"] = energy
+        agree = codebook.profile_cosine(last, profile) >= group["stretch_threshold"]
+        last.copy_(profile)
         if kind == codebook.CONSOLIDATED:
             state["stretch_windows"] = 0
             return True
@@ -541,29 +557,17 @@ class FOGO(Optimizer):
                 if not st:
                     continue
                 algo = self._algorithm(hp, p)
-                if algo == "adamw":
-                    expect = {"exp_avg": p.shape, "exp_avg_sq": p.shape}
-                else:
-                    mat = self._as_matrix(p).shape
-                    expect = {"momentum_slow": mat}
-                    if hp["dual_stream"]:
-                        expect["momentum_fast"] = mat
-                    if hp["memory"] and p.numel() > 0:
-                        side = mat[1] if hp["side"] == "input" else mat[0]
-                        config = self._codebook_config(hp, p)
-                        empty = codebook.init_codebook(side, config, "meta")
-                        expect.update({f"memory.{k}": v.shape for k, v in empty.items()})
-                for name, shape in expect.items():
-                    value = st.get(name)
-                    if name.startswith("memory."):
-                        value = (st.get("memory") or {}).get(name.split(".", 1)[1])
-                    if value is None or value.shape != shape:
-                        found = None if value is None else tuple(value.shape)
+                expect = _tensor_shapes(self._new_state(hp, p, 0, "meta"))
+                found = _tensor_shapes({k: v for k, v in st.items() if k != "last_stats"})
+                extra = [name for name in found if name not in expect]
+                for name in [*expect, *extra]:  # what is missing first, then what is left over
+                    if expect.get(name) != found.get(name):
                         raise ValueError(
                             f"FOGO.load_state_dict: param group {gi}, parameter {key} "
                             f"(shape {tuple(p.shape)}, algorithm {algo!r}) needs state "
-                            f"{name!r} of shape {tuple(shape)}, the state dict has {found}; it "
-                            "comes from another model, optimizer or memory configuration"
+                            f"{name!r} of shape {expect.get(name)}, the state dict has "
+                            f"{found.get(name)}; it comes from another model, optimizer or "
+                            "memory configuration"
                         )
 
     def load_state_dict(self, state_dict: dict) -> None:
