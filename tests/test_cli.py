@@ -143,3 +143,60 @@ def test_checksum_mismatch_names_the_file_and_the_fix(tmp_path, capsys):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("orthoptim: error:")
     assert "sha256 mismatch" in err and str(text) in err
+
+
+def test_run_uses_one_thread_unless_told(tmp_path, capsys, monkeypatch):
+    import torch
+
+    base = ["run", "continual-split-task", "-o", "adamw", "--preset", "tiny", "--quiet",
+            "--no-report"]  # fmt: skip
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)  # as torch would start on a 2-core machine
+    try:
+        assert _run([*base, "--out", str(tmp_path / "a")], capsys)[0] == 0
+        assert _run([*base, "--out", str(tmp_path / "b"), "--threads", "2"], capsys)[0] == 0
+        assert torch.get_num_threads() == 2  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(prev)
+    (a,), (b,) = _lines(tmp_path / "a/results.jsonl"), _lines(tmp_path / "b/results.jsonl")
+    assert a["environment"]["torch_threads"] == 1
+    assert b["environment"]["torch_threads"] == 2
+
+
+def test_list_into_a_closed_pipe_ends_quietly():
+    # `orthoptim list tasks | true`: the reader is gone before the first line is written.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orthoptim", "list", "tasks"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def _doc_commands() -> list[str]:
+    """Every ``orthoptim ...`` line inside a fenced block of the README and docs/*.md."""
+    root = Path(__file__).resolve().parents[1]
+    lines = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        fenced = False
+        for line in page.read_text(encoding="utf-8").splitlines():
+            if line.startswith("```"):
+                fenced = not fenced
+            elif fenced and line.startswith("orthoptim "):
+                lines.append(line)
+    return lines
+
+
+def test_documented_commands_parse():
+    import shlex
+
+    from orthoptim.cli import build_parser
+
+    commands = _doc_commands()
+    assert any(c.startswith("orthoptim list ") for c in commands)
+    for line in commands:
+        words = shlex.split(line, comments=True)
+        assert "|" not in words, f"pasted literally, this is a shell pipeline: {line}"
+        build_parser().parse_args(words[1:])  # a bad line raises with argparse's message

@@ -1,6 +1,6 @@
 """The ``orthoptim`` command line: list, run, suite, tune, report.
 
-    orthoptim list tasks|optimizers|suites
+    orthoptim list tasks            # or: list optimizers, list suites
     orthoptim suite quick [--out runs/quick] [--jobs 2]          # the main job
     orthoptim suite paper --data-dir ../shared/data --jobs 2
     orthoptim run continual-permuted -o fogo -o adamw --seeds 0 1 --preset quick
@@ -8,14 +8,18 @@
     orthoptim report runs/quick
 
 Every run is appended to ``<out>/results.jsonl``; re-running the same command skips completed
-runs, so an interrupted suite resumes. Bad arguments end with one line ``orthoptim: error: ...``
-and exit status 2.
+runs, so an interrupted suite resumes. Each run uses one torch thread unless ``--threads N`` says
+otherwise (tiny models gain nothing from more, and on a busy machine extra threads only contend).
+Bad arguments end with one line ``orthoptim: error: ...`` and exit status 2. Output cut short by
+the reader (``orthoptim list tasks | head -3``) ends quietly with exit status 141, as for other
+shell tools killed by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -59,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", default=out_default, help="results folder (default %(default)s)")
         sp.add_argument("--data-dir", default=None, help="root of the real datasets")
         sp.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
-        sp.add_argument("--threads", type=int, default=None, help="torch threads per run")
+        sp.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
         sp.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run")
         sp.add_argument("--config", default=None, help="hyperparameter config JSON")
         sp.add_argument("--no-report", action="store_true", help="do not render the report")
@@ -92,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--data-dir", default=None)
     tu.add_argument("--config", default=None, help="config JSON to read and, with --write, update")
     tu.add_argument("--write", action="store_true", help="store the chosen lrs in the config")
+    tu.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     tu.add_argument("--quiet", action="store_true")
 
     rp = sub.add_parser("report", help="render report.md and figures from saved results")
@@ -217,9 +222,18 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_tune(args) -> int:
+    import torch
+
     from .benchmarks import tuning
 
-    return tuning.tune_command(args)
+    if args.threads < 1:
+        raise ValueError(f"Invalid threads: {args.threads}; expected an integer >= 1")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return tuning.tune_command(args)
+    finally:
+        torch.set_num_threads(prev)
 
 
 def _cmd_report(args) -> int:
@@ -252,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("orthoptim: interrupted; completed runs are saved, re-run to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader closed the pipe (`| head`). Point stdout at /dev/null so the interpreter's
+        # final flush does not raise again, and exit like a tool killed by SIGPIPE.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE (13): the shell's status for a tool killed by it
 
 
 if __name__ == "__main__":  # pragma: no cover
