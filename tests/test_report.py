@@ -263,3 +263,58 @@ def test_aggregate_curves_interpolates_on_common_range():
     assert aggregate_curves([{"x": [0, 1], "y": [1, 2]}, {"x": [2, 3], "y": [1, 2]}]) is None
     x, mean, lo, hi = aggregate_curves([a, {"x": [0, 2, 4], "y": [2.0, None, math.inf]}])
     assert list(mean) == [1.0, 2.0, 4.0]  # None and inf are skipped, not averaged in
+
+
+def _pair(b_acc, b_loss, a="fogo", b="fogo-nomem", seeds=(0, 1)):
+    recs = []
+    for s in seeds:
+        memory = {"writes": 12.0, "entries_used": 2.0, "ready": 2.0, "conflicts": float(s),
+                  "correction_ratio": 0.1}  # fmt: skip
+        recs.append(rec(a, s, metrics={"acc": 0.5 + s / 10}, curves=curve([1.0, 0.5, 0.2]),
+                        extra={"optimizer_stats": {"memory": memory}}))  # fmt: skip
+    for s in seeds:
+        recs.append(rec(b, s, metrics={"acc": b_acc + s / 10}, curves=curve(b_loss)))
+    recs += [rec("adamw", s, metrics={"acc": 0.3 + s / 10}) for s in seeds]
+    return recs
+
+
+def test_identical_optimizers_are_found_and_explained(tmp_path):
+    from orthoptim.benchmarks.report import identical_pairs
+
+    (g,) = summarize(_pair(0.5, [1.0, 0.5, 0.2]))
+    (p,) = identical_pairs(g)  # adamw differs from both: no other pair
+    assert (p.a, p.b, p.seeds, p.same_curves) == ("fogo", "fogo-nomem", (0, 1), True)
+    md = render_report(_pair(0.5, [1.0, 0.5, 0.2]), tmp_path).read_text()
+    assert "`fogo` and `fogo-nomem`: every metric equal in every seed [0, 1] and every curve" in md
+    assert "fogo's memory at the end of its 2 run(s): 12 writes, 2 entries; last step: 0-1" in md
+
+    (g,) = summarize(_pair(0.5, [1.0, 0.5, 0.25]))
+    (p,) = identical_pairs(g)
+    assert not p.same_curves and p.curve_diff["loss"] == pytest.approx(0.05)
+    md = render_report(_pair(0.5, [1.0, 0.5, 0.25]), tmp_path).read_text()
+    assert "the curves differ (`loss` max |Δ| 0.05)" in md
+
+
+def test_no_identical_pair_when_a_metric_or_the_seeds_differ():
+    from orthoptim.benchmarks.report import identical_pairs
+
+    assert identical_pairs(summarize(_pair(0.5 + 1e-9, [1.0, 0.5, 0.2]))[0]) == []
+    assert identical_pairs(summarize(_pair(0.5, [1.0, 0.5, 0.2], seeds=(0,)) + [
+        rec("fogo", 1, metrics={"acc": 0.6})])[0]) == []  # fmt: skip
+    # NaN (target not reached) in both is the same outcome.
+    recs = table({"a": [math.nan, 0.2], "b": [math.nan, 0.2]})
+    assert [(p.a, p.b) for p in identical_pairs(summarize(recs)[0])] == [("a", "b")]
+
+
+def test_curve_figure_keeps_equal_curves_apart(tmp_path, monkeypatch):
+    from orthoptim.benchmarks import report_plots
+
+    figs = []
+    monkeypatch.setattr(report_plots, "_save", lambda fig, path: figs.append(fig) or True)
+    same = [{"x": [0, 1, 2], "y": [1.0, 0.5, 0.2]}]
+    other = [{"x": [0, 1, 2], "y": [1.0, 0.6, 0.3]}]
+    assert report_plots.curve_figure(tmp_path / "c.png", "loss", {"a": same, "b": same, "c": other})
+    (ax,) = figs[0].axes
+    assert len({line.get_linestyle() for line in ax.get_lines()}) == 3
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["a (n=1)", "b (n=1, same as a)", "c (n=1)"]

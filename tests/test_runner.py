@@ -59,3 +59,12 @@ def test_plan_filters_and_errors(tmp_path):
         plan_suite(suite, hparams.load_hparams(), tasks=["nope"])
     with pytest.raises(ValueError, match="jobs"):
         run_plan([], ResultStore(tmp_path), jobs=0)
+
+
+def test_records_keep_fogo_memory_diagnostics(tmp_path):
+    plans = [PlannedRun("longtail", "tiny", o, 0, {"lr": 1e-3}, "test")
+             for o in ("fogo", "fogo-nomem")]  # fmt: skip
+    fogo, nomem = run_plan(plans, ResultStore(tmp_path), threads=1)
+    memory = fogo["extra"]["optimizer_stats"]["memory"]
+    assert memory["matrices"] >= 1 and memory["writes"] >= 0 and 0 <= memory["occupancy"] <= 1
+    assert "optimizer_stats" not in nomem["extra"]  # no memory, nothing to report

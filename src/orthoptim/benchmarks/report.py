@@ -20,6 +20,14 @@ explicit note, since such a result usually means the seed changes nothing.
 
 :func:`render_report` writes ``report.md`` and PNGs under ``figures/`` (drawn by
 :mod:`orthoptim.benchmarks.report_plots`).
+
+Identical results. Two optimizers of a group whose every metric is equal in every seed (the same
+seeds) are listed under "Identical results" (:func:`identical_pairs`): the report says whether
+their curves are equal too (then the runs made the same updates, and what distinguishes the two
+optimizers had no effect on the task) or differ (the updates differed, too little to change any
+metric), and shows each one's end-of-run memory diagnostics when the runner recorded them
+(FOGO's ``memory_stats()``), the usual reason for fogo and fogo-nomem to match. The curve
+figures draw every optimizer with its own line style, so a curve is never hidden under another.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +50,8 @@ __all__ = [
     "Comparison",
     "Verdict",
     "GroupSummary",
+    "Identical",
+    "identical_pairs",
     "compare",
     "summarize",
     "render_report",
@@ -118,6 +128,123 @@ class GroupSummary:
     stats: dict[str, dict[str, MetricStats]]
     verdicts: dict[str, Verdict]
     records: list[dict[str, Any]] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Identical:
+    """Two optimizers of a group with equal values of every metric in every seed.
+
+    Attributes:
+        a, b: the optimizers (first-seen order). seeds: the seeds they share.
+        curve_diff: curve name -> max |a - b| over seeds and points (0.0: equal curves; NaN when
+            the curves cannot be compared point by point).
+    """
+
+    a: str
+    b: str
+    seeds: tuple[int, ...]
+    curve_diff: dict[str, float]
+
+    @property
+    def same_curves(self) -> bool:
+        return all(d == 0.0 for d in self.curve_diff.values())
+
+
+def _same(x: Any, y: Any) -> bool:
+    # NaN (a target never reached) in both runs counts as the same outcome.
+    return bool(x == y or (isinstance(x, float) and isinstance(y, float) and x != x and y != y))
+
+
+def _curve_gap(ca: Mapping[str, Any], cb: Mapping[str, Any]) -> float:
+    xa, ya = np.asarray(ca.get("x", ()), float), np.asarray(ca.get("y", ()), float)
+    xb, yb = np.asarray(cb.get("x", ()), float), np.asarray(cb.get("y", ()), float)
+    if xa.shape != xb.shape or ya.shape != yb.shape or not np.array_equal(xa, xb, equal_nan=True):
+        return math.nan
+    both_nan = np.isnan(ya) & np.isnan(yb)
+    gap = np.where(both_nan, 0.0, np.abs(ya - yb))
+    return float(np.nan_to_num(gap, nan=math.inf).max()) if gap.size else 0.0
+
+
+def identical_pairs(g: GroupSummary) -> list[Identical]:
+    """Pairs of optimizers in ``g`` that ran the same seeds and got every metric equal in each.
+
+    Args:
+        g: one group of :func:`summarize`.
+    """
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in g.records:
+        runs.setdefault(r["optimizer"], {})[r["seed"]] = r
+    counts = {o: sum(r["optimizer"] == o for r in g.records) for o in g.optimizers}
+    out = []
+    for i, a in enumerate(g.optimizers):
+        for b in g.optimizers[i + 1 :]:
+            ra, rb = runs[a], runs[b]
+            if set(ra) != set(rb) or counts[a] != len(ra) or counts[b] != len(rb):
+                continue  # not the same seeds, or a seed run twice: nothing to pair
+            seeds = tuple(sorted(ra))
+            if not all(
+                _same(ra[s]["metrics"].get(m, math.nan), rb[s]["metrics"].get(m, math.nan))
+                for s in seeds
+                for m in g.goals
+            ):
+                continue
+            gaps: dict[str, float] = {}
+            for s in seeds:
+                ca, cb = ra[s]["curves"], rb[s]["curves"]
+                for c in dict.fromkeys([*ca, *cb]):
+                    gap = _curve_gap(ca[c], cb[c]) if c in ca and c in cb else math.nan
+                    gaps[c] = max(gaps.get(c, 0.0), gap) if not math.isnan(gap) else math.nan
+            out.append(Identical(a, b, seeds, gaps))
+    return out
+
+
+def _memory_note(g: GroupSummary, opt: str) -> str | None:
+    """``opt``'s end-of-run memory diagnostics over the group's seeds, or None if not recorded."""
+    stats = [
+        r["extra"]["optimizer_stats"]["memory"]
+        for r in g.records
+        if r["optimizer"] == opt and "memory" in r["extra"].get("optimizer_stats", {})
+    ]
+    if not stats:
+        return None
+
+    def span(key: str) -> str:
+        v = [float(s.get(key, math.nan)) for s in stats]
+        lo, hi = min(v), max(v)
+        return fmt(lo) if lo == hi else f"{fmt(lo)}-{fmt(hi)}"
+
+    return (
+        f"{opt}'s memory at the end of its {len(stats)} run(s): {span('writes')} writes, "
+        f"{span('entries_used')} entries; last step: {span('conflicts')} conflicts of "
+        f"{span('ready')} protecting entries, correction ratio {span('correction_ratio')}"
+    )
+
+
+def _identical_lines(g: GroupSummary) -> list[str]:
+    pairs = identical_pairs(g)
+    if not pairs:
+        return []
+    lines = ["", "Identical results:", ""]
+    for p in pairs:
+        text = f"`{_md(p.a)}` and `{_md(p.b)}`: every metric equal in every seed {list(p.seeds)}"
+        if p.same_curves:
+            text += (
+                " and every curve too: the runs made the same updates, so what distinguishes the"
+                " two optimizers had no effect on this task"
+            )
+        else:
+            diffs = ", ".join(
+                f"`{c}` " + ("not comparable" if math.isnan(d) else f"max |Δ| {fmt(d)}")
+                for c, d in p.curve_diff.items()
+                if d != 0.0
+            )
+            text += (
+                f"; the curves differ ({diffs}): the updates differed, too little to change any"
+                " metric"
+            )
+        notes = [n for n in (_memory_note(g, p.a), _memory_note(g, p.b)) if n]
+        lines.append(f"- {text}." + "".join(f" {_md(n)}." for n in notes))
+    return lines
 
 
 def _finite(values: Sequence[float]) -> np.ndarray:
@@ -474,6 +601,7 @@ def _group_section(g: GroupSummary, figs: list[tuple[str, Path]], out: Path) -> 
         lines += ["", f"Not tabulated (no goal in metric_goals): {', '.join(ungoaled)}."]
     lines += ["", "Verdicts:", ""]
     lines += [f"- `{m}`: {_md(v.text)}" for m, v in g.verdicts.items()]
+    lines += _identical_lines(g)
     settings = list(dict.fromkeys(canonical(r["settings"]) for r in g.records))
     lines += ["", "Settings" + (f" ({len(settings)} variants)" if len(settings) > 1 else "") + ":"]
     lines += ["", *(f"- `{s}`" for s in settings), "", "Hyperparameters:", ""]

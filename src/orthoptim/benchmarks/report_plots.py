@@ -78,8 +78,16 @@ def _sorted(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x[order], y[order]
 
 
+# Every optimizer gets its own line style as well as its own color: two equal curves (fogo and
+# fogo-nomem where the memory never acts) would otherwise show as one line.
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
 def curve_figure(path: Path, name: str, per_optimizer: Mapping[str, Sequence[Mapping]]) -> bool:
     """One curve, one line per optimizer (mean over seeds) with its min-max band.
+
+    Lines cycle through :data:`LINE_STYLES`, and a line equal to one drawn before it says so in
+    the legend (``"b (n=2, same as a)"``), so no optimizer disappears under another.
 
     Args:
         path: PNG to write.
@@ -90,12 +98,21 @@ def curve_figure(path: Path, name: str, per_optimizer: Mapping[str, Sequence[Map
     ax = fig.add_subplot()
     xlabel = ylabel = ""
     drawn, positive = False, True
+    shown: dict[str, tuple[np.ndarray, ...]] = {}
     for opt, curves in per_optimizer.items():
         agg = aggregate_curves(curves)
         if agg is None or not np.isfinite(agg[1]).any():  # e.g. every seed diverged at once
             continue
         x, mean, low, high = agg
-        line = ax.plot(x, mean, label=f"{opt} (n={len(curves)})")[0]
+        same = [
+            o
+            for o, prev in shown.items()
+            if all(np.array_equal(u, v, equal_nan=True) for u, v in zip(prev, agg, strict=True))
+        ]
+        shown[opt] = agg
+        label = f"{opt} (n={len(curves)}" + (f", same as {same[0]})" if same else ")")
+        style = LINE_STYLES[(len(shown) - 1) % len(LINE_STYLES)]
+        line = ax.plot(x, mean, style, label=label)[0]
         ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         finite = mean[np.isfinite(mean)]
         positive &= bool(finite.size) and bool((finite > 0).all())

@@ -6,6 +6,10 @@ those whose key the store already holds, and appends each record as soon as its 
 an interruption loses at most the runs in progress). With ``jobs > 1`` runs execute in worker
 processes, each single-threaded; only the parent writes the store.
 
+Diagnostics: when the run's optimizer has a memory (FOGO's ``memory_stats()`` with at least one
+protected matrix), its end-of-run statistics go into the record as
+``extra["optimizer_stats"]["memory"]``; the report uses them to explain why two optimizers tie.
+
 Learning rates: the optimizer's hyperparameters come from the versioned config
 (:mod:`orthoptim.benchmarks.hparams`) unless given explicitly; the task may scale the lr (the
 large-batch task's linear scaling) through the factory's ``lr_scale``.
@@ -85,8 +89,11 @@ def run_one(
     settings = plan.settings
     registry.get_optimizer(plan.optimizer)  # fail fast on a bad name, before any training
 
+    built: list[torch.optim.Optimizer] = []
+
     def make(model: torch.nn.Module, lr_scale: float = 1.0) -> torch.optim.Optimizer:
-        return registry.make_optimizer(plan.optimizer, model, plan.hparams, lr_scale)
+        built.append(registry.make_optimizer(plan.optimizer, model, plan.hparams, lr_scale))
+        return built[-1]
 
     started, t0 = _now(), time.perf_counter()
     out = spec.run(
@@ -97,6 +104,10 @@ def run_one(
     missing = [m.name for m in spec.metrics if m.name not in out.metrics]
     if missing:
         raise RuntimeError(f"task {spec.name!r} did not report metrics {missing}")
+    extra = dict(out.extra)
+    stats = _optimizer_stats(built[-1]) if built else {}
+    if stats:
+        extra["optimizer_stats"] = stats
     return {
         "schema": 1,
         "key": plan.key,
@@ -114,12 +125,23 @@ def run_one(
         "metric_goals": {m.name: m.goal for m in spec.metrics},
         "primary_metric": spec.primary.name,
         "curves": out.curves,
-        "extra": out.extra,
+        "extra": extra,
         "wall_seconds": wall,
         "started": started,
         "finished": _now(),
         "environment": environment(),
     }
+
+
+def _optimizer_stats(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """End-of-run diagnostics of ``opt`` (JSON numbers); empty when it has none to give."""
+    memory_stats = getattr(opt, "memory_stats", None)
+    if memory_stats is None:
+        return {}
+    stats = memory_stats()
+    if not stats.get("matrices"):  # fogo-nomem, or no matrix with a memory
+        return {}
+    return {"memory": {k: float(v) for k, v in stats.items()}}
 
 
 def _worker(plan: PlannedRun, data_dir: str | None, threads: int) -> dict[str, Any]:
