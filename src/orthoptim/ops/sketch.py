@@ -22,7 +22,12 @@ def seeded_generator(seed: int) -> torch.Generator:
 
 
 def gaussian_sketch_matrix(
-    k: int, d: int, seed: int, *, dtype=torch.float32, device=None
+    k: int,
+    d: int,
+    seed: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """A k x d matrix with i.i.d. N(0, 1/k) entries, drawn on the CPU from ``seed``."""
     if k < 1 or d < 1:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
 
-def _as_float(name: str, value) -> float:
+def _as_float(name: str, value: object) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"Invalid {name}: tensor {name} must have exactly one element")
@@ -20,7 +21,7 @@ def _as_float(name: str, value) -> float:
 
 def check_range(
     name: str,
-    value,
+    value: object,
     low: float = -math.inf,
     high: float = math.inf,
     *,
@@ -37,7 +38,7 @@ def check_range(
         raise ValueError(f"Invalid {name}: {value!r}; must lie in {lo}{low}, {high}{hi}")
 
 
-def check_int(name: str, value, low: int = 0, high: int | None = None) -> None:
+def check_int(name: str, value: object, low: int = 0, high: int | None = None) -> None:
     """Raise ``ValueError`` unless ``value`` is an int in [low, high]."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"Invalid {name}: {value!r}; expected an integer")
@@ -46,14 +47,14 @@ def check_int(name: str, value, low: int = 0, high: int | None = None) -> None:
         raise ValueError(f"Invalid {name}: {value}; must be {bound}")
 
 
-def check_choice(name: str, value, choices: Iterable) -> None:
+def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"Invalid {name}: {value!r}; expected one of {choices}")
+    options = tuple(choices)
+    if value not in options:
+        raise ValueError(f"Invalid {name}: {value!r}; expected one of {options}")
 
 
-def check_betas(name: str, betas) -> None:
+def check_betas(name: str, betas: object) -> None:
     """Validate a (beta1, beta2) pair in [0, 1)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid {name}: {betas!r}; expected a pair (beta1, beta2)")
@@ -61,7 +62,7 @@ def check_betas(name: str, betas) -> None:
         check_range(f"{name}[{i}]", b, 0.0, 1.0, high_open=True)
 
 
-def check_group_keys(group: Mapping, allowed: Iterable[str]) -> None:
+def check_group_keys(group: Mapping[str, Any], allowed: Iterable[str]) -> None:
     """Reject unknown param-group keys: a typo must not be silently ignored."""
     unknown = sorted(set(group) - set(allowed) - {"params", "param_names"})
     if unknown:
