@@ -17,7 +17,8 @@ from torch import nn
 
 class MLPBlock(nn.Sequential):
     def __init__(self, d: int, hidden: int):
-        super().__init__(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+        super().__init__(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(0.0), nn.Linear(hidden, d),
+                         nn.Dropout(0.0))  # fmt: skip
 
 
 class EncoderBlock(nn.Module):

@@ -54,7 +54,7 @@ def test_torchvision_style_vit_tokens_positions_and_head_go_to_adamw():
         f"{layer}.self_attention.in_proj_weight",  # set on MHA, which has a child: still a layer
         f"{layer}.self_attention.out_proj.weight",
         f"{layer}.mlp.0.weight",
-        f"{layer}.mlp.2.weight",
+        f"{layer}.mlp.3.weight",
     } <= ortho
     assert all(n.endswith("weight") for n in ortho)
 
