@@ -227,9 +227,7 @@ def test_param_groups_routes_embeddings_and_head_to_adamw():
         id(model.lm_head.weight),
     }  # fmt: skip
     assert fogo["lr"] == 3e-3
-    FOGO(groups)  # the groups are valid FOGO groups
-    with pytest.warns(UserWarning, match="last nn.Linear"):
-        orthoptim.param_groups(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), verbose=False)
+    FOGO(groups)  # the groups are valid FOGO groups (the head rule: tests/test_param_groups.py)
 
 
 @pytest.mark.parametrize(
