@@ -322,6 +322,6 @@ def test_large_batch_cnn_preconditions_conv_layers():
         return built[-1]
 
     out = _run(BY_NAME["large-batch-cnn"], factory, max_steps=10)
-    kinds = [type(m).__name__ for m in built[0]._layers.values()]
+    kinds = [type(b.module).__name__ for b in built[0]._blocks]
     assert kinds == ["Conv2d", "Conv2d", "Linear", "Linear"]
     assert out.extra["steps_run"] <= 10 and out.metrics["final_accuracy"] > 0.0

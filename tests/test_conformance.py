@@ -205,11 +205,18 @@ def test_unknown_keys_are_rejected(info):
 
 
 @pytest.mark.parametrize("info", PRIMARY, ids=lambda i: i.id)
-def test_model_based_optimizers_reject_a_non_module(info):
+def test_model_based_optimizers_take_the_model_or_its_parameters(info):
+    """K-FAC / FOP take the model or an iterable of its parameters (the layers are then found on
+    the first forward; tests/test_kfac_integration.py checks both train identically); a bare
+    tensor is neither."""
     if not info.model_based:
         pytest.skip("param-based: takes tensors")
-    with pytest.raises(ValueError, match="model"):
-        info.cls([torch.nn.Parameter(torch.zeros(2, 2))])
+    with pytest.raises(ValueError, match="params"):
+        info.cls(torch.nn.Parameter(torch.zeros(2, 2)))
+    model = tiny_model()
+    opt = info.make_params(model.parameters())
+    train_step(info, opt, model, *batches(1)[0])
+    assert len(opt._blocks) == 2
 
 
 # ------------------------------------------------------------------------ param groups & grads
@@ -438,23 +445,26 @@ def test_sparse_gradients_and_complex_parameters_give_a_clear_error(info):
         copt.step()
 
 
-def test_unsupported_layers_fall_back_to_the_plain_outer_update():
-    """Documented fallback: layers K-FAC cannot precondition (grouped conv, padding='same') get
-    the plain outer update of p.grad, never an approximate Kronecker factor."""
+def test_unsupported_layers_get_the_plain_outer_update_and_are_named():
+    """Layers K-FAC cannot precondition (here a grouped conv with padding='same') get the plain
+    outer update of p.grad, never an approximate Kronecker factor, and the warning names them."""
     from orthoptim import KFAC
+    from orthoptim.optim.kfac import PlainUpdateWarning
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(2, 2, 3, groups=2, padding="same").double()
-    opt = KFAC(conv, lr=0.1, momentum=0.0, max_grad_norm=None, factor_interval=1)
-    ref = copy.deepcopy(conv)
+    model = torch.nn.Sequential(conv, torch.nn.Flatten(), torch.nn.Linear(32, 3).double())
+    with pytest.warns(PlainUpdateWarning, match=r"0\.weight: grouped convolution"):
+        opt = KFAC(model, lr=0.1, momentum=0.0, max_grad_norm=None, factor_interval=1)
+    assert [b.name for b in opt._blocks] == ["2.weight"]
+    ref = copy.deepcopy(model)
     sgd = torch.optim.SGD(ref.parameters(), lr=0.1)
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
-    for m, o in ((conv, opt), (ref, sgd)):
+    for m, o in ((model, opt), (ref, sgd)):
         o.zero_grad()
         m(x).square().mean().backward()
         o.step()
-    assert opt.state["kfac"]["layers"] == {}
-    for a, b in zip(conv.parameters(), ref.parameters(), strict=True):
+    for a, b in zip(conv.parameters(), ref[0].parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -632,10 +642,12 @@ class _Point(torch.nn.Module):
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=IDS)
 def test_converges_on_rosenbrock(info):
     """(1 - x)^2 + 100 (y - x^2)^2 from (-1.5, 2), optimum (1, 1), tolerance 1e-2. Its two
-    parameters are 1-D, so FOGO updates them with its AdamW path and K-FAC/FOP (no supported
-    layer) with the plain outer update (SGD-momentum or AdamW): what this checks is that path."""
-    if info.two_pass:
-        pytest.skip("backward_two_pass needs a batch; Rosenbrock has none")
+    parameters are 1-D, so FOGO updates them with its AdamW path. K-FAC/FOP have no layer to
+    precondition here and refuse the model (no silent first-order fallback)."""
+    if info.model_based:
+        with pytest.raises(ValueError, match="no layer"):
+            info.make(_Point().double())
+        return
     pt = _Point().double()
     lr = 0.05 if (not info.model_based or info.kwargs.get("outer") == "adamw") else 1e-3
     opt = info.make(pt, lr=lr, weight_decay=0.0)

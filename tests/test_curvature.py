@@ -3,20 +3,21 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from curvature_models import capture_of, layout_of
 from torch import nn
 
 from orthoptim import KFAC
 from orthoptim.curvature import (
-    Capture,
+    a_factor,
     compute_preconditioner,
     ema,
-    first_half_grad,
+    g_factor,
+    halves,
     inverse_mv,
     kron_mv,
     pi_damping,
     split_from_total,
 )
-from orthoptim.optim.kfac import grad_matrix
 from orthoptim.optim.kfac_reference import (
     damped_dense_inverse,
     dense_fisher,
@@ -63,10 +64,10 @@ def test_factors_equal_explicit_expectations(kind):
     loss.backward()
     opt.step()
     _, inputs, gouts, _ = forward_grads(model, x, y, F.cross_entropy)
-    names = {m: n for n, m in model.named_modules()}
+    blocks = {b.module: b for b in opt._blocks}
     for m, xin in inputs.items():
         A, G = factors_loop(m, xin, gouts[m])
-        ls = opt.state["kfac"]["layers"][names[m]]
+        ls = opt.block_state(blocks[m])
         torch.testing.assert_close(ls["A"], A, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(ls["G"], G, rtol=1e-12, atol=1e-14)
 
@@ -79,18 +80,18 @@ def test_linear_factor_is_mean_outer_product_and_sequences_are_locations():
     lin(x).sum(1).mean().backward()  # mean over the batch of a per-sample loss
     opt.step()
     a = torch.cat([x, torch.ones(5, 1, dtype=torch.float64)], 1)
-    torch.testing.assert_close(opt.state["kfac"]["layers"][""]["A"], a.T @ a / 5)
+    ls = opt.block_state(opt._blocks[0])
+    torch.testing.assert_close(ls["A"], a.T @ a / 5)
     # per-sample output grads are ones; the recorded scale B undoes the batch mean
-    torch.testing.assert_close(opt.state["kfac"]["layers"][""]["G"], torch.ones(2, 2).double())
+    torch.testing.assert_close(ls["G"], torch.ones(2, 2).double())
     # (B, T, d): T locations, A averaged over them, G summed
     xs = torch.randn(4, 6, 3, dtype=torch.float64)
     out = lin(xs)
     gout = torch.randn_like(out)
     A, G = factors_loop(lin, xs, gout)
-    from orthoptim.curvature import a_factor, g_factor
-
-    torch.testing.assert_close(a_factor(lin, [xs], torch.float64), A)
-    torch.testing.assert_close(g_factor(lin, [(gout, 1.0)], torch.float64), G)
+    block = opt._blocks[0]
+    torch.testing.assert_close(a_factor(block, [xs], torch.float64), A)
+    torch.testing.assert_close(g_factor(block, [(gout, 1.0)], 4, torch.float64), G)
 
 
 def test_conv_patches_follow_unfold_and_weight_layout():
@@ -136,19 +137,23 @@ def test_one_pass_split_equals_half_batch_autograd(kind, batch):
         records[m] = [inp[0].detach()]
         out.register_hook(lambda g: records[m].append(g))
 
-    layers = [m for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
-    handles = [m.register_forward_hook(fwd) for m in layers]
+    blocks = {b.module: b for b in layout_of(model).blocks}
+    handles = [m.register_forward_hook(fwd) for m in blocks]
     F.cross_entropy(model(x), y).backward()
     for h in handles:
         h.remove()
     b1 = (batch + 1) // 2
-    halves = [forward_grads(model, x[s], y[s], F.cross_entropy)[3]
-              for s in (slice(0, b1), slice(b1, None))]  # fmt: skip
-    for m in layers:
+    half_grads = [forward_grads(model, x[s], y[s], F.cross_entropy)[3]
+                  for s in (slice(0, b1), slice(b1, None))]  # fmt: skip
+    for m, b in blocks.items():
         xin, gout = records[m]
-        g1, g2 = split_from_total(first_half_grad(m, xin, gout, b1), grad_matrix(m), batch, b1)
-        for got, h in ((g1, halves[0]), (g2, halves[1])):
-            torch.testing.assert_close(got, grad_matrix(m, h[m.weight], h.get(m.bias)))
+        (w1, c1), (w, c) = halves(b, xin, gout, m.weight)
+        S1 = w1 if c1 is None else torch.cat([w1, c1[:, None]], 1)
+        total = w if c is None else torch.cat([w, c[:, None]], 1)
+        torch.testing.assert_close(total, b.grad_matrix())
+        g1, g2 = split_from_total(S1, b.grad_matrix(), batch, b1)
+        for got, h in ((g1, half_grads[0]), (g2, half_grads[1])):
+            torch.testing.assert_close(got, b.grad_matrix(h[m.weight], h.get(m.bias)))
 
 
 def test_sequence_linear_split():
@@ -159,10 +164,12 @@ def test_sequence_linear_split():
     out = lin(x)
     gout = torch.autograd.grad((out * w).mean(0).sum(), out)[0]
     (out * w).mean(0).sum().backward()
-    g1, g2 = split_from_total(first_half_grad(lin, x, gout, 3), grad_matrix(lin), 6, 3)
+    block = layout_of(lin).blocks[0]
+    (w1, c1), _ = halves(block, x, gout, lin.weight)
+    g1, g2 = split_from_total(torch.cat([w1, c1[:, None]], 1), block.grad_matrix(), 6, 3)
     for got, s in ((g1, slice(0, 3)), (g2, slice(3, 6))):
         gw, gb = torch.autograd.grad((lin(x[s]) * w[s]).mean(0).sum(), [lin.weight, lin.bias])
-        torch.testing.assert_close(got, grad_matrix(lin, gw, gb))
+        torch.testing.assert_close(got, block.grad_matrix(gw, gb))
 
 
 class _OwnForwardLinear(nn.Linear):
@@ -190,9 +197,8 @@ def test_capture_split_keeps_autograd_gradients_and_equals_half_batch_autograd(k
     model = _fused_model(kind)
     plain = _fused_model(kind)
     x, y = data("cnn" if kind == "cnn" else "mlp", batch)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    cap = Capture(layers)
-    cap.split_dtype = torch.float64
+    cap, blocks = capture_of(model, torch.float64)
+    assert [b.stock for b in blocks.values()] == [kind != "subclass", True, True][: len(blocks)]
     F.cross_entropy(model(x), y).backward()
     F.cross_entropy(plain(x), y).backward()
     for p, q in zip(model.parameters(), plain.parameters(), strict=True):
@@ -200,32 +206,31 @@ def test_capture_split_keeps_autograd_gradients_and_equals_half_batch_autograd(k
     b1 = (batch + 1) // 2
     halves = [forward_grads(plain, x[s], y[s], F.cross_entropy)[3]
               for s in (slice(0, b1), slice(b1, None))]  # fmt: skip
-    pm = dict(plain.named_modules())
-    for name, m in layers.items():
-        (U, B), = cap.records[name].splits
-        assert B == batch and U.dtype == torch.float64
-        g1, g2 = split_from_total(U[1], grad_matrix(m), batch, b1)
+    pp = dict(plain.named_parameters())
+    for name, b in blocks.items():
+        U, B, b1_ = cap.halves_of(b)
+        assert B == batch and b1_ == b1 and U.dtype == torch.float64
+        g1, g2 = split_from_total(U[1], U[0], batch, b1)
+        bias = name.replace("weight", "bias")
         for got, h in ((g1, halves[0]), (g2, halves[1])):
-            ref = pm[name]
-            torch.testing.assert_close(got, grad_matrix(ref, h[ref.weight], h.get(ref.bias)))
+            ref = b.grad_matrix(h[pp[name]], h.get(pp.get(bias)))
+            torch.testing.assert_close(got, ref)
 
 
 def test_capture_split_sequences_and_unbatched_inputs():
     """(B, T, d) inputs split over B; an unbatched conv input (C, H, W) is not split."""
     torch.manual_seed(0)
     lin = nn.Linear(3, 2).double()
-    cap = Capture({"lin": lin})
-    cap.split_dtype = torch.float64
+    cap, blocks = capture_of(lin, torch.float64)
     x, w = torch.randn(6, 4, 3).double(), torch.randn(6, 4, 2).double()
     (lin(x) * w).mean(0).sum().backward()
-    (U, _), = cap.records["lin"].splits
+    U = cap.halves_of(blocks["weight"])[0].clone()  # the hooks keep recording below
     gw, gb = torch.autograd.grad((lin(x[:3]) * w[:3]).mean(0).sum(), [lin.weight, lin.bias])
-    torch.testing.assert_close(U[1] * 2.0, grad_matrix(lin, gw, gb))
+    torch.testing.assert_close(U[1] * 2.0, blocks["weight"].grad_matrix(gw, gb))
     conv = nn.Conv2d(3, 3, 3).double()  # C_in == C_out: the channel dim must not pass for a batch
-    cap = Capture({"conv": conv})
-    cap.split_dtype = torch.float64
+    cap, blocks = capture_of(conv, torch.float64)
     conv(torch.randn(3, 5, 5).double()).sum().backward()
-    assert not cap.records["conv"].splits
+    assert cap.halves_of(blocks["weight"]) is None
 
 
 def test_capture_split_under_bf16_autocast():
@@ -233,8 +238,7 @@ def test_capture_split_under_bf16_autocast():
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
     plain = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
     plain.load_state_dict(model.state_dict())
-    cap = Capture({n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-    cap.split_dtype = torch.float32
+    cap, blocks = capture_of(model, torch.float32)
     x, y = data("mlp", 8)
     for net in (model, plain):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -243,4 +247,4 @@ def test_capture_split_under_bf16_autocast():
     for p, q in zip(model.parameters(), plain.parameters(), strict=True):
         assert p.grad.dtype == torch.float32
         torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-3)
-    assert all(len(r.splits) == 1 for r in cap.records.values())
+    assert all(cap.halves_of(b) is not None for b in blocks.values())

@@ -2,15 +2,21 @@
 
 Small pure functions, one concern per module:
 
-* :mod:`.capture`: forward / gradient hooks on ``nn.Linear`` and ``nn.Conv2d``;
+* :mod:`.adapters`: how each layer kind is seen (blocks, input / output-gradient rows, weight
+  layout); the extension point (:func:`register_adapter`);
+* :mod:`.discovery`: which parameters of a model are preconditioned, and why the others are not;
+* :mod:`.capture`: the hooks that record inputs, output gradients and FOP's sub-batch gradients;
+* :mod:`.owners`: finding the model of a parameter list; compiled models;
 * :mod:`.factors`: Kronecker factors ``A`` (inputs) and ``G`` (output gradients), running averages;
 * :mod:`.inverse`: damping, inverses and Kronecker mat-vecs;
-* :mod:`.split`: the two half-batch gradients of a layer from one backward pass;
+* :mod:`.split`: the two sub-batch gradients of a block from the training backward;
 * :mod:`.projection`: the per-layer Fisher-orthogonal projection of FOP.
 """
 
-from orthoptim.curvature.capture import Capture, is_supported
-from orthoptim.curvature.factors import a_factor, ema, g_factor, grad_rows, input_rows
+from orthoptim.curvature.adapters import Block, LayerAdapter, LayerOps, register_adapter
+from orthoptim.curvature.capture import Capture
+from orthoptim.curvature.discovery import find_blocks
+from orthoptim.curvature.factors import a_factor, ema, g_factor
 from orthoptim.curvature.inverse import (
     compute_preconditioner,
     inverse_mv,
@@ -18,33 +24,27 @@ from orthoptim.curvature.inverse import (
     pi_damping,
 )
 from orthoptim.curvature.projection import fop_coefficients, fop_combine, fop_dots, fop_terms
-from orthoptim.curvature.split import (
-    avg_diff_,
-    first_half_grad,
-    first_half_pair,
-    halves_weight_grad,
-    split_from_total,
-)
+from orthoptim.curvature.split import avg_diff_, halves, split_from_total
 
 __all__ = [
+    "Block",
     "Capture",
+    "LayerAdapter",
+    "LayerOps",
     "a_factor",
     "avg_diff_",
     "compute_preconditioner",
     "ema",
-    "first_half_grad",
-    "first_half_pair",
-    "halves_weight_grad",
+    "find_blocks",
     "fop_coefficients",
     "fop_combine",
     "fop_dots",
     "fop_terms",
     "g_factor",
-    "grad_rows",
-    "input_rows",
+    "halves",
     "inverse_mv",
-    "is_supported",
     "kron_mv",
     "pi_damping",
+    "register_adapter",
     "split_from_total",
 ]

@@ -1,14 +1,30 @@
-"""Hooks that record what K-FAC needs from ``nn.Linear`` and ``nn.Conv2d`` layers.
+"""What K-FAC records from the blocks' forward and backward passes between two optimizer steps.
 
-A forward hook stores the layer input (detached, no copy) and registers a tensor hook on the
-output, which stores the gradient of the loss with respect to that output during ``backward``.
-Tensor hooks (rather than module full-backward hooks) are used because they are cheaper and see
-the gradient of the output as produced, even if a later in-place op (``ReLU(inplace=True)``)
-modifies the output tensor.
+Each adapter hooks its module (:meth:`LayerAdapter.install`) so that every call of a block goes
+through :meth:`Capture.forward` with the block's input and output. That stores the input (detached,
+no copy) on factor steps and registers a tensor hook on the output, which stores the gradient of
+the loss with respect to that output during ``backward``. Tensor hooks (rather than module
+full-backward hooks) are used because they are cheaper and see the gradient of the output as
+produced, even if a later in-place op (``ReLU(inplace=True)``) modifies the output tensor.
 
-Every gradient record carries ``scale``, the number that turns it into a per-sample gradient: the
-leading (batch) size ``B`` of the forward that produced it, because the training loss is assumed
-to be a mean over that dimension; Monte-Carlo records (sum-reduced sampled loss) use 1.
+**Samples and gradient accumulation.** A forward pre-hook on the model (the *root*) numbers its
+forward passes. A block's records know which forward they came from, so:
+
+* a block called several times in one forward (weight reuse) is told apart from gradient
+  accumulation (one call in each of several forwards before ``step()``);
+* ``N``, the number of samples since the last step, is the sum of the batch sizes of the distinct
+  forwards. The accumulated gradient is assumed to be the mean over the union of those samples
+  (micro-batch losses divided by ``k`` for equal micro-batches, or any normalisation by the total
+  count such as Hugging Face Trainer's token-count normalisation of causal-LM losses); then every
+  recorded output gradient is ``1/N`` times a per-sample gradient, and K-FAC scales it by ``N``.
+  One backward of one batch is the case ``k = 1``, ``N = B``. FOP's two-pass mode differentiates
+  each half's own mean loss and uses each forward's batch instead (``per_forward_scale``). The
+  Monte-Carlo records (:meth:`KFAC.sample_fisher`) are per-sample already.
+
+Without root calls (a model whose layers are called directly) every layer call counts as part of
+one forward: weight reuse is then handled, accumulation is not.
+
+FOP's one-pass split (``split_dtype`` set) is formed during backward, see :mod:`.split`.
 """
 
 from __future__ import annotations
@@ -19,130 +35,180 @@ from functools import partial
 import torch
 from torch import nn
 
-from orthoptim.curvature.split import (
-    HalfBatchWeightGrad,
-    first_half_pair,
-    has_stock_forward,
-    splittable,
-)
-
-
-def is_supported(module: nn.Module) -> bool:
-    """True for layers K-FAC preconditions; everything else gets the plain outer update.
-
-    Supported: ``nn.Linear`` (any leading dims) and ``nn.Conv2d`` with ``groups == 1``, zero padding
-    given as integers (im2col needs explicit padding), trainable weight and (if any) trainable bias.
-    Grouped/depthwise convolutions, ``padding='same'`` and non-zero padding modes are rejected here
-    (they are not preconditioned), not silently approximated.
-    """
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1 or module.padding_mode != "zeros":
-            return False
-        if isinstance(module.padding, str):
-            return False
-    elif not isinstance(module, nn.Linear):
-        return False
-    if not module.weight.requires_grad:
-        return False
-    return module.bias is None or module.bias.requires_grad
+from orthoptim.curvature.adapters import Block
+from orthoptim.curvature.split import HalfBatchWeightGrad, add_joined, halves, join
 
 
 @dataclass
 class Record:
-    """What one layer's hooks saw since the last ``clear``."""
+    """What one block's hooks saw since the last ``clear``."""
 
-    inputs: list = field(default_factory=list)  # detached layer inputs
-    grads: list = field(default_factory=list)  # (grad of output, scale)
+    inputs: list = field(default_factory=list)  # detached inputs (factor steps)
+    grads: list = field(default_factory=list)  # (grad of output, forward id, per_forward_scale)
     outputs: list = field(default_factory=list)  # outputs kept for a Monte-Carlo backward
-    mc_grads: list = field(default_factory=list)  # (grad of sampled loss wrt output, scale)
-    splits: list = field(default_factory=list)  # (S_1 buffer, batch) per backward (one-pass FOP)
-    n_forward: int = 0
-    n_backward: int = 0
+    mc_grads: list = field(default_factory=list)  # per-sample Monte-Carlo output gradients
+    forwards: dict = field(default_factory=dict)  # forward id -> [batch, calls]
+    n_backward: int = 0  # backward passes through the block seen by the split
+    split_ok: bool = True  # False once a call or backward rules the one-pass split out
+    U: torch.Tensor | None = None  # split buffer: [C_1; S_1] after one backward, [-; S_odd] later
+    b_first: int | None = None  # batch of the first backward when it could be halved
+    n_odd: int = 0  # samples of the odd-numbered backward passes
+    n_all: int = 0  # samples of all backward passes
+
+    def samples(self) -> int:
+        """``N``: the samples of the distinct forwards since the last step."""
+        return sum(batch for batch, _ in self.forwards.values())
+
+    def grad_records(self) -> list:
+        """``(grad, scale)`` with ``scale`` making per-sample gradients (see the module doc)."""
+        n = self.samples()
+        return [(g, self.forwards[f][0] if own else n) for g, f, own in self.grads]
 
 
 class Capture:
-    """Owns the hooks of a set of named layers and their :class:`Record` s.
+    """Owns the hooks of a set of blocks and their :class:`Record` s.
 
     The flags ``save_inputs``, ``save_grads`` and ``save_outputs`` are set by the optimizer before
     each step, so that steps which need nothing (K-FAC between factor updates) keep no references.
 
-    ``split_dtype``, when not None (FOP's one-pass mode), asks for the first-half weight gradient
-    ``S_1`` of every layer seen by exactly one forward and one backward since the last ``clear``,
-    as a ``(2, d_out, d_in [+1])`` buffer in that dtype (see :mod:`.split`), appended to
-    ``Record.splits``; a reused layer or a second backward clears it instead. For stock layers the
-    forward hook wraps the output in :class:`~orthoptim.curvature.split.HalfBatchWeightGrad`, so
-    autograd forms the weight gradient as two half-batch products and ``S_1`` costs nothing extra;
-    other layers get one half-size product in the gradient hook. Either way no layer input or
-    output gradient is kept until ``step()``.
+    ``split_dtype``, when not None (FOP's one-pass mode), asks for the sub-batch gradients of
+    every block (:mod:`.split`) in buffers of that dtype. For stock blocks the output is wrapped in
+    :class:`~orthoptim.curvature.split.HalfBatchWeightGrad`, so autograd forms the weight gradient
+    as two half-batch products and the split costs nothing extra; other blocks get one extra
+    product in the gradient hook. Either way no block input or output gradient is kept until
+    ``step()``.
     """
 
-    def __init__(self, modules: dict[str, nn.Module]):
-        self.modules = dict(modules)
-        self.records = {name: Record() for name in self.modules}
+    def __init__(self):
+        self.blocks: list[Block] = []
+        self.records: dict[Block, Record] = {}
+        self._of_module: dict = {}
         self.save_inputs = self.save_grads = self.save_outputs = False
         self.split_dtype: torch.dtype | None = None
+        self.per_forward_scale = False
         self.paused = False
-        self._handles = [
-            m.register_forward_hook(partial(self._forward, n)) for n, m in self.modules.items()
-        ]
+        self.forward_id = 0
+        self.root_calls = 0  # root forwards since the last clear
+        self._handles: list = []
 
-    def _forward(self, name, module, inputs, output):
-        if self.paused or not (torch.is_grad_enabled() and output.requires_grad):
-            return None
-        rec = self.records[name]
-        x = inputs[0].detach()
-        rec.n_forward += 1
-        dtype, fused = self.split_dtype, False
-        if dtype is not None and rec.n_forward > 1:
-            rec.splits.clear()  # a reused layer will not be split
-        if dtype is not None and has_stock_forward(module):
-            # only a layer's first forward can be split; later ones mark it unsplittable
-            fused = rec.n_forward == 1 and splittable(module, x, output)
-            if fused:
-                sink = partial(self._split_done, rec)
-                w, b = module.weight, module.bias
-                output = HalfBatchWeightGrad.apply(inputs[0], w, b, output.detach(), module, sink,
-                                                   dtype)  # fmt: skip
-            dtype = None  # no extra product in the gradient hook
+    def attach(self, blocks: list[Block], adapters: list, root: nn.Module | None) -> None:
+        """Hook ``blocks`` (through their ``adapters``) and number ``root``'s forwards."""
+        for b in blocks:
+            self.blocks.append(b)
+            self.records[b] = Record()
+            self._of_module.setdefault(b.module, []).append(b)
+        self._handles += [h for a in adapters for h in a.install(self)]
+        if root is not None:
+            self._handles.append(root.register_forward_pre_hook(self._root_forward))
+
+    def blocks_of(self, module: nn.Module) -> list[Block]:
+        return self._of_module.get(module, [])
+
+    def _root_forward(self, module, args):
+        self.new_forward()
+
+    def new_forward(self) -> None:
+        """Start a new forward pass of the model (the root's forward pre-hook calls this)."""
+        self.forward_id += 1
+        self.root_calls += 1
+
+    def module_hook(self, block: Block, module, inputs, output):
+        """Forward hook of a module with one block (``LayerAdapter.install``)."""
+        return self.forward(block, inputs[0], output)
+
+    def forward(self, block: Block, x: torch.Tensor, out):
+        """Record one call of ``block`` with input ``x`` and output ``out``; returns the output the
+        model should use (``out``, or its split wrapper)."""
+        if self.paused or not isinstance(out, torch.Tensor):
+            return out
+        if not (torch.is_grad_enabled() and out.requires_grad):
+            return out
+        rec = self.records[block]
+        batched = block.ops.batched(x)
+        entry = rec.forwards.setdefault(self.forward_id, [x.shape[0] if batched else 1, 0])
+        entry[1] += 1
+        split = self.split_dtype is not None
+        if split and (entry[1] > 1 or not batched or not out.is_floating_point()):
+            rec.split_ok = False  # a reused block or an unbatched input is not split
+        wrap = split and rec.split_ok and block.stock
+        if wrap:
+            sink = partial(self._split_done, rec, block)
+            w, b = block.forward_weight(), block.forward_bias()
+            out = HalfBatchWeightGrad.apply(x, w, b, out.detach(), block, sink)
+        xd = x.detach()
         if self.save_inputs:
-            rec.inputs.append(x)
+            rec.inputs.append(xd)
         if self.save_outputs:
-            rec.outputs.append(output)
-        if self.save_grads or self.split_dtype is not None:
-            output.register_hook(partial(self._grad, rec, module, x, self.save_grads, dtype))
-        return output if fused else None
+            rec.outputs.append(out)
+        extra = split and rec.split_ok and not wrap  # the split needs one extra product
+        if self.save_grads or extra:
+            out.register_hook(partial(self._grad, rec, block, xd, self.forward_id,
+                                      self.save_grads, extra, self.per_forward_scale))  # fmt: skip
+        return out
 
-    def _split_done(self, rec: Record, split) -> None:
+    def _grad(self, rec: Record, block, x, fwd, save, extra, own_scale, grad: torch.Tensor):
         if self.paused:
             return
-        if rec.n_forward != 1 or rec.n_backward != 1:
-            rec.splits.clear()  # reused layer or a further backward: it will not be split
-        else:
-            rec.splits.append(split)
+        grad = grad.detach()
+        if save:
+            rec.grads.append((grad, fwd, own_scale))
+        if extra and rec.split_ok:
+            dt = self.split_dtype
+            with torch.no_grad():
+                w = block.forward_weight().detach().to(dt)
+                xc = x.to(dt) if x.is_floating_point() else x
+                first, total = halves(block, xc, grad.to(dt), w)
+            self._split_done(rec, block, first, total, x.shape[0])
 
-    def _grad(self, rec: Record, module, x, save_grad: bool, split_dtype, grad: torch.Tensor):
-        if self.paused:
+    def _split_done(self, rec: Record, block: Block, first, total, batch: int) -> None:
+        """One backward pass through ``block``: keep ``S_1`` of the first and the running sum of
+        the odd-numbered passes' contributions (:mod:`.split`)."""
+        if self.paused or not rec.split_ok:
             return
         rec.n_backward += 1
-        grad = grad.detach()
-        if save_grad:
-            rec.grads.append((grad, float(x.shape[0])))
-        if split_dtype is not None:
-            if rec.n_forward != 1 or rec.n_backward != 1:
-                rec.splits.clear()
-                return
-            with torch.no_grad():
-                out = first_half_pair(module, x, grad, split_dtype)
-            if out is not None:
-                rec.splits.append(out)
+        j = rec.n_backward
+        if j == 1:  # U = [C_1; S_1 of this pass]
+            shape = (2, block.d_out, block.d_in)
+            rec.U = torch.empty(shape, dtype=self.split_dtype, device=block.weight.device)
+            join(*total, out=rec.U[0])
+            if first is not None:
+                join(*first, out=rec.U[1])
+                rec.b_first = batch
+        elif j == 2:  # accumulation: U[1] becomes the running S_odd (= C_1 so far)
+            rec.U[1].copy_(rec.U[0])
+        elif j % 2 == 1:
+            add_joined(*total, out=rec.U[1])
+        if j % 2 == 1:
+            rec.n_odd += batch
+        rec.n_all += batch
+
+    def halves_of(self, block: Block):
+        """``(U, batch, b1)`` with ``U = [g; S_1]`` (``g`` from ``.grad``, ``S_1`` the first
+        half's share) for :func:`~orthoptim.curvature.split.avg_diff_`, or None when the block
+        cannot be split this step (reused, more backward passes than forwards, a batch of 1)."""
+        rec = self.records[block]
+        k = rec.n_backward
+        if not rec.split_ok or k == 0 or k != len(rec.forwards):
+            return None
+        if k == 1 and rec.b_first is None:
+            return None
+        block.grad_matrix(out=rec.U[0])
+        if k == 1:
+            return rec.U, rec.b_first, (rec.b_first + 1) // 2
+        return rec.U, rec.n_all, rec.n_odd
+
+    def saw_forward(self) -> bool:
+        """True when the model (or any block) ran since the last ``clear``."""
+        return self.root_calls > 0 or any(r.forwards for r in self.records.values())
 
     def clear(self) -> None:
         """Drop every stored tensor (called after each optimizer step)."""
-        for name in self.records:
-            self.records[name] = Record()
+        for b in self.records:
+            self.records[b] = Record()
+        self.root_calls = 0
 
     def remove(self) -> None:
-        """Remove the hooks."""
+        """Remove the hooks (and restore replaced forwards)."""
         for h in self._handles:
             h.remove()
         self._handles = []

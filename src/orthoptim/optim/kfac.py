@@ -1,27 +1,39 @@
 r"""K-FAC as a ``torch.optim.Optimizer``: Kronecker-factored natural gradient + an outer update.
 
-For every supported layer (``nn.Linear``, ``nn.Conv2d``, see
-:func:`orthoptim.curvature.is_supported`) with gradient matrix :math:`M = [\nabla W | \nabla b]`
-(bias folded into ``A`` by a trailing 1, see :mod:`orthoptim.curvature.factors`):
+For every block (a layer's weight, or a row block of one, see
+:mod:`orthoptim.curvature.adapters`) with gradient matrix :math:`M = [\nabla W | \nabla b]` (bias
+folded into ``A`` by a trailing 1, see :mod:`orthoptim.curvature.factors`):
 
 .. math:: d = (G + \delta_G I)^{-1} M (A + \delta_A I)^{-1}
 
 (π-damping; or the exact :math:`(G\otimes A + \lambda I)^{-1}` with ``damping_type='tikhonov'``).
-``d`` (or ``p.grad`` for every other parameter: norms, embeddings, ...) then goes to the outer
-update: SGD with momentum and *coupled* weight decay (added after preconditioning, as the paper's
-``torch.optim.SGD``), or AdamW (:func:`orthoptim.optim._adamw.adamw_step_`).
+``d`` (or ``p.grad`` for every other parameter: norms, vectors, excluded or unsupported layers)
+then goes to the outer update: ``torch.optim.SGD``'s with momentum and *coupled* weight decay
+(added after preconditioning, as the paper), or ``torch.optim.AdamW``'s (torch's functional
+implementations, :mod:`orthoptim.optim._outer`).
 
-Usage is drop-in; with ``fisher='mc'`` call :meth:`KFAC.sample_fisher` between forward and
+Usage is drop-in, with the model or with its parameters (the owning layers are then found on the
+first forward); with ``fisher='mc'`` call :meth:`KFAC.sample_fisher` between forward and
 ``backward``::
 
-    opt = orthoptim.KFAC(model, lr=0.1, damping=1e-2)
+    opt = orthoptim.KFAC(model, lr=0.1, damping=1e-2)      # or KFAC(model.parameters(), ...)
     logits = model(x); loss = F.cross_entropy(logits, y)
     opt.zero_grad(); loss.backward(); opt.step()
+
+**State** is keyed by parameter, as ``torch.optim`` keys it, so ``state_dict()`` and
+``torch.distributed.checkpoint`` (which names it by parameter FQN) carry everything: a weight's
+``state['kfac']`` holds its blocks' factors and inverses (``{block key: {...}}``, ``'w'`` for a
+whole weight, ``'q'``/``'k'``/``'v'`` for attention's packed rows), created with their final shapes
+on the first ``step()``; the step counter ``kfac_step`` lives in the state of the first parameter
+(as ``torch.optim.LBFGS`` keeps its counters); the Monte-Carlo labels are drawn from a generator
+seeded by ``(seed, step, call)``, so no generator state is needed to resume exactly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +46,11 @@ from orthoptim.curvature import (
     ema,
     g_factor,
     inverse_mv,
-    is_supported,
 )
+from orthoptim.curvature.discovery import find_blocks
+from orthoptim.curvature.owners import OwnerSearch, compiled_modules, reset_compiled
 from orthoptim.optim import _nonfinite
-from orthoptim.optim._adamw import adamw_step_
+from orthoptim.optim._outer import adamw_update, sgd_update
 from orthoptim.optim._validation import (
     check_betas,
     check_choice,
@@ -48,39 +61,15 @@ from orthoptim.optim._validation import (
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _GROUP_META = ("params", "param_names")
+_CONSTRUCTOR_ONLY = ("max_factor_dim", "exclude", "nonfinite")
 
 
-def sgd_step_(p, d, state, *, lr, momentum, nesterov, weight_decay) -> None:
-    """``torch.optim.SGD``'s single-tensor step (dampening 0) on direction ``d``."""
-    if weight_decay != 0:
-        d = d.add(p, alpha=weight_decay)
-    if momentum != 0:
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = state["momentum_buffer"] = torch.clone(d).detach()
-        else:
-            buf.mul_(momentum).add_(d)
-        d = d.add(buf, alpha=momentum) if nesterov else buf
-    p.add_(d, alpha=-lr)
+class PlainUpdateWarning(UserWarning):
+    """Matrix parameters that K-FAC / FOP leave to the plain outer update (named, with why)."""
 
 
-def grad_matrix(module: nn.Module, gw=None, gb=None, out=None) -> torch.Tensor:
-    """The layer gradient ``[dW.flatten(1) | db]`` (``(d_out, d_in [+1])``), from ``.grad``
-    unless the weight / bias gradients ``gw`` / ``gb`` are given; written into ``out`` if given."""
-    w = (module.weight.grad if gw is None else gw).flatten(1)
-    if module.bias is None:
-        return w if out is None else out.copy_(w)
-    b = module.bias.grad if gb is None else gb
-    b = torch.zeros_like(module.bias) if b is None else b
-    return torch.cat([w, b[:, None]], dim=1, out=out)
-
-
-def put_direction(dirs: dict, module: nn.Module, D: torch.Tensor) -> None:
-    """Split a layer-matrix direction back into weight- and bias-shaped tensors."""
-    w = module.weight
-    dirs[w] = D[:, : w[0].numel()].reshape(w.shape)
-    if module.bias is not None:
-        dirs[module.bias] = D[:, -1]
+class DiagonalFactorWarning(UserWarning):
+    """Blocks with a factor kept diagonal because it is larger than ``max_factor_dim``."""
 
 
 def check_kfac_args(a: dict) -> None:
@@ -109,6 +98,7 @@ def check_kfac_args(a: dict) -> None:
     if a["damping_type"] == "tikhonov" and a["damping"] <= 0:
         raise ValueError(f"Invalid damping: {a['damping']!r}; 'tikhonov' needs damping > 0")
     check_choice("fisher", a["fisher"], ("empirical", "mc"))
+    check_choice("kfac_approx", a["kfac_approx"], ("expand", "reduce"))
     check_choice("factor_dtype", a["factor_dtype"], tuple(_DTYPES))
     for name in ("kl_clip", "max_grad_norm"):
         if a[name] is not None:
@@ -116,12 +106,28 @@ def check_kfac_args(a: dict) -> None:
     check_int("seed", a["seed"], 0)
 
 
+def _check_exclude(exclude) -> tuple:
+    if isinstance(exclude, (str, torch.Tensor)):
+        exclude = (exclude,)
+    try:
+        items = tuple(exclude)
+    except TypeError:
+        raise ValueError(f"Invalid exclude: {exclude!r}; expected names or parameters") from None
+    for e in items:
+        if not isinstance(e, (str, torch.Tensor)):
+            raise ValueError(f"Invalid exclude: {e!r}; expected a name pattern or a parameter")
+    return items
+
+
 class KFAC(torch.optim.Optimizer):
-    r"""K-FAC preconditioning of ``nn.Linear`` / ``nn.Conv2d`` gradients + SGD-momentum or AdamW.
+    r"""K-FAC preconditioning of the model's layers + SGD-momentum or AdamW.
 
     Args:
-        model: the ``nn.Module`` to train; its trainable parameters form the single param group
-            (names kept), its supported layers are hooked (keyed by module name).
+        params: the model (an ``nn.Module``: its trainable parameters form the single param
+            group, names kept, layers hooked now), or an iterable of parameters / named
+            parameters / param groups (``torch.optim`` style: the layers owning them are found on
+            the model's first forward, see :mod:`orthoptim.curvature.owners`; exactly the given
+            parameters are trained). Layers: see :mod:`orthoptim.curvature.adapters`.
         lr: outer learning rate (default 0.1, the FOP code's default).
         damping: λ (default 1e-2, the FOP code's default). With ``'pi'`` it is split between the
             factors by π; with ``'tikhonov'`` it is added to the Kronecker product's eigenvalues.
@@ -142,29 +148,39 @@ class KFAC(torch.optim.Optimizer):
         fisher: ``'empirical'`` (default; ``G`` from the training backward, no extra pass) or
             ``'mc'`` (Monte-Carlo: labels sampled from the model, as the paper; needs
             :meth:`sample_fisher` on factor-update steps).
+        kfac_approx: ``'expand'`` (default) or ``'reduce'``: the K-FAC of weights shared across
+            locations (Eschenhagen et al., NeurIPS 2023; :mod:`orthoptim.curvature.factors`).
         factor_dtype: ``'float32'`` (default) or ``'float64'``: dtype of factors and inverses.
         kl_clip: if set, scale the preconditioned directions by
             :math:`\min(1, \sqrt{\kappa / (lr^2 \sum_\ell \langle d_\ell, g_\ell\rangle)})`
             (kfac-pytorch). Default None (the paper does not clip by KL).
         max_grad_norm: clip the global norm of all directions (preconditioned and plain) before
-            the outer update; default 10.0, the paper's training script (``--clipping_norm``),
-            which K-FAC/FOP need for stability early on (the damped inverse of small, stale
-            factors can amplify a growing gradient). ``None`` disables it.
-        seed: seed of the generator used by :meth:`sample_fisher` (its state is saved).
+            the outer update; default 10.0, the paper's training script (``--clipping_norm``).
+            ``None`` disables it.
+        seed: seed of the Monte-Carlo labels drawn by :meth:`sample_fisher`.
+        max_factor_dim: a factor side larger than this (an LM head's vocabulary side: ``G`` of a
+            50k vocabulary is 10 GB in fp32) is kept diagonal; named once in a
+            :class:`DiagonalFactorWarning`. Default 8192; ``None``: never. Constructor only.
+        exclude: parameters or name patterns (``fnmatch``: ``"lm_head.*"``) that get the plain
+            outer update on purpose: they are not preconditioned and not named in the warning.
+            Constructor only.
         nonfinite: what a step does when a gradient holds NaN/inf: ``"skip"`` (default: drop
-            the whole step; parameters, factors, inverses, momentum, step counter and the
-            Monte-Carlo generator untouched, hook captures discarded; counted in
-            ``skipped_steps``), ``"raise"`` or ``"proceed"``. A constructor keyword, not a
-            param-group key (see :mod:`orthoptim.optim._nonfinite`, docs/reliability.md).
+            the whole step; parameters, factors, inverses, momentum and step counter untouched,
+            hook captures discarded; counted in ``skipped_steps``), ``"raise"`` or ``"proceed"``
+            (see :mod:`orthoptim.optim._nonfinite`, docs/reliability.md). Constructor only.
 
-    Every argument lives in the param group (schedulers and state dicts see it); the curvature
-    settings are read from the first group. Factors/inverses are kept in ``self.state['kfac']``
-    keyed by module name, so they travel in ``state_dict()``.
+    **No silent fallbacks.** Every trained matrix parameter that does not get K-FAC (no adapter
+    for its layer, a refused option, a tied weight, a layer whose hooks never fire) is named once
+    in a :class:`PlainUpdateWarning` with the reason; ``exclude`` silences it for the listed
+    parameters. A model with no layer K-FAC can precondition raises ``ValueError``.
+
+    Every other argument lives in the param group (schedulers and state dicts see it); the
+    curvature settings are read from the first group.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        params,
         lr: float = 0.1,
         *,
         damping: float = 1e-2,
@@ -181,36 +197,56 @@ class KFAC(torch.optim.Optimizer):
         damping_type: str = "pi",
         inverse_method: str = "cholesky",
         fisher: str = "empirical",
+        kfac_approx: str = "expand",
         factor_dtype: str = "float32",
         kl_clip: float | None = None,
         max_grad_norm: float | None = 10.0,
         seed: int = 0,
+        max_factor_dim: int | None = 8192,
+        exclude=(),
         nonfinite: str = "skip",
         **extra,
     ):
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"Invalid model: {type(model).__name__}; expected an nn.Module")
         defaults = dict(
             lr=lr, damping=damping, momentum=momentum, nesterov=nesterov,
             weight_decay=weight_decay, outer=outer, betas=betas, eps=eps,
             factor_interval=factor_interval, inverse_interval=inverse_interval,
             ema_weight=ema_weight, factor_init=factor_init, damping_type=damping_type,
-            inverse_method=inverse_method, fisher=fisher, factor_dtype=factor_dtype,
-            kl_clip=kl_clip, max_grad_norm=max_grad_norm, seed=seed, **extra,
+            inverse_method=inverse_method, fisher=fisher, kfac_approx=kfac_approx,
+            factor_dtype=factor_dtype, kl_clip=kl_clip, max_grad_norm=max_grad_norm, seed=seed,
+            **extra,
         )  # fmt: skip
         self._check_args(defaults)
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("Invalid model: it has no trainable parameters")
+        if max_factor_dim is not None:
+            check_int("max_factor_dim", max_factor_dim, 1)
+        self._max_factor_dim = max_factor_dim
+        self._exclude = _check_exclude(exclude)
+        model = params if isinstance(params, nn.Module) else None
+        if model is not None:
+            params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            if not params:
+                raise ValueError("Invalid model: it has no trainable parameters")
+        elif isinstance(params, torch.Tensor):
+            raise ValueError(f"Invalid params: {type(params).__name__}; expected an nn.Module "
+                             "or an iterable of parameters")  # fmt: skip
         super().__init__(params, defaults)
         self._model = model
-        self._layers = {  # zero-size layers have nothing to precondition
-            n: m for n, m in model.named_modules() if is_supported(m) and m.weight.numel() > 0
-        }
-        self._capture = Capture(self._layers)
-        self.state["kfac"] = {"step": 0, "rng": None, "layers": {n: {} for n in self._layers}}
-        self._rng_undo: list | None = None  # generator state before this step's sampling
+        self._roots: list[nn.Module] = []
+        self._capture = Capture()
+        self._blocks: list = []
+        self._plain: dict[str, str] = {}
+        self._diagonal: dict[str, str] = {}
+        self._warned = self._checked = False
+        self._mc_calls = 0
         _nonfinite.install(self, nonfinite)
+        if model is not None:
+            self._attach(model)
+            if not self._blocks:
+                raise ValueError(self._no_layer_message("Invalid model"))
+            self._search = None
+            self._warn_coverage()
+        else:
+            self._search = OwnerSearch(self._trained(), self._attach)
         self._arm_capture()
 
     # -- validation ---------------------------------------------------------------------------
@@ -218,7 +254,7 @@ class KFAC(torch.optim.Optimizer):
 
     def _check_args(self, args: dict) -> None:
         base = set(inspect.signature(KFAC.__init__).parameters) - {
-            "self", "model", "extra", "nonfinite",
+            "self", "params", "extra", *_CONSTRUCTOR_ONLY,
         }  # fmt: skip
         unknown = sorted(set(args) - base - set(self._EXTRA_KEYS))
         if unknown:
@@ -237,17 +273,134 @@ class KFAC(torch.optim.Optimizer):
         # hooks and the non-finite policy. Keep every attribute.
         return dict(self.__dict__)
 
+    # -- layers -------------------------------------------------------------------------------
+    def _trained(self) -> list:
+        return [p for g in self.param_groups[:1] for p in g["params"]]
+
+    def _names(self, root: nn.Module) -> dict:
+        """``{parameter: name}`` of the first group's parameters (the group's ``param_names``
+        when given, else their names in ``root``)."""
+        group = self.param_groups[0]
+        if "param_names" in group:
+            return dict(zip(group["params"], group["param_names"], strict=True))
+        in_root = {p: n for n, p in root.named_parameters()}
+        return {p: in_root.get(p, f"param {i}") for i, p in enumerate(group["params"])}
+
+    def _attach(self, root: nn.Module) -> None:
+        """Find ``root``'s blocks among the trained parameters and hook them."""
+        names = self._names(root)
+        owned = {p for p in root.parameters()}
+        trained = {p: n for p, n in names.items() if p in owned}
+        layout = find_blocks(
+            root, trained, max_factor_dim=self._max_factor_dim, exclude=self._exclude
+        )
+        reset_compiled(root)
+        if self._search is not None or self._model is None:  # parameter form: this call counts
+            self._capture.new_forward()
+        self._capture.attach(layout.blocks, layout.adapters, root)
+        self._roots.append(root)
+        self._blocks += layout.blocks
+        self._plain.update(layout.plain)
+        self._diagonal.update(layout.diagonal)
+
+    _search = None  # parameter form: the pending OwnerSearch
+
+    def _no_layer_message(self, head: str) -> str:
+        why = "; ".join(f"{n}: {r}" for n, r in list(self._plain.items())[:5])
+        return (
+            f"{head}: {type(self).__name__} found no layer it can precondition"
+            + (f" ({why})" if why else "")
+            + "; supported: nn.Linear, nn.Conv1d/2d, Conv1D (transformers), nn.Embedding, "
+            "nn.MultiheadAttention (register others with orthoptim.curvature.register_adapter); "
+            "use a first-order optimizer for this model"
+        )
+
+    def _warn_coverage(self) -> None:
+        """The one warning naming the matrix parameters left to the plain update (and the one
+        naming diagonal factors)."""
+        if self._warned:
+            return
+        self._warned = True
+        name = type(self).__name__
+        if self._plain:
+            lines = "\n".join(f"  {n}: {r}" for n, r in self._plain.items())
+            outer = self.param_groups[0]["outer"]
+            warnings.warn(
+                f"{name}: {len(self._plain)} matrix parameter(s) get the plain outer update "
+                f"({outer}), not {name}:\n{lines}\nPass exclude=[...] with these names to "
+                "declare it intentional (silences this warning).",
+                PlainUpdateWarning,
+                stacklevel=_user_stacklevel(),
+            )
+        if self._diagonal:
+            lines = "\n".join(f"  {n}: {r}" for n, r in self._diagonal.items())
+            warnings.warn(
+                f"{name}: factors kept diagonal (max_factor_dim):\n{lines}",
+                DiagonalFactorWarning,
+                stacklevel=_user_stacklevel(),
+            )
+
+    def _finish_search(self) -> None:
+        """Parameter form: after the first step that saw the model run, stop searching; the
+        parameters never seen in a forward are named, and no layer at all is an error."""
+        if self._model is not None or self._checked:
+            return
+        if self._search is not None and self._search.active:
+            pending = self._search.pending
+            if not self._roots:
+                grads = [p.grad for p in self._trained() if p.grad is not None]
+                if not grads or not any(bool(g.any()) for g in grads):
+                    return  # no forward yet (a checkpoint loader's zero-gradient step)
+                raise RuntimeError(
+                    f"{type(self).__name__}: got gradients but never saw the model run (the "
+                    "parameters were given as a list and no module owning them was called "
+                    "through nn.Module.__call__); pass the model: "
+                    f"{type(self).__name__}(model, lr=...)"
+                )
+            self._search.remove()
+            for i, p in enumerate(pending):
+                if sum(s > 1 for s in p.shape) >= 2:
+                    self._plain[f"param {i} {tuple(p.shape)}"] = "never used in a forward"
+        if not self._blocks:
+            raise ValueError(self._no_layer_message("Invalid params"))
+
+    def _check_hooks(self) -> None:
+        """Once, at the first step after the model ran: blocks with a gradient whose hooks saw
+        nothing are named (plain update); if no block saw anything, the hooks are not firing."""
+        self._checked = True
+        recs = self._capture.records
+        silent = [b for b in self._blocks if b.weight.grad is not None and not recs[b].forwards]
+        if silent and len(silent) == len([b for b in self._blocks if b.weight.grad is not None]):
+            compiled = bool(compiled_modules(self._roots[0])) if self._roots else False
+            raise RuntimeError(
+                f"{type(self).__name__}: the model ran but none of its layer hooks fired"
+                + (" (it is a compiled model whose compiled code was not reset)" if compiled
+                   else "") +
+                "; build the optimizer before the model's first forward, or with the compiled "
+                "module itself so that its code is recompiled with the hooks"
+            )  # fmt: skip
+        for b in silent:
+            self._plain[b.name] = (
+                "its module's hooks never saw it run (the weight is used through the functional "
+                "API, or by a compiled region): not preconditioned"
+            )
+        self._warn_coverage()
+
     # -- schedule -----------------------------------------------------------------------------
+    def _anchor_state(self) -> dict:
+        return self.state[self.param_groups[0]["params"][0]]
+
     @property
     def kfac_step(self) -> int:
         """Number of completed ``step()`` calls (drives the factor / inverse intervals)."""
-        return self.state["kfac"]["step"]
+        anchor = self.param_groups[0]["params"][0]  # reading must not create state entries
+        return self.state[anchor].get("kfac_step", 0) if anchor in self.state else 0
 
     def _is_factor_step(self) -> bool:
         return self.kfac_step % self.param_groups[0]["factor_interval"] == 0
 
     def _split_dtype(self):
-        """Dtype of the first-half gradients the hooks form for every backward
+        """Dtype of the sub-batch gradients the hooks form for every backward
         (:attr:`Capture.split_dtype`, FOP's one-pass split); None for K-FAC."""
         return None
 
@@ -260,45 +413,77 @@ class KFAC(torch.optim.Optimizer):
         self._capture.save_outputs = factor and mc
         self._capture.split_dtype = self._split_dtype()
 
+    # -- state --------------------------------------------------------------------------------
+    def block_state(self, block) -> dict:
+        """The K-FAC state of one block: ``A``, ``G``, ``pre`` (the damped inverse), the number
+        of factor ``updates`` and ``inverses`` computed (FOP adds ``beta``, ``eta``)."""
+        return self.state[block.weight]["kfac"][block.key]
+
+    def _new_block_state(self, block, hp: dict) -> dict:
+        dtype, dev = _DTYPES[hp["factor_dtype"]], block.weight.device
+
+        def factor(d: int, diag: bool):
+            return torch.zeros((d,) if diag else (d, d), dtype=dtype, device=dev)
+
+        A, G = factor(block.d_in, block.diag_a), factor(block.d_out, block.diag_g)
+        if hp["damping_type"] == "pi":
+            pre = {"A_inv": torch.zeros_like(A), "G_inv": torch.zeros_like(G)}
+        else:
+            pre = {"scale": torch.zeros((block.d_out, block.d_in), dtype=dtype, device=dev)}
+            if not block.diag_a:
+                pre["QA"] = torch.zeros_like(A)
+            if not block.diag_g:
+                pre["QG"] = torch.zeros_like(G)
+        return {"A": A, "G": G, "pre": pre, "updates": 0, "inverses": 0}
+
+    def _init_state(self, hp: dict) -> None:
+        """Create every block's state with its final shapes (a checkpoint loader's template)."""
+        anchor = self._anchor_state()
+        anchor.setdefault("kfac_step", 0)
+        for b in self._blocks:
+            blocks = self.state[b.weight].setdefault("kfac", {})
+            if b.key not in blocks:
+                blocks[b.key] = self._new_block_state(b, hp)
+
     # -- Monte-Carlo Fisher -------------------------------------------------------------------
+    def _mc_generator(self, device) -> torch.Generator:
+        """A generator seeded by ``(seed, step, call within the step)``: resuming needs no
+        generator state, and a skipped step draws the same labels again."""
+        key = f"{self.param_groups[0]['seed']}:{self.kfac_step}:{self._mc_calls}".encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+        self._mc_calls += 1
+        return torch.Generator(device=device).manual_seed(seed)
+
     def sample_fisher(self, logits: torch.Tensor) -> None:
         r"""Record Monte-Carlo Fisher output gradients (``fisher='mc'``).
 
         Call after the forward pass that produced ``logits`` (shape ``(..., C)``, a categorical
-        model) and before ``loss.backward()``; it is a no-op unless ``fisher='mc'`` and the coming
-        ``step()`` updates the factors, so it can be called every step. It samples
-        :math:`y \sim \mathrm{softmax}(\text{logits})` with a generator whose state is kept in the
-        optimizer state (deterministic resume), and backpropagates the sum-reduced
-        :math:`-\log p(y)` to the hooked layer outputs only (no parameter ``.grad`` is touched).
+        model) and before ``loss.backward()`` (once per micro-batch under gradient accumulation);
+        it is a no-op unless ``fisher='mc'`` and the coming ``step()`` updates the factors, so it
+        can be called every step. It samples :math:`y \sim \mathrm{softmax}(\text{logits})` and
+        backpropagates the sum-reduced :math:`-\log p(y)` to the hooked layer outputs only (no
+        parameter ``.grad`` is touched).
         """
         if self.param_groups[0]["fisher"] != "mc" or not self._is_factor_step():
             return
-        st = self.state["kfac"]
-        recs = [(n, r) for n, r in self._capture.records.items() if r.outputs]
+        recs = [r for r in self._capture.records.values() if r.outputs]
         if not recs:
             return
-        gen = torch.Generator(device=logits.device)
-        if st["rng"] is None:
-            gen.manual_seed(self.param_groups[0]["seed"])
-        else:
-            gen.set_state(st["rng"])
+        gen = self._mc_generator(logits.device)
         flat = logits.reshape(-1, logits.shape[-1])
         with torch.no_grad():
             probs = torch.softmax(flat.detach().float(), dim=-1)
             y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-        if self._rng_undo is None:  # a skipped step rolls the generator back to here
-            self._rng_undo = [st["rng"]]
-        st["rng"] = gen.get_state()
         with torch.enable_grad():
             loss = F.cross_entropy(flat, y, reduction="sum")
-            outs = [o for _, r in recs for o in r.outputs]
+            outs = [o for r in recs for o in r.outputs]
             self._capture.paused = True  # this backward must not look like a training backward
             try:
                 grads = torch.autograd.grad(loss, outs, retain_graph=True, allow_unused=True)
             finally:
                 self._capture.paused = False
         it = iter(grads)
-        for _, r in recs:
+        for r in recs:
             for _o in r.outputs:
                 g = next(it)
                 if g is not None:
@@ -307,11 +492,13 @@ class KFAC(torch.optim.Optimizer):
 
     # -- curvature ----------------------------------------------------------------------------
     def _update_factors(self, hp: dict) -> None:
-        dtype = _DTYPES[hp["factor_dtype"]]
+        dtype, approx = _DTYPES[hp["factor_dtype"]], hp["kfac_approx"]
         mc = hp["fisher"] == "mc"
-        for name, m in self._layers.items():
-            rec = self._capture.records[name]
-            grads = rec.mc_grads if mc else rec.grads
+        w, init = hp["ema_weight"], hp["factor_init"]
+        a_cache: dict = {}  # attention's q/k/v blocks of a self-attention share their input
+        for b in self._blocks:
+            rec = self._capture.records[b]
+            grads = rec.mc_grads if mc else rec.grad_records()
             if not rec.inputs:
                 continue
             if not grads:
@@ -321,30 +508,61 @@ class KFAC(torch.optim.Optimizer):
                         "before loss.backward() on factor-update steps"
                     )
                 continue
-            ls = self.state["kfac"]["layers"][name]
-            w, init = hp["ema_weight"], hp["factor_init"]
-            ls["A"] = ema(ls.get("A"), a_factor(m, rec.inputs, dtype), w, init)
-            ls["G"] = ema(ls.get("G"), g_factor(m, grads, dtype), w, init)
+            key = (type(b.ops), b.bias is not None, b.diag_a, *map(id, rec.inputs))
+            if key not in a_cache:
+                a_cache[key] = a_factor(b, rec.inputs, dtype, approx)
+            ls = self.block_state(b)
+            first = ls["updates"] == 0
+            ls["A"] = ema(None if first else ls["A"], a_cache[key], w, init)
+            ls["G"] = ema(None if first else ls["G"], g_factor(b, grads, rec.samples(), dtype,
+                                                               approx), w, init)  # fmt: skip
+            ls["updates"] += 1
 
     def update_inverses(self) -> None:
-        """Recompute every layer's damped inverse from its current factors (done by ``step``)."""
+        """Recompute every block's damped inverse from its current factors (done by ``step``)."""
         hp = self.param_groups[0]
-        for ls in self.state["kfac"]["layers"].values():
-            if "A" in ls:
+        for b in self._blocks:
+            ls = self.block_state(b)
+            if ls["updates"] > 0:
                 ls["pre"] = compute_preconditioner(
                     ls["A"], ls["G"], hp["damping"], hp["damping_type"], hp["inverse_method"]
                 )
+                ls["inverses"] += 1
 
     def _precondition(self, ls: dict, M: torch.Tensor) -> torch.Tensor:
         return inverse_mv(ls["pre"], M.to(ls["A"].dtype)).to(M.dtype)
 
+    def _ready(self, block) -> bool:
+        return block.weight.grad is not None and self.block_state(block)["inverses"] > 0
+
+    def _put(self, dirs: dict, block, D: torch.Tensor) -> None:
+        """Write a block direction (matrix layout) into ``dirs`` (weight- and bias-shaped)."""
+        w, b = block.split_direction(D)
+        if block.rows is None:
+            dirs[block.weight] = w
+        else:  # a row block: the other rows keep their own direction (or the gradient)
+            full = dirs.get(block.weight)
+            if full is None:
+                full = dirs[block.weight] = block.weight.grad.clone()
+            full[block.rows] = w
+        if block.bias is None:
+            return
+        if block.bias_rows is None:
+            dirs[block.bias] = b
+            return
+        full = dirs.get(block.bias)
+        if full is None:
+            g = block.bias.grad
+            full = dirs[block.bias] = torch.zeros_like(block.bias) if g is None else g.clone()
+        full[block.bias_rows] = b
+
     def _directions(self, hp: dict) -> dict:
-        """Preconditioned directions ``{param: tensor}`` of the layers that have an inverse."""
+        """Preconditioned directions ``{param: tensor}`` of the blocks that have an inverse."""
         dirs = {}
-        for name, m in self._layers.items():
-            ls = self.state["kfac"]["layers"][name]
-            if "pre" in ls and m.weight.grad is not None:
-                put_direction(dirs, m, self._precondition(ls, grad_matrix(m)))
+        for b in self._blocks:
+            if self._ready(b):
+                M = b.grad_matrix()
+                self._put(dirs, b, self._precondition(self.block_state(b), M))
         return dirs
 
     def _rescale(self, dirs: dict, hp: dict) -> dict:
@@ -370,27 +588,13 @@ class KFAC(torch.optim.Optimizer):
     # -- step ---------------------------------------------------------------------------------
     def _outer_update(self, dirs: dict) -> None:
         for group in self.param_groups:
-            lr = float(group["lr"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = dirs.get(p, p.grad)
-                state = self.state[p]
-                if group["outer"] == "sgd":
-                    sgd_step_(
-                        p, d, state, lr=lr, momentum=group["momentum"],
-                        nesterov=group["nesterov"], weight_decay=group["weight_decay"],
-                    )  # fmt: skip
-                else:
-                    if not state:
-                        state["step"] = 0
-                        state["exp_avg"] = torch.zeros_like(p)
-                        state["exp_avg_sq"] = torch.zeros_like(p)
-                    state["step"] += 1
-                    adamw_step_(
-                        p, d, state["exp_avg"], state["exp_avg_sq"], state["step"], lr=lr,
-                        betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-                    )  # fmt: skip
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            ds = [dirs.get(p, p.grad).to(p.dtype) for p in params]  # no-op unless autocast
+            states = [self.state[p] for p in params]
+            update = sgd_update if group["outer"] == "sgd" else adamw_update
+            update(params, ds, states, group, float(group["lr"]))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -402,11 +606,14 @@ class KFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._finish_search()
         if _nonfinite.skip_step(self):
             self._discard_step()
             return loss
-        self._rng_undo = None
         hp = self.param_groups[0]
+        self._init_state(hp)
+        if not self._checked and self._roots and self._capture.saw_forward():
+            self._check_hooks()
         try:
             if self._is_factor_step():
                 self._update_factors(hp)
@@ -416,32 +623,75 @@ class KFAC(torch.optim.Optimizer):
             self._outer_update(dirs)
         finally:
             self._capture.clear()
-        self.state["kfac"]["step"] += 1
+            self._mc_calls = 0
+        self._anchor_state()["kfac_step"] += 1
         self._arm_capture()
         return loss
 
     def _discard_step(self) -> None:
-        """A skipped step: drop what the hooks captured, undo this step's Fisher sampling."""
+        """A skipped step: drop what the hooks captured (the step counter did not move, so the
+        Monte-Carlo labels of the retried step are drawn again)."""
         self._capture.clear()
-        if self._rng_undo is not None:
-            self.state["kfac"]["rng"] = self._rng_undo[0]
-            self._rng_undo = None
+        self._mc_calls = 0
 
+    # -- state dicts --------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
-        saved = state_dict.get("state", {}).get("kfac")
-        if saved is not None and set(saved.get("layers", {})) != set(self._layers):
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the state dict preconditions layers "
-                f"{sorted(saved.get('layers', {}))} but this model has {sorted(self._layers)}; "
-                "it comes from a different model"
-            )
-        super().load_state_dict(state_dict)
-        for name, ls in self.state["kfac"]["layers"].items():  # follow the layer's device
-            device = self._layers[name].weight.device
-            for key, value in ls.items():
-                if isinstance(value, torch.Tensor):
-                    ls[key] = value.to(device)
-                elif isinstance(value, dict):
-                    ls[key] = {k: v.to(device) for k, v in value.items()}
-        self._rng_undo = None
+        """``torch.optim`` loading, except that K-FAC state keeps ``factor_dtype`` (torch would
+        cast it to each parameter's dtype) and follows the parameter's device; a state dict whose
+        blocks or parameter names do not match this model raises ``ValueError``."""
+        ours = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        id_map = dict(zip(saved_ids, ours, strict=False))
+        self._check_names(state_dict)
+        stripped, kfac = {}, {}
+        for k, v in state_dict["state"].items():
+            v = dict(v)
+            if "kfac" in v:
+                kfac[id_map.get(k)] = v.pop("kfac")
+            stripped[k] = v
+        self._check_blocks(kfac)
+        super().load_state_dict({**state_dict, "state": stripped})
+        for p, blocks in kfac.items():
+            if p is not None:
+                self.state[p]["kfac"] = _to_device(blocks, p.device)
         self._arm_capture()  # the loaded step decides what the next step needs
+
+    def _check_names(self, state_dict: dict) -> None:
+        for g_saved, g in zip(state_dict["param_groups"], self.param_groups, strict=False):
+            a, b = g_saved.get("param_names"), g.get("param_names")
+            if a is not None and b is not None and list(a) != list(b):
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: the state dict's parameters "
+                    f"{list(a)[:4]}... do not match this optimizer's {list(b)[:4]}...; it comes "
+                    "from a different model"
+                )
+
+    def _check_blocks(self, kfac: dict) -> None:
+        for b in self._blocks:
+            saved = kfac.get(b.weight, {}).get(b.key)
+            if saved is None:
+                continue
+            want = (b.d_in,) if b.diag_a else (b.d_in, b.d_in)
+            if tuple(saved["A"].shape) != want:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: block {b.name} has A of shape "
+                    f"{want} but the state dict's is {tuple(saved['A'].shape)}; it comes from a "
+                    "different model"
+                )
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside orthoptim."""
+    root = __file__.rsplit("/optim/", 1)[0]
+    frame, level = inspect.currentframe().f_back, 1
+    while frame is not None and frame.f_code.co_filename.startswith(root):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,70 @@
+"""Finding the model of a parameter list, and making compiled models see K-FAC's hooks.
+
+``KFAC(model.parameters(), ...)`` knows tensors, not layers. :class:`OwnerSearch` installs a
+temporary *global* module forward pre-hook: the first module called that owns some of the
+parameters (the outermost one: the model) is handed to ``found(module)`` before its forward runs,
+so its layers are hooked in time for that very forward; the global hook is removed once every
+parameter has an owner (or by :meth:`OwnerSearch.remove`).
+
+``torch.compile``: dynamo does not guard on module hooks, so hooks added after a compiled module
+first ran never fire. :func:`reset_compiled` drops the compiled code of every compiled module in a
+model (``torch._dynamo.reset_code`` on the code objects it compiled), so the next forward is traced
+again, with the hooks. Recompiling affects every instance of those module classes once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class OwnerSearch:
+    """Calls ``found(module)`` for the first module called that owns any of ``params``."""
+
+    def __init__(self, params, found):
+        self.pending = set(params)
+        self.found = found
+        self._handle = nn.modules.module.register_module_forward_pre_hook(self._pre)
+
+    def _pre(self, module, args):
+        if not self.pending or not any(p in self.pending for p in module.parameters()):
+            return
+        self.pending -= set(module.parameters())
+        if not self.pending:
+            self.remove()
+        self.found(module)
+
+    @property
+    def active(self) -> bool:
+        return self._handle is not None
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def compiled_modules(root: nn.Module) -> list:
+    """The ``torch.compile`` wrappers (``OptimizedModule``) in ``root``, ``root`` included."""
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - dynamo always ships with torch >= 2.0
+        return []
+    return [m for m in root.modules() if isinstance(m, OptimizedModule)]
+
+
+def reset_compiled(root: nn.Module) -> int:
+    """Drop the compiled code of the compiled modules in ``root`` (see the module docstring);
+    returns how many were reset (0 when this torch has no ``reset_code``)."""
+    reset = getattr(torch._dynamo, "reset_code", None)
+    mods = compiled_modules(root)
+    if reset is None:
+        return 0
+    for m in mods:
+        codes = [type(m._orig_mod).forward.__code__]
+        inner = getattr(m.forward, "__wrapped__", None)  # torch.nn.* modules: an inlined wrapper
+        if inner is not None and hasattr(inner, "__code__"):
+            codes.append(inner.__code__)
+        for code in codes:
+            reset(code)
+    return len(mods)
