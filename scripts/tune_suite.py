@@ -30,19 +30,24 @@ TUNED = {
     "continual-split-task": ("paper", ("continual-split-class",)),
     "large-batch": ("paper-b1024", ()),
     "large-batch-cnn": ("paper-b1024", ("longtail-cnn",)),  # same CNN, lrs at batch 128
+    "large-batch-vit": ("paper-b512", ()),
 }
+# Optimizers that are K-FAC at K-FAC's tuned lr (kfac-2x doubles it at build time; the coverage
+# controls differ from K-FAC only in which layers are preconditioned): never tuned themselves.
+KFAC_COPIES = ("kfac-2x", "kfac-noattn", "kfac-patch-head")
 
 
 def _store(config_path, task: str, opt: str, hp: dict, prov: dict, opts: dict) -> None:
     """Store a tuned lr, and its copies: the tasks that share ``task``'s tuning (``TUNED``) and,
-    for K-FAC, ``kfac-2x`` (K-FAC at twice K-FAC's lr)."""
+    for K-FAC, the ``KFAC_COPIES`` in the task's set."""
     hparams.save_tuned(config_path, task, opt, hp, prov)
     for other in TUNED[task][1]:
         if opt in opts.get(other, ()):
             hparams.save_tuned(config_path, other, opt, hp, {**prov, "shared_from": task})
-    if opt == "kfac" and "kfac-2x" in opts[task]:
-        hparams.save_tuned(config_path, task, "kfac-2x", hp,
-                           {**prov, "shared_from": f"{task} kfac"})  # fmt: skip
+    for copy in KFAC_COPIES:
+        if opt == "kfac" and copy in opts[task]:
+            hparams.save_tuned(config_path, task, copy, hp,
+                               {**prov, "shared_from": f"{task} kfac"})  # fmt: skip
 
 
 def _one(task: str, preset: str, opt: str, points: int, seeds, data_dir, config_path, grid=None):
@@ -95,8 +100,8 @@ def extend(args, opts, config_path, failed: dict) -> None:
         for opt in opts[task]:
             entry = config.tasks.get(task, {}).get(opt)
             prov = entry["tuned"] if entry else failed.get((task, opt))
-            if (prov and prov.get("shared_from")) or opt == "kfac-2x":
-                continue  # kfac-2x = K-FAC at twice K-FAC's tuned lr (shares kfac's entry)
+            if (prov and prov.get("shared_from")) or opt in KFAC_COPIES:
+                continue  # K-FAC's copies share kfac's entry
             lr = _edge_lr(prov, config.default_hparams(opt)["lr"], goal, args.points)
             if lr is not None:
                 todo.append((task, preset, opt, prov, float(f"{lr:.4g}")))
@@ -147,9 +152,9 @@ def main() -> None:
         for _ in range(args.rounds):
             extend(args, opts, args.config or hparams.DEFAULT_PATH, failed)
         return
-    # kfac-2x is not tuned: it is K-FAC at twice K-FAC's tuned lr (it shares kfac's entry)
+    # K-FAC's copies are not tuned: they share kfac's entry (KFAC_COPIES)
     pairs = [(t, p, o) for t, (p, _) in TUNED.items() if not args.tasks or t in args.tasks
-             for o in opts[t] if o != "kfac-2x"]  # fmt: skip
+             for o in opts[t] if o not in KFAC_COPIES]  # fmt: skip
     for _, _, o in pairs:
         registry.get_optimizer(o)
     config_path = args.config or hparams.DEFAULT_PATH

@@ -6,9 +6,11 @@ optimizers can route the output layer by name (e.g. to AdamW instead of an ortho
 a plain 2-D (or conv) matrix. :class:`ResNet` is the CIFAR ResNet of He et al., "Deep Residual
 Learning for Image Recognition" (CVPR 2016, arXiv:1512.03385, Sec. 4.2) and does use BatchNorm, as
 in the paper (its gains and biases are 1-D, so ``param_groups`` sends them to AdamW).
+:class:`ViT` is a small vision transformer (Dosovitskiy et al., ICLR 2021) built from
+``nn.MultiheadAttention`` (inside ``nn.TransformerEncoderLayer``), LayerNorm and an MLP.
 
 :func:`build_model` builds any of them by name (``"mlp"``, ``"cnn"``, ``"resnet8"``,
-``"resnet20"``, ``"resnet<6n+2>"``) from an input shape and a class count.
+``"resnet20"``, ``"resnet<6n+2>"``, ``"vit"``) from an input shape and a class count.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "SmallCNN", "ResNet", "build_model", "MODEL_NAMES"]
+__all__ = ["MLP", "SmallCNN", "ResNet", "ViT", "build_model", "MODEL_NAMES"]
 
-MODEL_NAMES = ("mlp", "cnn", "resnet8", "resnet20")
+MODEL_NAMES = ("mlp", "cnn", "resnet8", "resnet20", "vit")
 
 
 class MLP(nn.Module):
@@ -172,6 +174,45 @@ class ResNet(nn.Module):
         return self.head(self.body(x))
 
 
+class ViT(nn.Module):
+    """A small vision transformer (ViT, Dosovitskiy et al. 2021), pre-norm.
+
+    ``Conv2d(patch, stride patch)`` patch embedding -> class token and learned positional
+    embedding -> ``depth`` x ``nn.TransformerEncoderLayer`` (``nn.MultiheadAttention`` with
+    ``heads`` heads, GELU MLP of width ``mlp``, ``norm_first``, no dropout) -> LayerNorm -> ``head``
+    on the class token. Every weight matrix is a ``Conv2d``, ``nn.MultiheadAttention`` or
+    ``nn.Linear`` (K-FAC / FOP precondition all of them); ``pos_embedding`` is a matrix used
+    directly, listed in ``kfac_exclude`` (plain on purpose, see the benchmark registry).
+
+    Args:
+        in_channels, num_classes, image_size: the data.
+        patch: patch side (``image_size`` must be a multiple).
+        dim: embedding width. heads: attention heads. depth: encoder layers. mlp: MLP width.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
+                 patch: int = 7, dim: int = 32, heads: int = 4, depth: int = 2,
+                 mlp: int = 64):  # fmt: skip
+        super().__init__()
+        if image_size % patch != 0:
+            raise ValueError(f"Invalid patch: {patch!r}; must divide image_size {image_size}")
+        n = (image_size // patch) ** 2
+        self.kfac_exclude = ("pos_embedding",)
+        self.patch = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embedding = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, mlp, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)  # fmt: skip
+        self.body = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1) + self.pos_embedding
+        return self.head(self.norm(self.body(h))[:, 0])
+
+
 def build_model(
     name: str,
     input_shape: Sequence[int],
@@ -192,13 +233,24 @@ def build_model(
         num_classes: output size.
         hidden: MLP hidden widths (an empty sequence gives logistic regression); the CNN uses the
             first entry (128 if empty) as its hidden linear width.
-        width: CNN first-block channels or ResNet first-stage channels.
+        width: CNN first-block channels, ResNet first-stage channels or the ViT's embedding
+            width (default 32; its MLP width is ``hidden[0]``, default twice the width; 2 layers,
+            4 heads, 4x4 patches).
     """
     shape = tuple(int(s) for s in input_shape)
     if num_classes < 1:
         raise ValueError(f"Invalid num_classes: {num_classes!r}; must be >= 1")
     if name == "mlp":
         return MLP(math.prod(shape), tuple(hidden), num_classes)
+    if name == "vit":
+        if len(shape) != 3 or shape[1] != shape[2] or shape[1] % 4 != 0:
+            raise ValueError(
+                f"Invalid input_shape: {shape!r}; model 'vit' needs square (C, H, W) images with "
+                "a side divisible by 4 (4x4 patches)"
+            )
+        w = 32 if width is None else int(width)
+        mlp = int(hidden[0]) if len(hidden) else 2 * w
+        return ViT(shape[0], num_classes, shape[1], shape[1] // 4, w, 4, 2, mlp)
     m = re.fullmatch(r"resnet(\d+)", name)
     if name == "cnn" or m:
         if len(shape) != 3 or shape[1] != shape[2]:

@@ -24,7 +24,12 @@ Built-in optimizers:
   step shares AdamW's lr.
 * ``kfac``, ``fop``: K-FAC and FOP (their lr is an SGD-outer lr, not on AdamW's scale).
   ``kfac-2x``: K-FAC at twice the lr and half the (coupled) weight decay, the fair baseline for FOP,
-  whose step is K-FAC's at 2x lr when the two half-batches agree (docs/fop.md).
+  whose step is K-FAC's at 2x lr when the two half-batches agree (docs/fop.md). Coverage
+  controls at K-FAC's lr: ``kfac-noattn`` leaves attention's matrices to the plain update (what
+  K-FAC preconditioned in a model built from ``nn.MultiheadAttention`` before the layer
+  adapters: their hooks never fired), ``kfac-patch-head`` preconditions only what is not in a
+  transformer layer (a ViT's patch convolution and head). A model may name parameters that are
+  plain on purpose in a ``kfac_exclude`` attribute (the ViT's positional embedding).
 
 Peers: every optimizer of the ``pytorch_optimizer`` package, by its lowercase name, when the package
 imports (built-in names win on clashes: ``sgd``, ``adamw``, ``muon``). A peer is built over
@@ -178,12 +183,17 @@ def _fogo_builder(fixed: dict[str, Any]):
     return build
 
 
-def _kfac_builder(cls: type, wd_factor: float = 1.0):
+_NO_ATTENTION = ("*self_attn*", "*attn.in_proj*", "*attn.out_proj*")
+_PATCH_HEAD = (*_NO_ATTENTION, "*linear1*", "*linear2*")
+
+
+def _kfac_builder(cls: type, wd_factor: float = 1.0, exclude: tuple[str, ...] = ()):
     def build(model: nn.Module, **hp):
         hp = _tuples(hp)
         if "weight_decay" in hp:
             hp["weight_decay"] = hp["weight_decay"] * wd_factor
-        return cls(model, **hp)
+        plain = (*exclude, *getattr(model, "kfac_exclude", ()), *hp.pop("exclude", ()))
+        return cls(model, exclude=plain, **hp)
 
     return build
 
@@ -196,8 +206,8 @@ def _torch_builder(cls: type):
 
 
 def _builtins() -> dict[str, OptimizerEntry]:
-    kfac_keys = _kwargs_of(KFAC.__init__, skip=("model",))
-    fop_keys = kfac_keys | _kwargs_of(FOP.__init__, skip=("model",))
+    kfac_keys = _kwargs_of(KFAC.__init__, skip=("params",))
+    fop_keys = kfac_keys | _kwargs_of(FOP.__init__, skip=("params",))
     kfac_defaults = {"lr": 0.1, "damping": 1e-2, "momentum": 0.9, "weight_decay": 0.0}
     muon_keys = _FOGO_KEYS - _MEMORY_KEYS - _DUAL_KEYS - set(_MUON_MODE) - {"ns_dtype"}
     # torch.optim.Muon's code defaults (lr 1e-3, weight decay 0.1, momentum 0.95).
@@ -243,6 +253,14 @@ def _builtins() -> dict[str, OptimizerEntry]:
         OptimizerEntry(
             "fop", "FOP: Fisher-orthogonal projection on K-FAC", _kfac_builder(FOP),
             kfac_defaults, keys=fop_keys,
+        ),
+        OptimizerEntry(
+            "kfac-noattn", "K-FAC with attention left to the plain update (the old coverage)",
+            _kfac_builder(KFAC, exclude=_NO_ATTENTION), kfac_defaults, keys=kfac_keys,
+        ),
+        OptimizerEntry(
+            "kfac-patch-head", "K-FAC on the layers outside transformer blocks only",
+            _kfac_builder(KFAC, exclude=_PATCH_HEAD), kfac_defaults, keys=kfac_keys,
         ),
     ]  # fmt: skip
     return {e.name: e for e in entries}

@@ -28,6 +28,9 @@ __all__ = ["SuiteItem", "SUITES", "get_suite", "plan_suite"]
 
 FOGO_SET = ("sgd", "adamw", "muon", "fogo-nomem", "fogo")
 FOP_SET = ("sgd", "adamw", "kfac", "kfac-2x", "fop")
+# The ViT adds K-FAC with the coverage it had before the layer adapters (no attention) and with
+# only the patch convolution and head: what preconditioning attention and the MLPs buys.
+VIT_SET = ("sgd", "adamw", "kfac", "kfac-noattn", "kfac-patch-head", "fop")
 LONGTAIL_SET = ("sgd", "adamw", "muon", "fogo-nomem", "fogo", "kfac", "fop")
 # FOGO's GPT-2 claim is against Adam and Muon; plain SGD is not a language-model baseline.
 LM_SET = ("adamw", "muon", "fogo-nomem", "fogo")
@@ -68,6 +71,10 @@ def _items(preset: str) -> tuple[SuiteItem, ...]:
         large += [
             SuiteItem("large-batch-cnn", FOP_SET, f"large-batch-cnn/bs{b}", preset=p)
             for b, p in ((128, "paper-b128"), (1024, "paper-b1024"), (4096, "paper"))
+        ]
+        large += [
+            SuiteItem("large-batch-vit", VIT_SET, f"large-batch-vit/bs{b}", preset=p)
+            for b, p in ((128, "paper-b128"), (512, "paper-b512"), (2048, "paper"))
         ]
     items = longtail + [SuiteItem(t, FOGO_SET) for t in _CONTINUAL]
     items += [SuiteItem("lm-pretrain", LM_SET), SuiteItem("lm-continual", LM_SET)]

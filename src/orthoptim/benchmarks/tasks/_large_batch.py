@@ -27,6 +27,12 @@ layers), the same MNIST target 0.96, at most 100 steps at B = 4096 (about 1 s pe
 CPU thread) and 400 at B = 1024 (SGD needs ~60 steps to leave the initial plateau of this CNN).
 Its lrs are tuned separately (its own task entry in the hparams config).
 
+``large-batch-vit`` is the same protocol on a small vision transformer (:class:`~orthoptim.\
+benchmarks.models.ViT`: 4x4 patches of 7x7 pixels, width 32, 2 pre-norm encoder layers of 4 heads,
+MLP 64) on Fashion-MNIST, target 0.82 (reached by AdamW in about 500 steps at batch 128), batch
+128 / 512 / 2048 with step caps 1500 / 600 / 200 and 10 warm-up steps at every batch (attention
+models want a warm-up); its lrs are tuned at batch 512.
+
 Targets: MNIST 0.96 (AlgoPerf's MNIST development workload uses 0.97; 0.96 keeps the B = 4096
 run within its 60-step CPU budget), Fashion-MNIST 0.85, the same for every batch size so that
 steps-to-target can be compared across batch sizes.
@@ -45,7 +51,7 @@ from ..train import evaluate, seeded, task_seed, train
 from ._common import COMMON_DATA, check_positive, model_fn, prepare
 from .base import Metric, NullProgress, RunOutput, TaskSpec
 
-__all__ = ["LARGE_BATCH", "LARGE_BATCH_CNN"]
+__all__ = ["LARGE_BATCH", "LARGE_BATCH_CNN", "LARGE_BATCH_VIT"]
 
 METRICS = (
     Metric("steps_to_target", "min", "optimizer steps until eval accuracy >= target (NaN: never)"),
@@ -89,6 +95,18 @@ CNN_PRESETS: dict[str, dict[str, Any]] = {
     "paper-b1024": {**_CNN, "batch_size": 1024, "max_steps": 400, "eval_every": 10,
                     "warmup_steps": 10},
     "paper-b128": {**_CNN, "batch_size": 128, "max_steps": 1500, "eval_every": 50},
+}  # fmt: skip
+
+
+_VIT = {**_BASE, "dataset": "fashion_mnist", "model": "vit", "width": 32, "hidden": [64],
+        "target_accuracy": 0.82, "max_epochs": 10.0, "eval_limit": 1000, "warmup_steps": 10}
+VIT_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {**PRESETS["tiny"], "model": "vit", "width": 16, "hidden": [32], "max_steps": 30},
+    "quick": {**PRESETS["quick"], "model": "vit", "width": 32, "hidden": [64],
+              "target_accuracy": 0.9, "warmup_steps": 10},
+    "paper": {**_VIT, "batch_size": 2048, "max_steps": 200, "eval_every": 10},
+    "paper-b512": {**_VIT, "batch_size": 512, "max_steps": 600, "eval_every": 20},
+    "paper-b128": {**_VIT, "batch_size": 128, "max_steps": 1500, "eval_every": 50},
 }  # fmt: skip
 
 
@@ -205,4 +223,11 @@ LARGE_BATCH_CNN = dataclasses.replace(
     name="large-batch-cnn",
     description="large-batch on the small CNN (conv layers preconditioned), MNIST target 0.96",
     presets=CNN_PRESETS,
+)
+
+LARGE_BATCH_VIT = dataclasses.replace(
+    LARGE_BATCH,
+    name="large-batch-vit",
+    description="large-batch on a small ViT (attention preconditioned), Fashion-MNIST target 0.82",
+    presets=VIT_PRESETS,
 )
