@@ -25,6 +25,9 @@ Without root calls (a model whose layers are called directly) every layer call c
 one forward: weight reuse is then handled, accumulation is not.
 
 FOP's one-pass split (``split_dtype`` set) is formed during backward, see :mod:`.split`.
+
+Under ``torch.compile`` the hooks are excluded from tracing (``torch.compiler.disable``): each
+hooked layer call is a graph break, the layers' own computation stays compiled.
 """
 
 from __future__ import annotations
@@ -112,10 +115,14 @@ class Capture:
         self.forward_id += 1
         self.root_calls += 1
 
+    @torch.compiler.disable
     def module_hook(self, block: Block, module, inputs, output):
         """Forward hook of a module with one block (``LayerAdapter.install``)."""
         return self.forward(block, inputs[0], output)
 
+    # Under torch.compile the hooks run eagerly (a graph break at each hooked layer): they mutate
+    # Python state, which dynamo would otherwise guard on and recompile for at every call.
+    @torch.compiler.disable
     def forward(self, block: Block, x: torch.Tensor, out):
         """Record one call of ``block`` with input ``x`` and output ``out``; returns the output the
         model should use (``out``, or its split wrapper)."""

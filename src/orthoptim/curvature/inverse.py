@@ -91,7 +91,16 @@ def compute_preconditioner(
     A: torch.Tensor, G: torch.Tensor, damping: float, damping_type: str, method: str
 ) -> dict:
     """Damped inverse of ``G kron A`` in the form :func:`inverse_mv` consumes: ``{A_inv, G_inv}``
-    (π-damping) or ``{[QA], [QG], scale}`` (Tikhonov; no ``Q`` for a diagonal side)."""
+    (π-damping) or ``{[QA], [QG], scale}`` (Tikhonov; no ``Q`` for a diagonal side).
+
+    Every tensor is made contiguous: LAPACK hands back column-major results, and a checkpoint
+    (``torch.distributed.checkpoint``) restores row-major ones; matmuls round differently on the
+    two layouts, so a resumed run would not continue bit for bit otherwise."""
+    return {k: v.contiguous() for k, v in _preconditioner(A, G, damping, damping_type,
+                                                          method).items()}  # fmt: skip
+
+
+def _preconditioner(A, G, damping: float, damping_type: str, method: str) -> dict:
     if damping_type == "pi":
         dA, dG = pi_damping(A, G, damping)
         return {"A_inv": spd_inverse(A, dA, method), "G_inv": spd_inverse(G, dG, method)}

@@ -275,16 +275,21 @@ class KFAC(torch.optim.Optimizer):
 
     # -- layers -------------------------------------------------------------------------------
     def _trained(self) -> list:
-        return [p for g in self.param_groups[:1] for p in g["params"]]
+        """The parameters given to the constructor (every group: a block's bias may sit in
+        another group than its weight, e.g. a no-decay group; each keeps its group's outer
+        hyperparameters)."""
+        return [p for g in self.param_groups for p in g["params"]]
 
     def _names(self, root: nn.Module) -> dict:
-        """``{parameter: name}`` of the first group's parameters (the group's ``param_names``
-        when given, else their names in ``root``)."""
-        group = self.param_groups[0]
-        if "param_names" in group:
-            return dict(zip(group["params"], group["param_names"], strict=True))
+        """``{parameter: name}`` of the trained parameters: the groups' ``param_names`` when
+        given, else their names in ``root``."""
         in_root = {p: n for n, p in root.named_parameters()}
-        return {p: in_root.get(p, f"param {i}") for i, p in enumerate(group["params"])}
+        out = {}
+        for g in self.param_groups:
+            names = g.get("param_names") or [in_root.get(p, f"param {i}")
+                                             for i, p in enumerate(g["params"])]  # fmt: skip
+            out.update(zip(g["params"], names, strict=True))
+        return out
 
     def _attach(self, root: nn.Module) -> None:
         """Find ``root``'s blocks among the trained parameters and hook them."""
@@ -358,9 +363,12 @@ class KFAC(torch.optim.Optimizer):
                     f"{type(self).__name__}(model, lr=...)"
                 )
             self._search.remove()
-            for i, p in enumerate(pending):
-                if sum(s > 1 for s in p.shape) >= 2:
-                    self._plain[f"param {i} {tuple(p.shape)}"] = "never used in a forward"
+            for gi, g in enumerate(self.param_groups):
+                names = g.get("param_names") or [f"group {gi} param {i} {tuple(p.shape)}"
+                                                 for i, p in enumerate(g["params"])]  # fmt: skip
+                for p, n in zip(g["params"], names, strict=True):
+                    if p in pending and sum(s > 1 for s in p.shape) >= 2:
+                        self._plain[n] = "never used in a forward before the first step"
         if not self._blocks:
             raise ValueError(self._no_layer_message("Invalid params"))
 
