@@ -31,7 +31,10 @@ TUNED = {
     "large-batch": ("paper-b1024", ()),
     "large-batch-cnn": ("paper-b1024", ("longtail-cnn",)),  # same CNN, lrs at batch 128
     "large-batch-vit": ("paper-b512", ()),
+    "large-batch-bncnn": ("paper-b1024", ()),
 }
+# Tuned tasks that are not suite items (the FOP BatchNorm evidence, scripts/fop_bn_evidence.py)
+OUTSIDE_SUITE = {"large-batch-bncnn": ("kfac", "fop")}
 # Optimizers that are K-FAC at K-FAC's tuned lr (kfac-2x doubles it at build time; the coverage
 # controls differ from K-FAC only in which layers are preconditioned): never tuned themselves.
 KFAC_COPIES = ("kfac-2x", "kfac-noattn", "kfac-patch-head")
@@ -146,7 +149,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="extension rounds (with --extend)")
     args = ap.parse_args()
     suite = get_suite(args.suite)
-    opts = {it.task: it.optimizers for it in suite.items}
+    opts = {**OUTSIDE_SUITE, **{it.task: it.optimizers for it in suite.items}}
     if args.extend:
         failed: dict = {}
         for _ in range(args.rounds):

@@ -9,7 +9,7 @@ in the paper (its gains and biases are 1-D, so ``param_groups`` sends them to Ad
 :class:`ViT` is a small vision transformer (Dosovitskiy et al., ICLR 2021) built from
 ``nn.MultiheadAttention`` (inside ``nn.TransformerEncoderLayer``), LayerNorm and an MLP.
 
-:func:`build_model` builds any of them by name (``"mlp"``, ``"cnn"``, ``"resnet8"``,
+:func:`build_model` builds any of them by name (``"mlp"``, ``"cnn"``, ``"cnn-bn"``, ``"resnet8"``,
 ``"resnet20"``, ``"resnet<6n+2>"``, ``"vit"``) from an input shape and a class count.
 """
 
@@ -25,7 +25,7 @@ from torch import nn
 
 __all__ = ["MLP", "SmallCNN", "ResNet", "ViT", "build_model", "MODEL_NAMES"]
 
-MODEL_NAMES = ("mlp", "cnn", "resnet8", "resnet20", "vit")
+MODEL_NAMES = ("mlp", "cnn", "cnn-bn", "resnet8", "resnet20", "vit")
 
 
 class MLP(nn.Module):
@@ -74,6 +74,7 @@ class SmallCNN(nn.Module):
         channels: output channels of the conv blocks.
         hidden: width of the hidden linear layer.
         activation: activation module class.
+        batchnorm: a ``BatchNorm2d`` after each convolution (``"cnn-bn"``).
     """
 
     def __init__(
@@ -84,12 +85,15 @@ class SmallCNN(nn.Module):
         channels: Sequence[int] = (32, 64),
         hidden: int = 128,
         activation: type[nn.Module] = nn.ReLU,
+        batchnorm: bool = False,
     ):
         super().__init__()
         layers: list[nn.Module] = []
         prev, size = int(in_channels), int(image_size)
         for c in channels:
-            layers += [nn.Conv2d(prev, int(c), 3, padding=1), activation(), nn.MaxPool2d(2)]
+            layers.append(nn.Conv2d(prev, int(c), 3, padding=1))
+            layers += [nn.BatchNorm2d(int(c))] if batchnorm else []
+            layers += [activation(), nn.MaxPool2d(2)]
             prev, size = int(c), size // 2
         if size < 1:
             raise ValueError(
@@ -226,7 +230,8 @@ def build_model(
     Args:
         name: ``"mlp"`` (:class:`MLP` with hidden widths ``hidden``), ``"cnn"`` (:class:`SmallCNN`
             with channels ``(width, 2 * width)``, default width 32, and linear width
-            ``hidden[0]``), ``"resnet8"`` / ``"resnet20"`` / ``"resnet<6n+2>"`` (:class:`ResNet`,
+            ``hidden[0]``; ``"cnn-bn"`` with BatchNorm), ``"resnet8"`` / ``"resnet20"`` /
+            ``"resnet<6n+2>"`` (:class:`ResNet`,
             default width 16).
         input_shape: shape of one input, ``(C, H, W)`` for images (``(D,)`` for vectors: MLP
             only).
@@ -252,14 +257,15 @@ def build_model(
         mlp = int(hidden[0]) if len(hidden) else 2 * w
         return ViT(shape[0], num_classes, shape[1], shape[1] // 4, w, 4, 2, mlp)
     m = re.fullmatch(r"resnet(\d+)", name)
-    if name == "cnn" or m:
+    if name in ("cnn", "cnn-bn") or m:
         if len(shape) != 3 or shape[1] != shape[2]:
             raise ValueError(
                 f"Invalid input_shape: {shape!r}; model {name!r} needs square (C, H, W) images"
             )
-        if name == "cnn":
+        if not m:
             w = 32 if width is None else int(width)
             h = int(hidden[0]) if len(hidden) else 128
-            return SmallCNN(shape[0], num_classes, shape[1], (w, 2 * w), h)
+            return SmallCNN(shape[0], num_classes, shape[1], (w, 2 * w), h,
+                            batchnorm=name == "cnn-bn")  # fmt: skip
         return ResNet(int(m.group(1)), shape[0], num_classes, 16 if width is None else int(width))
     raise ValueError(f"Invalid model: {name!r}; expected one of {MODEL_NAMES} (or resnet<6n+2>)")

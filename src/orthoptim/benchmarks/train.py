@@ -188,8 +188,16 @@ def train(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     callback: Callback | None = None,
     device: torch.device | str | None = None,
+    micro_batches: int = 1,
 ) -> TrainResult:
     """Minibatch training: ``zero_grad; loss(model(transform(x_b)) masked, y_b).backward(); step``.
+
+    With ``micro_batches = k > 1`` each batch is cut into ``k`` chunks (``torch.chunk``), each
+    chunk's loss divided by ``k`` is backpropagated, then one step: gradient accumulation (with
+    BatchNorm every micro-batch has its own statistics: ghost batch norm; FOP takes the
+    micro-batches as its two sub-batches, the paper's two-pass mode for ``k = 2``). An optimizer
+    with a ``sample_fisher`` method (K-FAC, FOP) gets every forward's logits before its backward
+    (a no-op unless ``fisher='mc'``).
 
     Args:
         model: the model (put in train mode).
@@ -205,9 +213,13 @@ def train(
         callback: ``callback(step, loss, model, optimizer)`` after each step (step counts from 1);
             returning ``True`` stops training.
         device: where batches go (default: the device of the model's first parameter).
+        micro_batches: gradient-accumulation micro-batches per step (see above).
     """
     if (steps is None) == (epochs is None):
         raise ValueError("pass exactly one of steps and epochs")
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"Invalid micro_batches: {micro_batches!r}; must be an integer >= 1")
+    sample_fisher = getattr(optimizer, "sample_fisher", None)
     n = len(y)
     if steps is None:
         steps = math.ceil(float(epochs) * n / batch_size)
@@ -224,10 +236,16 @@ def train(
         if transform is not None:
             xb = transform(xb)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(_masked(model(xb), mask), yb)
-        loss.backward()
+        loss = 0.0
+        for xm, ym in zip(xb.chunk(micro_batches), yb.chunk(micro_batches), strict=True):
+            logits = _masked(model(xm), mask)
+            if sample_fisher is not None:
+                sample_fisher(logits)
+            part = loss_fn(logits, ym) / micro_batches
+            part.backward()
+            loss = loss + part.detach()
         optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(loss))
         if callback is not None and callback(step, losses[-1], model, optimizer):
             stopped = True
             break

@@ -33,6 +33,11 @@ MLP 64) on Fashion-MNIST, target 0.82 (reached by AdamW in about 500 steps at ba
 128 / 512 / 2048 with step caps 1500 / 600 / 200 and 10 warm-up steps at every batch (attention
 models want a warm-up); its lrs are tuned at batch 512.
 
+``large-batch-bncnn`` is ``large-batch-cnn`` with BatchNorm after each convolution, for the FOP
+paper's BatchNorm-dependent modes: ``micro_batches=2`` gives the two-pass mode (each half with its
+own statistics) and ``--hp fisher=mc`` the Monte-Carlo Fisher (``scripts/fop_bn_evidence.py``).
+Its lrs are tuned at batch 1024 (K-FAC and FOP only).
+
 Targets: MNIST 0.96 (AlgoPerf's MNIST development workload uses 0.97; 0.96 keeps the B = 4096
 run within its 60-step CPU budget), Fashion-MNIST 0.85, the same for every batch size so that
 steps-to-target can be compared across batch sizes.
@@ -51,7 +56,7 @@ from ..train import evaluate, seeded, task_seed, train
 from ._common import COMMON_DATA, check_positive, model_fn, prepare
 from .base import Metric, NullProgress, RunOutput, TaskSpec
 
-__all__ = ["LARGE_BATCH", "LARGE_BATCH_CNN", "LARGE_BATCH_VIT"]
+__all__ = ["LARGE_BATCH", "LARGE_BATCH_BNCNN", "LARGE_BATCH_CNN", "LARGE_BATCH_VIT"]
 
 METRICS = (
     Metric("steps_to_target", "min", "optimizer steps until eval accuracy >= target (NaN: never)"),
@@ -61,7 +66,8 @@ METRICS = (
     Metric("best_accuracy", "max", "best eval accuracy over all evaluations"),
 )
 
-_BASE = {**COMMON_DATA, "train_limit": None, "base_batch_size": 128, "warmup_steps": 0}
+_BASE = {**COMMON_DATA, "train_limit": None, "base_batch_size": 128, "warmup_steps": 0,
+         "micro_batches": 1}
 _MNIST = {
     **_BASE,
     "dataset": "mnist",
@@ -121,7 +127,8 @@ def run(make_optimizer, *, seed: int, settings: dict[str, Any], data_dir=None,
         settings: ``dataset``, ``model``, ``hidden``, ``width``, ``batch_size``,
             ``base_batch_size``, ``warmup_steps`` (0 = none), ``target_accuracy`` (in (0, 1]),
             ``max_epochs``, ``max_steps``, ``eval_every`` (steps), ``eval_split``, ``val_frac``,
-            ``train_limit``, ``eval_limit``.
+            ``train_limit``, ``eval_limit``, ``micro_batches`` (gradient accumulation, see
+            :func:`~orthoptim.benchmarks.train.train`).
         data_dir: root data folder (not needed for ``digits``).
         progress: a Progress (default: none); ``total`` is the step budget.
     """
@@ -173,7 +180,8 @@ def run(make_optimizer, *, seed: int, settings: dict[str, Any], data_dir=None,
         t0 = time.perf_counter()
         record(0)  # accuracy at initialisation (the curves start at step 0)
         res = train(model, opt, data.train_x, data.train_y, batch_size=bs, steps=budget,
-                    seed=task_seed(seed, 0), callback=callback)  # fmt: skip
+                    seed=task_seed(seed, 0), callback=callback,
+                    micro_batches=int(s["micro_batches"]))  # fmt: skip
     hit = state["hit"] or (math.nan, math.nan, math.nan)
     return RunOutput(
         metrics={
@@ -230,4 +238,11 @@ LARGE_BATCH_VIT = dataclasses.replace(
     name="large-batch-vit",
     description="large-batch on a small ViT (attention preconditioned), Fashion-MNIST target 0.82",
     presets=VIT_PRESETS,
+)
+
+LARGE_BATCH_BNCNN = dataclasses.replace(
+    LARGE_BATCH,
+    name="large-batch-bncnn",
+    description="large-batch on the small CNN with BatchNorm (FOP's two-pass mode), MNIST 0.96",
+    presets={k: {**v, "model": "cnn-bn"} for k, v in CNN_PRESETS.items()},
 )

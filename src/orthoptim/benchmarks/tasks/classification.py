@@ -10,8 +10,9 @@ in its own module):
   ``continual-split-class`` (class-IL) (:mod:`._continual_tasks`; van de Ven & Tolias 2019, GEM
   metrics).
 - ``large-batch`` (:mod:`._large_batch`): steps / epochs / seconds to a target accuracy with the
-  linear learning-rate scaling rule (Goyal et al. 2017); ``large-batch-cnn`` and
-  ``large-batch-vit`` are the same protocol on the small CNN and on a small ViT.
+  linear learning-rate scaling rule (Goyal et al. 2017); ``large-batch-cnn``,
+  ``large-batch-bncnn`` and ``large-batch-vit`` are the same protocol on the small CNN (without
+  and with BatchNorm) and on a small ViT.
 
 Datasets: ``"digits"`` (scikit-learn's embedded 8x8 digits; the ``tiny`` and ``quick`` presets,
 no data directory), ``"mnist"``, ``"fashion_mnist"`` and ``"cifar10"`` from ``data_dir`` (the
@@ -23,7 +24,7 @@ hold-out of the training data and never reads the test set (:mod:`._common`).
 from __future__ import annotations
 
 from ._continual_tasks import CONTINUAL_TASKS
-from ._large_batch import LARGE_BATCH, LARGE_BATCH_CNN, LARGE_BATCH_VIT
+from ._large_batch import LARGE_BATCH, LARGE_BATCH_BNCNN, LARGE_BATCH_CNN, LARGE_BATCH_VIT
 from ._longtail_task import LONGTAIL, LONGTAIL_CNN
 from .base import TaskSpec
 
@@ -31,4 +32,5 @@ __all__ = ["TASKS"]
 
 TASKS: tuple[TaskSpec, ...] = (
     LONGTAIL, LONGTAIL_CNN, *CONTINUAL_TASKS, LARGE_BATCH, LARGE_BATCH_CNN, LARGE_BATCH_VIT,
+    LARGE_BATCH_BNCNN,
 )  # fmt: skip
