@@ -51,8 +51,10 @@ def sample_rows(module: nn.Module, x: torch.Tensor, gout: torch.Tensor):
     return a, g
 
 
-def factors_loop(module: nn.Module, x: torch.Tensor, gout: torch.Tensor):
-    """``A = 1/(B L) sum_i sum_t a a^T`` and ``G = 1/B sum_i sum_t g g^T`` by explicit loops.
+def factors_loop(module: nn.Module, x: torch.Tensor, gout: torch.Tensor, approx: str = "expand"):
+    """By explicit loops, K-FAC-expand ``A = 1/(B L) sum_i sum_t a a^T``,
+    ``G = 1/B sum_i sum_t g g^T``, or K-FAC-reduce ``A = 1/B sum_i abar abar^T``,
+    ``G = 1/B sum_i gsum gsum^T`` (``abar`` the mean over locations, ``gsum`` the sum).
 
     ``gout`` must be the per-sample output gradients (e.g. of a sum-reduced loss).
     """
@@ -61,6 +63,11 @@ def factors_loop(module: nn.Module, x: torch.Tensor, gout: torch.Tensor):
     A = torch.zeros(a.shape[-1], a.shape[-1], dtype=a.dtype)
     G = torch.zeros(g.shape[-1], g.shape[-1], dtype=g.dtype)
     for i in range(B):
+        if approx == "reduce":
+            abar, gsum = a[i].mean(0), g[i].sum(0)
+            A += torch.outer(abar, abar) / B
+            G += torch.outer(gsum, gsum) / B
+            continue
         for t in range(L):
             A += torch.outer(a[i, t], a[i, t]) / (B * L)
             G += torch.outer(g[i, t], g[i, t]) / B
@@ -119,7 +126,8 @@ def reference_train(model: nn.Sequential, batches, loss_fn, hp: dict, direction=
     """Run ``len(batches)`` steps of K-FAC (or, with ``direction``, a variant) in plain loops.
 
     ``hp`` keys: ``lr, damping, damping_type, momentum, weight_decay, factor_interval,
-    inverse_interval, ema_weight, factor_init`` (plus what ``direction`` needs). Empirical Fisher.
+    inverse_interval, ema_weight, factor_init``, optionally ``kfac_approx`` (plus what
+    ``direction`` needs). Empirical Fisher.
     ``direction(layer_state, g, g1, g2, hp)`` maps the flat layer gradient (and the two
     half-batch gradients, from two separate half-batch backward passes) to the flat direction.
     Returns the list of losses.
@@ -139,7 +147,7 @@ def reference_train(model: nn.Sequential, batches, loss_fn, hp: dict, direction=
         for m in layers:
             ls = state[m]
             if step % hp["factor_interval"] == 0:
-                A, G = factors_loop(m, inputs[m], gouts[m])
+                A, G = factors_loop(m, inputs[m], gouts[m], hp.get("kfac_approx", "expand"))
                 w = hp["ema_weight"]
                 first = "A" not in ls
                 if first and hp["factor_init"] == "batch":
