@@ -48,6 +48,7 @@ def test_task_table():
     assert [t.name for t in TASKS] == [
         "longtail", "longtail-cnn", "continual-permuted", "continual-rotated",
         "continual-split-task", "continual-split-class", "large-batch", "large-batch-cnn",
+        "large-batch-vit", "large-batch-bncnn",
     ]  # fmt: skip
     fam = {t.name: t.family for t in TASKS}
     assert fam["longtail"] == "longtail" and fam["large-batch"] == "large-batch"
@@ -57,6 +58,10 @@ def test_task_table():
     cnn = BY_NAME["large-batch-cnn"]
     assert cnn.family == "large-batch" and cnn.metrics == BY_NAME["large-batch"].metrics
     assert all(cnn.settings(p)["model"] == "cnn" for p in cnn.presets)
+    for name, model in (("large-batch-vit", "vit"), ("large-batch-bncnn", "cnn-bn")):
+        spec = BY_NAME[name]
+        assert spec.metrics == cnn.metrics and all(spec.settings(p)["model"] == model
+                                                  for p in spec.presets)  # fmt: skip
     for t in CONTINUAL:
         assert [(m.name, m.goal) for m in t.metrics] == [
             ("acc", "max"), ("bwt", "max"), ("forgetting", "min"), ("learning_accuracy", "max"),

@@ -11,7 +11,8 @@ from orthoptim import FOGO, FOP, KFAC, param_groups
 from orthoptim.benchmarks import registry
 from orthoptim.benchmarks.models import MLP
 
-BUILTINS = ["sgd", "adamw", "muon", "muon-bf16", "fogo", "fogo-nomem", "kfac", "kfac-2x", "fop"]
+BUILTINS = ["sgd", "adamw", "muon", "muon-bf16", "fogo", "fogo-nomem", "kfac", "kfac-2x", "fop",
+            "kfac-noattn", "kfac-patch-head"]  # fmt: skip
 
 
 class TinyLM(nn.Module):
