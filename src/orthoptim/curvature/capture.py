@@ -32,25 +32,38 @@ hooked layer call is a graph break, the layers' own computation stays compiled.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
 
-from orthoptim.curvature.adapters import Block
+from orthoptim.curvature.adapters import Block, LayerAdapter
+from orthoptim.curvature.adapters.base import Grad
 from orthoptim.curvature.split import HalfBatchWeightGrad, add_joined, halves, join
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _eager(fn: _F) -> _F:
+    """Run ``fn`` eagerly under ``torch.compile``: it mutates Python state, which dynamo would
+    otherwise guard on and recompile for at every call (a graph break at each call instead)."""
+    return cast(_F, torch.compiler.disable(fn))  # type: ignore[no-untyped-call]
 
 
 @dataclass
 class Record:
     """What one block's hooks saw since the last ``clear``."""
 
-    inputs: list = field(default_factory=list)  # detached inputs (factor steps)
-    grads: list = field(default_factory=list)  # (grad of output, forward id, per_forward_scale)
-    outputs: list = field(default_factory=list)  # outputs kept for a Monte-Carlo backward
-    mc_grads: list = field(default_factory=list)  # per-sample Monte-Carlo output gradients
-    forwards: dict = field(default_factory=dict)  # forward id -> [batch, calls]
+    inputs: list[torch.Tensor] = field(default_factory=list)  # detached inputs (factor steps)
+    # (grad of output, forward id, per_forward_scale)
+    grads: list[tuple[torch.Tensor, int, bool]] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)  # kept for a Monte-Carlo backward
+    # per-sample Monte-Carlo output gradients, with scale 1
+    mc_grads: list[tuple[torch.Tensor, float]] = field(default_factory=list)
+    forwards: dict[int, list[int]] = field(default_factory=dict)  # forward id -> [batch, calls]
     n_backward: int = 0  # backward passes through the block seen by the split
     split_ok: bool = True  # False once a call or backward rules the one-pass split out
     U: torch.Tensor | None = None  # split buffer: [C_1; S_1] after one backward, [-; S_odd] later
@@ -62,7 +75,7 @@ class Record:
         """``N``: the samples of the distinct forwards since the last step."""
         return sum(batch for batch, _ in self.forwards.values())
 
-    def grad_records(self) -> list:
+    def grad_records(self) -> list[tuple[torch.Tensor, float]]:
         """``(grad, scale)`` with ``scale`` making per-sample gradients (see the module doc)."""
         n = self.samples()
         return [(g, self.forwards[f][0] if own else n) for g, f, own in self.grads]
@@ -82,19 +95,21 @@ class Capture:
     ``step()``.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.blocks: list[Block] = []
         self.records: dict[Block, Record] = {}
-        self._of_module: dict = {}
+        self._of_module: dict[nn.Module, list[Block]] = {}
         self.save_inputs = self.save_grads = self.save_outputs = False
         self.split_dtype: torch.dtype | None = None
         self.per_forward_scale = False
         self.paused = False
         self.forward_id = 0
         self.root_calls = 0  # root forwards since the last clear
-        self._handles: list = []
+        self._handles: list[Any] = []
 
-    def attach(self, blocks: list[Block], adapters: list, root: nn.Module | None) -> None:
+    def attach(
+        self, blocks: list[Block], adapters: list[LayerAdapter], root: nn.Module | None
+    ) -> None:
         """Hook ``blocks`` (through their ``adapters``) and number ``root``'s forwards."""
         for b in blocks:
             self.blocks.append(b)
@@ -107,7 +122,7 @@ class Capture:
     def blocks_of(self, module: nn.Module) -> list[Block]:
         return self._of_module.get(module, [])
 
-    def _root_forward(self, module, args):
+    def _root_forward(self, module: nn.Module, args: Any) -> None:
         self.new_forward()
 
     def new_forward(self) -> None:
@@ -115,15 +130,13 @@ class Capture:
         self.forward_id += 1
         self.root_calls += 1
 
-    @torch.compiler.disable
-    def module_hook(self, block: Block, module, inputs, output):
+    @_eager
+    def module_hook(self, block: Block, module: nn.Module, inputs: Any, output: Any) -> Any:
         """Forward hook of a module with one block (``LayerAdapter.install``)."""
         return self.forward(block, inputs[0], output)
 
-    # Under torch.compile the hooks run eagerly (a graph break at each hooked layer): they mutate
-    # Python state, which dynamo would otherwise guard on and recompile for at every call.
-    @torch.compiler.disable
-    def forward(self, block: Block, x: torch.Tensor, out):
+    @_eager
+    def forward(self, block: Block, x: torch.Tensor, out: Any) -> Any:
         """Record one call of ``block`` with input ``x`` and output ``out``; returns the output the
         model should use (``out``, or its split wrapper)."""
         if self.paused or not isinstance(out, torch.Tensor):
@@ -141,7 +154,9 @@ class Capture:
         if wrap:
             sink = partial(self._split_done, rec, block)
             w, b = block.forward_weight(), block.forward_bias()
-            out = HalfBatchWeightGrad.apply(x, w, b, out.detach(), block, sink)
+            out = HalfBatchWeightGrad.apply(  # type: ignore[no-untyped-call]
+                x, w, b, out.detach(), block, sink
+            )
         xd = x.detach()
         if self.save_inputs:
             rec.inputs.append(xd)
@@ -153,7 +168,17 @@ class Capture:
                                       self.save_grads, extra, self.per_forward_scale))  # fmt: skip
         return out
 
-    def _grad(self, rec: Record, block, x, fwd, save, extra, own_scale, grad: torch.Tensor):
+    def _grad(
+        self,
+        rec: Record,
+        block: Block,
+        x: torch.Tensor,
+        fwd: int,
+        save: bool,
+        extra: bool,
+        own_scale: bool,
+        grad: torch.Tensor,
+    ) -> None:
         if self.paused:
             return
         grad = grad.detach()
@@ -167,7 +192,9 @@ class Capture:
                 first, total = halves(block, xc, grad.to(dt), w)
             self._split_done(rec, block, first, total, x.shape[0])
 
-    def _split_done(self, rec: Record, block: Block, first, total, batch: int) -> None:
+    def _split_done(
+        self, rec: Record, block: Block, first: Grad | None, total: Grad, batch: int
+    ) -> None:
         """One backward pass through ``block``: keep ``S_1`` of the first and the running sum of
         the odd-numbered passes' contributions (:mod:`.split`)."""
         if self.paused or not rec.split_ok:
@@ -176,20 +203,20 @@ class Capture:
         j = rec.n_backward
         if j == 1:  # U = [C_1; S_1 of this pass]
             shape = (2, block.d_out, block.d_in)
-            rec.U = torch.empty(shape, dtype=self.split_dtype, device=block.weight.device)
-            join(*total, out=rec.U[0])
+            U = rec.U = torch.empty(shape, dtype=self.split_dtype, device=block.weight.device)
+            join(total[0], total[1], U[0])
             if first is not None:
-                join(*first, out=rec.U[1])
+                join(first[0], first[1], U[1])
                 rec.b_first = batch
-        elif j == 2:  # accumulation: U[1] becomes the running S_odd (= C_1 so far)
+        elif rec.U is not None and j == 2:  # accumulation: U[1] becomes the running S_odd
             rec.U[1].copy_(rec.U[0])
-        elif j % 2 == 1:
-            add_joined(*total, out=rec.U[1])
+        elif rec.U is not None and j % 2 == 1:
+            add_joined(total[0], total[1], rec.U[1])
         if j % 2 == 1:
             rec.n_odd += batch
         rec.n_all += batch
 
-    def halves_of(self, block: Block):
+    def halves_of(self, block: Block) -> tuple[torch.Tensor, int, int] | None:
         """``(U, batch, b1)`` with ``U = [g; S_1]`` (``g`` from ``.grad``, ``S_1`` the first
         half's share) for :func:`~orthoptim.curvature.split.avg_diff_`, or None when the block
         cannot be split this step (reused, more backward passes than forwards, a batch of 1)."""
@@ -197,10 +224,10 @@ class Capture:
         k = rec.n_backward
         if not rec.split_ok or k == 0 or k != len(rec.forwards):
             return None
-        if k == 1 and rec.b_first is None:
+        if rec.U is None or (k == 1 and rec.b_first is None):
             return None
         block.grad_matrix(out=rec.U[0])
-        if k == 1:
+        if rec.b_first is not None and k == 1:
             return rec.U, rec.b_first, (rec.b_first + 1) // 2
         return rec.U, rec.n_all, rec.n_odd
 

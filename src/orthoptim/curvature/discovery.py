@@ -20,12 +20,14 @@ parameters the user lists in ``exclude`` are plain by request and not named.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from orthoptim.curvature.adapters import Block, adapter_for
+from orthoptim.curvature.adapters import Block, LayerAdapter, adapter_for
 
 
 @dataclass
@@ -41,7 +43,7 @@ class Layout:
     """
 
     blocks: list[Block] = field(default_factory=list)
-    adapters: list = field(default_factory=list)
+    adapters: list[LayerAdapter] = field(default_factory=list)
     plain: dict[str, str] = field(default_factory=dict)
     diagonal: dict[str, str] = field(default_factory=dict)
     excluded: list[str] = field(default_factory=list)
@@ -58,7 +60,7 @@ def kind_name(module: nn.Module) -> str:
     return prefix + cls.__name__
 
 
-def _excluded(name: str, p, exclude) -> bool:
+def _excluded(name: str, p: torch.Tensor, exclude: Iterable[str | torch.Tensor]) -> bool:
     for e in exclude:
         if isinstance(e, torch.Tensor):
             if e is p:
@@ -69,7 +71,11 @@ def _excluded(name: str, p, exclude) -> bool:
 
 
 def find_blocks(
-    root: nn.Module, trained: dict, *, max_factor_dim: int | None = None, exclude=()
+    root: nn.Module,
+    trained: dict[Any, str],
+    *,
+    max_factor_dim: int | None = None,
+    exclude: Iterable[str | torch.Tensor] = (),
 ) -> Layout:
     """The blocks of ``root`` among ``trained`` (``{parameter: name}``), see the module docstring.
 
@@ -81,7 +87,8 @@ def find_blocks(
             get the plain update on purpose.
     """
     layout = Layout()
-    owners: dict = {}
+    exclude = tuple(exclude)
+    owners: dict[Any, list[tuple[str, nn.Module]]] = {}
     for mname, m in root.named_modules():
         for p in m.parameters(recurse=False):
             owners.setdefault(p, []).append((mname, m))
@@ -95,8 +102,8 @@ def find_blocks(
                 layout.plain[n] = f"shared by {mods}: tied weights are not preconditioned"
         else:
             name_of[p] = n
-    claimed: set = set()
-    covered: set = set()
+    claimed: set[nn.Module] = set()
+    covered: set[Any] = set()
     for _, m in root.named_modules():
         if m in claimed:
             continue
@@ -121,13 +128,13 @@ def find_blocks(
     for p, n in name_of.items():
         if p in covered or not is_matrix(p) or n in layout.plain:
             continue
-        mods = [m for _, m in owners.get(p, ())]
-        if not mods:
+        owner = [m for _, m in owners.get(p, ())]
+        if not owner:
             layout.plain[n] = "not a parameter of the model's modules"
-        elif adapter_for(mods[0]) is None:
-            layout.plain[n] = f"{kind_name(mods[0])} has no K-FAC adapter"
+        elif adapter_for(owner[0]) is None:
+            layout.plain[n] = f"{kind_name(owner[0])} has no K-FAC adapter"
         else:
-            layout.plain[n] = f"not a weight K-FAC preconditions in {kind_name(mods[0])}"
+            layout.plain[n] = f"not a weight K-FAC preconditions in {kind_name(owner[0])}"
     return layout
 
 

@@ -32,23 +32,36 @@ import torch
 from orthoptim.curvature.adapters import Block
 
 
-def a_factor(block: Block, inputs: list, dtype: torch.dtype, approx: str = "expand"):
+def a_factor(
+    block: Block, inputs: list[torch.Tensor], dtype: torch.dtype, approx: str = "expand"
+) -> torch.Tensor:
     """Batch estimate of ``A`` from one or more recorded inputs (samples pooled)."""
-    total, n = None, 0
+    total: torch.Tensor | None = None
+    n = 0
     for x in inputs:
         s, b = block.ops.a_sum(x, approx, block.bias is not None, block.diag_a, dtype)
         total = s if total is None else total.add_(s)
         n += b
+    if total is None:
+        raise ValueError("a_factor needs at least one recorded input")
     return total.div_(n)
 
 
-def g_factor(block: Block, grads: list, n: int, dtype: torch.dtype, approx: str = "expand"):
+def g_factor(
+    block: Block,
+    grads: list[tuple[torch.Tensor, float]],
+    n: int,
+    dtype: torch.dtype,
+    approx: str = "expand",
+) -> torch.Tensor:
     """Batch estimate of ``G`` from ``(grad, scale)`` records over ``n`` samples; ``scale``
     turns a recorded gradient into a per-sample one."""
-    total = None
+    total: torch.Tensor | None = None
     for g, scale in grads:
         s, _ = block.ops.g_sum(g, scale, approx, block.diag_g, dtype)
         total = s if total is None else total.add_(s)
+    if total is None:
+        raise ValueError("g_factor needs at least one recorded gradient")
     return total.div_(n)
 
 

@@ -41,7 +41,9 @@ def _mean_diag(X: torch.Tensor) -> torch.Tensor:
     return X.mean() if X.dim() == 1 else X.diagonal().mean()
 
 
-def pi_damping(A: torch.Tensor, G: torch.Tensor, damping: float):
+def pi_damping(
+    A: torch.Tensor, G: torch.Tensor, damping: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(delta_A, delta_G)`` as 0-d tensors (pi = 1 when a trace is not positive)."""
     ta, tg = _mean_diag(A), _mean_diag(G)
     ok = (ta > 0) & (tg > 0)
@@ -50,7 +52,7 @@ def pi_damping(A: torch.Tensor, G: torch.Tensor, damping: float):
     return (root * pi).clamp_min(1e-7), (root / pi).clamp_min(1e-7)
 
 
-def _eigh(X: torch.Tensor):
+def _eigh(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""Eigendecomposition :math:`X = Q\,\mathrm{diag}(d)\,Q^\top` of a PSD factor, in float64.
 
     Returns ``(d, Q)`` in float64 with ``d`` clipped at 0 (factors are PSD; the negatives are
@@ -84,12 +86,13 @@ def spd_inverse(X: torch.Tensor, shift: torch.Tensor, method: str) -> torch.Tens
         if int(info) == 0:  # one sync per inverse update (amortised), never in the hot path
             return torch.cholesky_inverse(L)
     d, Q = _eigh(X)
+    assert Q is not None  # X is a matrix here
     return ((Q / (d + shift.to(d.dtype))) @ Q.T).to(X.dtype)
 
 
 def compute_preconditioner(
     A: torch.Tensor, G: torch.Tensor, damping: float, damping_type: str, method: str
-) -> dict:
+) -> dict[str, torch.Tensor]:
     """Damped inverse of ``G kron A`` in the form :func:`inverse_mv` consumes: ``{A_inv, G_inv}``
     (π-damping) or ``{[QA], [QG], scale}`` (Tikhonov; no ``Q`` for a diagonal side).
 
@@ -100,7 +103,9 @@ def compute_preconditioner(
                                                           method).items()}  # fmt: skip
 
 
-def _preconditioner(A, G, damping: float, damping_type: str, method: str) -> dict:
+def _preconditioner(
+    A: torch.Tensor, G: torch.Tensor, damping: float, damping_type: str, method: str
+) -> dict[str, torch.Tensor]:
     if damping_type == "pi":
         dA, dG = pi_damping(A, G, damping)
         return {"A_inv": spd_inverse(A, dA, method), "G_inv": spd_inverse(G, dG, method)}
@@ -114,7 +119,7 @@ def _preconditioner(A, G, damping: float, damping_type: str, method: str) -> dic
     return pre
 
 
-def inverse_mv(pre: dict, M: torch.Tensor) -> torch.Tensor:
+def inverse_mv(pre: dict[str, torch.Tensor], M: torch.Tensor) -> torch.Tensor:
     """Apply the damped inverse built by :func:`compute_preconditioner` to ``M`` (a matrix, or a
     stack of matrices along dim 0)."""
     if "A_inv" in pre:

@@ -14,19 +14,25 @@ again, with the hooks. Recompiling affects every instance of those module classe
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 class OwnerSearch:
     """Calls ``found(module)`` for the first module called that owns any of ``params``."""
 
-    def __init__(self, params, found):
+    def __init__(self, params: Iterable[torch.Tensor], found: Callable[[nn.Module], None]) -> None:
         self.pending = set(params)
         self.found = found
-        self._handle = nn.modules.module.register_module_forward_pre_hook(self._pre)
+        self._handle: RemovableHandle | None = nn.modules.module.register_module_forward_pre_hook(
+            self._pre
+        )
 
-    def _pre(self, module, args):
+    def _pre(self, module: nn.Module, args: Any) -> None:
         if not self.pending or not any(p in self.pending for p in module.parameters()):
             return
         self.pending -= set(module.parameters())
@@ -44,7 +50,7 @@ class OwnerSearch:
             self._handle = None
 
 
-def compiled_modules(root: nn.Module) -> list:
+def compiled_modules(root: nn.Module) -> list[nn.Module]:
     """The ``torch.compile`` wrappers (``OptimizedModule``) in ``root``, ``root`` included."""
     try:
         from torch._dynamo.eval_frame import OptimizedModule
@@ -61,7 +67,8 @@ def reset_compiled(root: nn.Module) -> int:
     if reset is None:
         return 0
     for m in mods:
-        codes = [type(m._orig_mod).forward.__code__]
+        orig: Any = m._orig_mod
+        codes = [type(orig).forward.__code__]
         inner = getattr(m.forward, "__wrapped__", None)  # torch.nn.* modules: an inlined wrapper
         if inner is not None and hasattr(inner, "__code__"):
             codes.append(inner.__code__)

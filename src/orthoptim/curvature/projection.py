@@ -30,6 +30,7 @@ the denominator exceeds :math:`10^{-12}` (else 1).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ def fop_dots(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return U.flatten(1) @ V.flatten(1).T
 
 
-def fop_terms(dots: torch.Tensor):
+def fop_terms(dots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """From stacked :func:`fop_dots` (``(L, 2, 3)``) the per-layer scalars of the projection:
     ``(s, a, D, E)`` with ``a = <g_avg, F^-1 g_avg>``, ``D = <g_avg, F^-1 g_perp>`` and
     ``E = <g_perp, F^-1 g_perp>`` (``s = 0`` where ``<g_avg, F g_avg>`` is tiny)."""
@@ -60,7 +61,7 @@ def fop_coefficients(
     eta: float | None = None,
     beta_clamp: tuple[float, float] = (-0.5, 0.5),
     eta_clamp: tuple[float, float] = (0.0, 2.0),
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """From stacked :func:`fop_dots` (``(L, 2, 3)``) return ``(c_avg, c_diff, beta, eta)``.
 
     Each is a length-``L`` tensor, and layer ``l``'s direction is
@@ -86,8 +87,8 @@ def fop_combine(
     g2: torch.Tensor,
     fmv: Callable[[torch.Tensor], torch.Tensor],
     imv: Callable[[torch.Tensor], torch.Tensor],
-    **kwargs,
-):
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer: return ``(direction, beta, eta)`` with ``direction = eta * F^{-1} g_comb``.
 
     ``fmv(v) = F v`` (undamped), ``imv(v) = F^{-1} v`` (damped); ``kwargs`` as

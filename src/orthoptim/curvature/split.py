@@ -35,11 +35,18 @@ reaches ``p.grad`` (an extra loss term on the weights) is attributed to ``g_2``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch.autograd.function import once_differentiable
 
+from orthoptim.curvature.adapters.base import Block, Grad
 
-def halves(block, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor):
+
+def halves(
+    block: Block, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor
+) -> tuple[Grad | None, Grad]:
     """``(first, total)``: the block gradients ``(dW, db)`` (matrix layout, ``db`` None without a
     bias) of the first ``ceil(B/2)`` samples and of all ``B`` (their sum); ``first`` is None for
     ``B < 2``."""
@@ -51,7 +58,7 @@ def halves(block, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor):
     w1, c1 = ops.weight_grad(x[:b1], g[:b1], weight)
     w2, c2 = ops.weight_grad(x[b1:], g[b1:], weight)
     total = w1 + w2
-    if block.bias is None:
+    if block.bias is None or c1 is None or c2 is None:
         return (w1, None), (total, None)
     return (w1, c1), (total, c1 + c2)
 
@@ -72,7 +79,9 @@ def add_joined(w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> to
     return out
 
 
-def split_from_total(S1: torch.Tensor, g: torch.Tensor, batch: int, b1: int):
+def split_from_total(
+    S1: torch.Tensor, g: torch.Tensor, batch: int, b1: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(g1, g2)``, the means over the two halves, from ``S1`` and the full mean ``g``."""
     b2 = batch - b1
     return S1 * (batch / b1), (g - S1) * (batch / b2)
@@ -110,7 +119,15 @@ class HalfBatchWeightGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, out, block, sink):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        out: torch.Tensor,
+        block: Block,
+        sink: Callable[[Grad | None, Grad, int], None],
+    ) -> torch.Tensor:
         ctx.mark_dirty(out)
         ctx.save_for_backward(x, weight)
         ctx.block, ctx.sink = block, sink
@@ -119,16 +136,15 @@ class HalfBatchWeightGrad(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gout):
+    def backward(ctx: Any, gout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         block, dt = ctx.block, gout.dtype
         xc = x.to(dt) if x.is_floating_point() else x
         wc = weight.to(dt)
         first, total = halves(block, xc, gout, wc)
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = block.ops.input_grad(xc, gout, wc).to(x.dtype)
+        gx = block.ops.input_grad(xc, gout, wc) if ctx.needs_input_grad[0] else None
+        gx = None if gx is None else gx.to(x.dtype)
         ctx.sink(first, total, x.shape[0])
         gw = block.ops.unmatrix(total[0], weight.shape).to(weight.dtype)
-        gb = None if ctx.bias_dtype is None else total[1].to(ctx.bias_dtype)
+        gb = None if ctx.bias_dtype is None or total[1] is None else total[1].to(ctx.bias_dtype)
         return gx, gw, gb, None, None, None

@@ -10,13 +10,21 @@ torch choose the implementation exactly as those optimizers do by default (the m
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.optim.adamw import adamw
 from torch.optim.optimizer import _get_scalar_dtype
 from torch.optim.sgd import sgd
 
 
-def sgd_update(params, dirs, states, group, lr: float) -> None:
+def sgd_update(
+    params: list[torch.Tensor],
+    dirs: list[torch.Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    lr: float,
+) -> None:
     """``torch.optim.SGD``'s step (dampening 0, coupled weight decay) on directions ``dirs``."""
     momentum = group["momentum"]
     bufs = [s.get("momentum_buffer") for s in states]
@@ -29,11 +37,18 @@ def sgd_update(params, dirs, states, group, lr: float) -> None:
             s["momentum_buffer"] = b
 
 
-def adamw_update(params, dirs, states, group, lr: float) -> None:
+def adamw_update(
+    params: list[torch.Tensor],
+    dirs: list[torch.Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    lr: float,
+) -> None:
     """``torch.optim.AdamW``'s step (no amsgrad) on directions ``dirs``."""
+    scalar = _get_scalar_dtype()  # type: ignore[no-untyped-call]
     for p, s in zip(params, states, strict=True):
         if "exp_avg" not in s:
-            s["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+            s["step"] = torch.tensor(0.0, dtype=scalar, device="cpu")
             s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     beta1, beta2 = group["betas"]

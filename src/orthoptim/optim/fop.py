@@ -34,8 +34,9 @@ Note (derived, see docs/fop.md): with :math:`g_{tot} = g_1 + g_2`, :math:`\eta^*
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from orthoptim.curvature import avg_diff_, fop_coefficients, fop_dots, inverse_mv, kron_mv
+from orthoptim.curvature import Block, avg_diff_, fop_coefficients, fop_dots, inverse_mv, kron_mv
 from orthoptim.optim._validation import check_range
 from orthoptim.optim.kfac import _DTYPES, KFAC
 
@@ -111,14 +112,14 @@ class FOP(KFAC):
         self._halves = {}  # a skipped step also drops backward_two_pass's halves
 
     # -- sources of g1, g2 --------------------------------------------------------------------
-    def _one_pass_halves(self, block):
+    def _one_pass_halves(self, block: Block) -> torch.Tensor | None:
         """``[g_avg; g_diff]`` (``(2, d_out, d_in [+1])``) from the sub-batch gradients the hooks
         formed and ``.grad``, in place in the hook's buffer; None when the block cannot be split
         (see :meth:`~orthoptim.curvature.Capture.halves_of`)."""
         got = self._capture.halves_of(block)
         return None if got is None else avg_diff_(*got)
 
-    def _model_for_two_pass(self):
+    def _model_for_two_pass(self) -> nn.Module:
         if self._model is not None:
             return self._model
         if len(self._roots) == 1:

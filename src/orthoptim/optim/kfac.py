@@ -308,7 +308,7 @@ class KFAC(torch.optim.Optimizer):
         self._plain.update(layout.plain)
         self._diagonal.update(layout.diagonal)
 
-    _search = None  # parameter form: the pending OwnerSearch
+    _search: OwnerSearch | None = None  # parameter form: the pending OwnerSearch
 
     def _no_layer_message(self, head: str) -> str:
         why = "; ".join(f"{n}: {r}" for n, r in list(self._plain.items())[:5])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ _QKV = ("q", "k", "v")
 
 class MultiheadAttentionAdapter(LayerAdapter):
     kind = "nn.MultiheadAttention"
+    module: nn.MultiheadAttention
 
     def refuse(self) -> str | None:
         m = self.module
@@ -54,20 +56,15 @@ class MultiheadAttentionAdapter(LayerAdapter):
     def claims(self) -> list[nn.Module]:
         return [self.module.out_proj]
 
-    def _projection(self, key: str):
+    def _projection(self, key: str) -> tuple[nn.Parameter, slice | None]:
         """``(weight, rows)`` of the projection ``key`` ('q', 'k' or 'v')."""
-        m = self.module
-        if m.in_proj_weight is not None:
-            e = m.embed_dim
-            i = _QKV.index(key)
-            return m.in_proj_weight, slice(i * e, (i + 1) * e)
-        return getattr(m, f"{key}_proj_weight"), None
+        return projection(self.module, key)
 
     def _same_projection(self, key: str, block: Block) -> bool:
         w, rows = self._projection(key)
         return w is block.weight and rows == block.rows
 
-    def blocks(self, name_of: dict) -> list[Block]:
+    def blocks(self, name_of: dict[Any, str]) -> list[Block]:
         m = self.module
         bias = m.in_proj_bias if m.in_proj_bias is not None and m.in_proj_bias in name_of else None
         out = []
@@ -81,41 +78,60 @@ class MultiheadAttentionAdapter(LayerAdapter):
             out.append(Block(name, block_key, LinearOps(), m, w, bias, rows, brows, stock=True))
         return out + LinearAdapter(m.out_proj).blocks(name_of)
 
-    def install(self, capture) -> list:
+    def install(self, capture: Any) -> list[Any]:
         m = self.module
-        sites = {}
+        sites: dict[str, Block] = {}
         for block in capture.blocks_of(m):
             key = next(k for k in _QKV if self._same_projection(k, block))
             sites[key] = block
-        m.forward = partial(attention_forward, capture, sites, m)
+        # an instance attribute shadows the class's forward (removed by the handle)
+        object.__setattr__(m, "forward", partial(attention_forward, capture, sites, m))
         return [_ForwardPatch(m), *LinearAdapter(m.out_proj).install(capture)]
+
+
+def projection(m: nn.MultiheadAttention, key: str) -> tuple[nn.Parameter, slice | None]:
+    """``(weight, rows)`` of ``m``'s projection ``key`` ('q', 'k' or 'v')."""
+    i = _QKV.index(key)
+    if m.in_proj_weight is not None:
+        e = m.embed_dim
+        return m.in_proj_weight, slice(i * e, (i + 1) * e)
+    w = getattr(m, f"{key}_proj_weight")
+    assert isinstance(w, nn.Parameter)
+    return w, None
 
 
 class _ForwardPatch:
     """Removes the replaced forward (the class's forward is used again)."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module) -> None:
         self.module = module
 
     def remove(self) -> None:
         self.module.__dict__.pop("forward", None)
 
 
-def _project(capture, sites: dict, m: nn.MultiheadAttention, key: str, x: torch.Tensor):
+def _project(
+    capture: Any, sites: dict[str, Block], m: nn.MultiheadAttention, key: str, x: torch.Tensor
+) -> torch.Tensor:
     """One projection: ``F.linear`` on the block's weight rows, shown to the capture."""
-    e = m.embed_dim
-    i = _QKV.index(key)
-    if m.in_proj_weight is not None:
-        w = m.in_proj_weight[i * e : (i + 1) * e]
-    else:
-        w = getattr(m, f"{key}_proj_weight")
+    e, i = m.embed_dim, _QKV.index(key)
+    weight, rows = projection(m, key)
+    w = weight if rows is None else weight[rows]
     b = None if m.in_proj_bias is None else m.in_proj_bias[i * e : (i + 1) * e]
     y = F.linear(x, w, b)
     block = sites.get(key)
     return y if block is None else capture.forward(block, x, y)
 
 
-def _masks(m, attn_mask, key_padding_mask, query, bsz, tgt, src):
+def _masks(
+    m: nn.MultiheadAttention,
+    attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    query: torch.Tensor,
+    bsz: int,
+    tgt: int,
+    src: int,
+) -> torch.Tensor | None:
     """The additive mask broadcastable to ``(B, H, L, S)`` (or None), as torch builds it."""
     key_padding_mask = F._canonical_mask(
         mask=key_padding_mask, mask_name="key_padding_mask",
@@ -146,10 +162,11 @@ def _masks(m, attn_mask, key_padding_mask, query, bsz, tgt, src):
 
 
 def attention_forward(
-    capture, sites: dict, m: nn.MultiheadAttention, query, key, value, key_padding_mask=None,
-    need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True,
-    is_causal: bool = False,
-):  # fmt: skip
+    capture: Any, sites: dict[str, Block], m: nn.MultiheadAttention, query: torch.Tensor,
+    key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+    need_weights: bool = True, attn_mask: torch.Tensor | None = None,
+    average_attn_weights: bool = True, is_causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """``nn.MultiheadAttention.forward`` with hookable projections (see the module docstring)."""
     if query.is_nested or key.is_nested or value.is_nested:
         raise NotImplementedError("K-FAC's nn.MultiheadAttention adapter takes no NestedTensor")
@@ -164,7 +181,7 @@ def attention_forward(
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask[None]
     elif not m.batch_first:
-        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
     bsz, tgt, e = query.shape
     src, heads = key.shape[1], m.num_heads
     hd = e // heads

@@ -32,11 +32,21 @@ registered class use the closest registered base class::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
+
+Grad = tuple[torch.Tensor, torch.Tensor | None]  # (dW in the matrix layout, db or None)
+
+
+def param(module: nn.Module, name: str) -> nn.Parameter | None:
+    """``module``'s parameter ``name`` (None when it has none)."""
+    p = getattr(module, name, None)
+    return p if isinstance(p, nn.Parameter) else None
 
 
 class LayerOps:
@@ -71,7 +81,9 @@ class LayerOps:
         g = g if self.batched(g) else g[None]
         return g.reshape(g.shape[0], -1, g.shape[-1])
 
-    def a_sum(self, x: torch.Tensor, approx: str, bias: bool, diag: bool, dtype: torch.dtype):
+    def a_sum(
+        self, x: torch.Tensor, approx: str, bias: bool, diag: bool, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, int]:
         r""":math:`\sum_n \frac1L \sum_t a_{nt} a_{nt}^\top` over the ``B`` samples of ``x``
         (its diagonal if ``diag``); with ``approx='reduce'`` the rows are first averaged over the
         locations (K-FAC-reduce). Returns ``(sum, B)``."""
@@ -85,7 +97,9 @@ class LayerOps:
         s = (r * r).sum(0) if diag else r.T @ r
         return s.div_(locations), n
 
-    def g_sum(self, g: torch.Tensor, scale: float, approx: str, diag: bool, dtype: torch.dtype):
+    def g_sum(
+        self, g: torch.Tensor, scale: float, approx: str, diag: bool, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, int]:
         r""":math:`\sum_n \sum_t (s\,g_{nt})(s\,g_{nt})^\top` (its diagonal if ``diag``), ``s =
         scale``; with ``approx='reduce'`` the rows are first summed over the locations. Returns
         ``(sum, B)``."""
@@ -96,14 +110,16 @@ class LayerOps:
         r = r.reshape(-1, r.shape[-1])
         return ((r * r).sum(0) if diag else r.T @ r), n
 
-    def weight_grad(self, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor):
+    def weight_grad(self, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> Grad:
         """``(dW, db)`` in the matrix layout from inputs ``x`` and output gradients ``g`` (any
         batch slice); ``db`` is the gradient of a bias (the output gradients summed)."""
         xr = x.reshape(-1, x.shape[-1])
         gr = g.reshape(-1, g.shape[-1])
         return gr.T @ xr, gr.sum(0)
 
-    def input_grad(self, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor):
+    def input_grad(
+        self, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor | None:
         """The gradient of the input (used where the adapter forms the layer's gradients itself,
         :class:`~orthoptim.curvature.split.HalfBatchWeightGrad`)."""
         return g @ weight
@@ -140,7 +156,7 @@ class Block:
     diag_a: bool = False
     diag_g: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         rows, cols = self.ops.matrix(self.weight.detach()).shape
         self.d_out = rows if self.rows is None else len(range(rows)[self.rows])
         self.d_in = cols + (self.bias is not None)  # columns of the matrix layout
@@ -155,10 +171,17 @@ class Block:
             return self.bias
         return self.bias[self.bias_rows]
 
-    def grad_matrix(self, gw=None, gb=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def grad_matrix(
+        self,
+        gw: torch.Tensor | None = None,
+        gb: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The block gradient ``[dW | db]`` from ``.grad`` unless ``gw`` / ``gb`` are given
         (weight- and bias-shaped), written into ``out`` when given (any float dtype)."""
         gw = self.weight.grad if gw is None else gw
+        if gw is None:
+            raise RuntimeError(f"block {self.name}: the weight has no gradient")
         w = self.ops.matrix(gw)
         if self.rows is not None:
             w = w[self.rows]
@@ -175,7 +198,7 @@ class Block:
             return out
         return w if b is None else torch.cat([w, b[:, None].to(w.dtype)], dim=1)
 
-    def split_direction(self, d: torch.Tensor):
+    def split_direction(self, d: torch.Tensor) -> Grad:
         """A block direction in the matrix layout -> ``(weight part, bias part or None)``; the
         weight part is weight-shaped for a whole weight, the block's rows of the matrix layout
         otherwise."""
@@ -214,19 +237,19 @@ class LayerAdapter:
         """Submodules this adapter handles itself (they get no adapter of their own)."""
         return []
 
-    def blocks(self, name_of: dict) -> list[Block]:
+    def blocks(self, name_of: dict[Any, str]) -> list[Block]:
         """The module's blocks among the trained parameters ``name_of`` (parameter -> name).
 
         A weight that is not trained gives no block; a bias that is not trained is left out of
         the block (its layer is then preconditioned without a bias column).
         """
-        w, b = self.module.weight, getattr(self.module, "bias", None)
-        if w not in name_of:
+        w, b = param(self.module, "weight"), param(self.module, "bias")
+        if w is None or w not in name_of:
             return []
         b_in = b if (b is not None and b in name_of) else None
         return [Block(name_of[w], "w", self.ops(), self.module, w, b_in, stock=self.stock())]
 
-    def install(self, capture) -> list:
+    def install(self, capture: Any) -> list[Any]:
         """Hook the module so ``capture.forward(block, input, output)`` sees every call;
         returns removable handles."""
         blocks = capture.blocks_of(self.module)
@@ -236,7 +259,8 @@ class LayerAdapter:
 
 
 _REGISTRY: dict[type, type[LayerAdapter]] = {}
-_DUCK: list = []  # (predicate, adapter class): layer classes recognised without importing them
+# (predicate, adapter class): layer classes recognised without importing them
+_DUCK: list[tuple[Callable[[nn.Module], bool], type[LayerAdapter]]] = []
 
 
 def register_adapter(module_cls: type, adapter_cls: type[LayerAdapter]) -> None:
@@ -249,7 +273,9 @@ def register_adapter(module_cls: type, adapter_cls: type[LayerAdapter]) -> None:
     _REGISTRY[module_cls] = adapter_cls
 
 
-def register_duck_adapter(predicate, adapter_cls: type[LayerAdapter]) -> None:
+def register_duck_adapter(
+    predicate: Callable[[nn.Module], bool], adapter_cls: type[LayerAdapter]
+) -> None:
     """Recognise modules by ``predicate(module)`` (for classes of optional packages)."""
     _DUCK.append((predicate, adapter_cls))
 

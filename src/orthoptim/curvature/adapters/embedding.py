@@ -17,13 +17,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from orthoptim.curvature.adapters.base import LayerAdapter, LayerOps
+from orthoptim.curvature.adapters.base import Grad, LayerAdapter, LayerOps
 
 
 class EmbeddingOps(LayerOps):
     diag_input = True
 
-    def __init__(self, module: nn.Embedding):
+    def __init__(self, module: nn.Embedding) -> None:
         self.num, self.padding_idx = module.num_embeddings, module.padding_idx
 
     def matrix(self, w: torch.Tensor) -> torch.Tensor:
@@ -36,13 +36,15 @@ class EmbeddingOps(LayerOps):
         g = g if g.dim() >= 3 else g[None]
         return g.reshape(g.shape[0], -1, g.shape[-1])
 
-    def a_sum(self, x, approx, bias, diag, dtype):
+    def a_sum(
+        self, x: torch.Tensor, approx: str, bias: bool, diag: bool, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, int]:
         x = x if self.batched(x) else x[None]
         counts = torch.bincount(x.flatten(), minlength=self.num).to(dtype)
         locations = x[0].numel()
         return counts.div_(locations), x.shape[0]
 
-    def weight_grad(self, x, g, weight):
+    def weight_grad(self, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> Grad:
         g = g.reshape(-1, g.shape[-1])
         dw = torch.zeros(weight.shape, dtype=g.dtype, device=g.device)
         dw.index_add_(0, x.flatten(), g)
@@ -50,12 +52,15 @@ class EmbeddingOps(LayerOps):
             dw[self.padding_idx] = 0
         return dw.T, None
 
-    def input_grad(self, x, g, weight):
+    def input_grad(
+        self, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor | None:
         return None  # token indices have no gradient
 
 
 class EmbeddingAdapter(LayerAdapter):
     kind = "nn.Embedding"
+    module: nn.Embedding
 
     def ops(self) -> LayerOps:
         return EmbeddingOps(self.module)

@@ -37,7 +37,9 @@ class Conv1DOps(LinearOps):
     def unmatrix(self, m: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         return m.T.reshape(shape)
 
-    def input_grad(self, x, g, weight):
+    def input_grad(
+        self, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor | None:
         return g @ weight.T
 
 
