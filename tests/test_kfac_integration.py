@@ -193,3 +193,48 @@ def test_the_state_is_keyed_by_parameter_and_holds_every_block():
     assert sd["state"][0]["kfac_step"] == 1
     fresh = copy.deepcopy(opt)
     assert fresh.kfac_step == 1
+
+
+# ------------------------------------------------------------------------------ GradScaler
+@pytest.mark.parametrize("cls", [KFAC, FOP])
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_grad_scaler_runs_equal_fp32_runs(cls, unscale_first):
+    """torch.amp.GradScaler (on CPU): factors and FOP's halves are unscaled, a step the scaler
+    skips (an overflow) leaves no capture behind, and the run equals the fp32 run without that
+    step, with or without scaler.unscale_ (gradient clipping) before scaler.step."""
+    data = batches(n=6)
+    model, ref_model = Net().double(), Net().double()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    kw = KW | dict(factor_interval=1, inverse_interval=1)
+    opt = cls(model, **kw, grad_scaler=scaler if unscale_first else None)
+    ref = cls(ref_model, **kw)
+    for i, (x, y) in enumerate(data):
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        if i == 2:  # an overflow: the scaler skips this step and halves its scale
+            model.head.weight.grad[0, 0] = float("inf")
+        if unscale_first:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6)
+        scaler.step(opt)
+        scaler.update()
+        if i != 2:
+            train(ref, ref_model, [(x, y)])
+    assert scaler.get_scale() != 2.0**12  # the scale moved: grew, and halved at the overflow
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    for b, c in zip(opt._blocks, ref._blocks, strict=True):
+        for key in ("A", "G"):
+            torch.testing.assert_close(opt.block_state(b)[key], ref.block_state(c)[key])
+    assert opt.kfac_step == ref.kfac_step == 5
+
+
+def test_unscale_before_step_without_the_scaler_is_a_clear_error():
+    model = Net().double()
+    opt = KFAC(model, **KW)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = batches(n=1)[0]
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match=r"grad_scaler=scaler"):
+        scaler.step(opt)

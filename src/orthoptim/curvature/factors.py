@@ -49,7 +49,7 @@ def a_factor(
 
 def g_factor(
     block: Block,
-    grads: list[tuple[torch.Tensor, float]],
+    grads: list[tuple[torch.Tensor, float | torch.Tensor]],
     n: int,
     dtype: torch.dtype,
     approx: str = "expand",

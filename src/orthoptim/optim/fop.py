@@ -117,7 +117,12 @@ class FOP(KFAC):
         formed and ``.grad``, in place in the hook's buffer; None when the block cannot be split
         (see :meth:`~orthoptim.curvature.Capture.halves_of`)."""
         got = self._capture.halves_of(block)
-        return None if got is None else avg_diff_(*got)
+        if got is None:
+            return None
+        U, batch, b1 = got
+        if self._inv_scale is not None:  # S_1 / S_odd came from the scaled backward
+            U[1].mul_(self._inv_scale.to(U.device, U.dtype))
+        return avg_diff_(U, batch, b1)
 
     def _model_for_two_pass(self) -> nn.Module:
         if self._model is not None:

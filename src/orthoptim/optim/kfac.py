@@ -61,7 +61,7 @@ from orthoptim.optim._validation import (
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _GROUP_META = ("params", "param_names")
-_CONSTRUCTOR_ONLY = ("max_factor_dim", "exclude", "nonfinite")
+_CONSTRUCTOR_ONLY = ("max_factor_dim", "exclude", "grad_scaler", "nonfinite")
 
 
 class PlainUpdateWarning(UserWarning):
@@ -164,6 +164,11 @@ class KFAC(torch.optim.Optimizer):
         exclude: parameters or name patterns (``fnmatch``: ``"lm_head.*"``) that get the plain
             outer update on purpose: they are not preconditioned and not named in the warning.
             Constructor only.
+        grad_scaler: the ``torch.amp.GradScaler`` of the run, needed only when
+            ``scaler.unscale_(opt)`` runs before ``scaler.step(opt)`` (gradient clipping under
+            AMP): the captured output gradients are still scaled then, and the scaler no longer
+            tells the optimizer its scale. Without ``unscale_`` the scaler hands its scale to
+            ``step()`` itself. Constructor only.
         nonfinite: what a step does when a gradient holds NaN/inf: ``"skip"`` (default: drop
             the whole step; parameters, factors, inverses, momentum and step counter untouched,
             hook captures discarded; counted in ``skipped_steps``), ``"raise"`` or ``"proceed"``
@@ -204,6 +209,7 @@ class KFAC(torch.optim.Optimizer):
         seed: int = 0,
         max_factor_dim: int | None = 8192,
         exclude=(),
+        grad_scaler=None,
         nonfinite: str = "skip",
         **extra,
     ):
@@ -221,6 +227,10 @@ class KFAC(torch.optim.Optimizer):
             check_int("max_factor_dim", max_factor_dim, 1)
         self._max_factor_dim = max_factor_dim
         self._exclude = _check_exclude(exclude)
+        if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
+            raise ValueError(f"Invalid grad_scaler: {grad_scaler!r}; expected a GradScaler")
+        self._grad_scaler = grad_scaler
+        self._inv_scale: torch.Tensor | None = None  # 1 / the scale of this step's captures
         model = params if isinstance(params, nn.Module) else None
         if model is not None:
             params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -506,7 +516,10 @@ class KFAC(torch.optim.Optimizer):
         a_cache: dict = {}  # attention's q/k/v blocks of a self-attention share their input
         for b in self._blocks:
             rec = self._capture.records[b]
-            grads = rec.mc_grads if mc else rec.grad_records()
+            grads: list[tuple[torch.Tensor, float | torch.Tensor]] = []
+            grads += rec.mc_grads if mc else rec.grad_records()
+            if self._inv_scale is not None and not mc:  # captured from the scaled backward
+                grads = [(g, scale * self._inv_scale) for g, scale in grads]
             if not rec.inputs:
                 continue
             if not grads:
@@ -615,7 +628,7 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._finish_search()
-        if _nonfinite.skip_step(self):
+        if self._loss_scaling() or _nonfinite.skip_step(self):
             self._discard_step()
             return loss
         hp = self.param_groups[0]
@@ -635,6 +648,42 @@ class KFAC(torch.optim.Optimizer):
         self._anchor_state()["kfac_step"] += 1
         self._arm_capture()
         return loss
+
+    # torch.amp.GradScaler calls step() on every step and sets grad_scale / found_inf (below).
+    _step_supports_amp_scaling = True
+    skipped_steps: int  # set by _nonfinite.install
+
+    def _loss_scaling(self) -> bool:
+        """``torch.amp.GradScaler``'s protocol: True when the scaler found an overflow (the step
+        is dropped; ``skipped_steps`` counts it). Otherwise the parameter gradients are unscaled
+        in place (unless ``scaler.unscale_`` already did it) and ``self._inv_scale`` is set for
+        what the hooks captured from the scaled backward: the output gradients (``G`` scales by
+        ``s²``) and FOP's sub-batch gradients (by ``s``). One host read of ``found_inf`` per step:
+        K-FAC's schedule is decided on the host (torch's own non-fused optimizers read it too)."""
+        self._inv_scale = None
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:  # no GradScaler
+            return False
+        if bool(found_inf.item()):
+            self.skipped_steps += 1
+            return True
+        scale = getattr(self, "grad_scale", None)
+        if scale is None:  # scaler.unscale_ ran: .grad is unscaled, the captures are not
+            if self._grad_scaler is None:
+                raise RuntimeError(
+                    f"{type(self).__name__}: scaler.unscale_(opt) ran before scaler.step(opt), so "
+                    "the output gradients the hooks captured are still scaled and the scaler no "
+                    f"longer says by how much; build it with {type(self).__name__}(..., "
+                    "grad_scaler=scaler)"
+                )
+            scale = torch.tensor(float(self._grad_scaler.get_scale()))
+        else:
+            inv = scale.double().reciprocal().float()  # GradScaler's own reciprocal
+            for g in (p.grad for grp in self.param_groups for p in grp["params"]):
+                if g is not None:
+                    g.mul_(inv.to(g.device))
+        self._inv_scale = scale.double().reciprocal().float()
+        return False
 
     def _discard_step(self) -> None:
         """A skipped step: drop what the hooks captured (the step counter did not move, so the

@@ -98,11 +98,16 @@ class LayerOps:
         return s.div_(locations), n
 
     def g_sum(
-        self, g: torch.Tensor, scale: float, approx: str, diag: bool, dtype: torch.dtype
+        self,
+        g: torch.Tensor,
+        scale: float | torch.Tensor,
+        approx: str,
+        diag: bool,
+        dtype: torch.dtype,
     ) -> tuple[torch.Tensor, int]:
         r""":math:`\sum_n \sum_t (s\,g_{nt})(s\,g_{nt})^\top` (its diagonal if ``diag``), ``s =
-        scale``; with ``approx='reduce'`` the rows are first summed over the locations. Returns
-        ``(sum, B)``."""
+        scale`` (a number or a 0-d tensor); with ``approx='reduce'`` the rows are first summed over
+        the locations. Returns ``(sum, B)``."""
         r = self.rows_out(g).to(dtype) * scale
         if approx == "reduce":
             r = r.sum(1, keepdim=True)
