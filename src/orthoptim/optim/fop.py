@@ -223,5 +223,5 @@ class FOP(KFAC):
             for (ls, b, V), c, be, e in zip(todo, coef, beta.unbind(), eta.unbind(), strict=True):
                 ls["beta"], ls["eta"] = be, e
                 D = (c @ V[1:].flatten(1)).view(V.shape[1:])
-                self._put(dirs, b, D.to(b.weight.grad.dtype))
+                self._put(dirs, b, D.to(b.weight.dtype))
         return dirs

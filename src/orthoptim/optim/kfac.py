@@ -33,23 +33,24 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from orthoptim.curvature import (
-    Capture,
     a_factor,
     compute_preconditioner,
     ema,
     g_factor,
     inverse_mv,
 )
-from orthoptim.curvature.discovery import find_blocks
-from orthoptim.curvature.owners import OwnerSearch, compiled_modules, reset_compiled
 from orthoptim.optim import _nonfinite
+from orthoptim.optim._kfac_layers import (  # noqa: F401  (the warnings are part of this API)
+    DiagonalFactorWarning,
+    LayerCoverage,
+    PlainUpdateWarning,
+)
 from orthoptim.optim._outer import adamw_update, sgd_update
 from orthoptim.optim._validation import (
     check_betas,
@@ -62,14 +63,6 @@ from orthoptim.optim._validation import (
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _GROUP_META = ("params", "param_names")
 _CONSTRUCTOR_ONLY = ("max_factor_dim", "exclude", "grad_scaler", "nonfinite")
-
-
-class PlainUpdateWarning(UserWarning):
-    """Matrix parameters that K-FAC / FOP leave to the plain outer update (named, with why)."""
-
-
-class DiagonalFactorWarning(UserWarning):
-    """Blocks with a factor kept diagonal because it is larger than ``max_factor_dim``."""
 
 
 def check_kfac_args(a: dict) -> None:
@@ -106,20 +99,7 @@ def check_kfac_args(a: dict) -> None:
     check_int("seed", a["seed"], 0)
 
 
-def _check_exclude(exclude) -> tuple:
-    if isinstance(exclude, (str, torch.Tensor)):
-        exclude = (exclude,)
-    try:
-        items = tuple(exclude)
-    except TypeError:
-        raise ValueError(f"Invalid exclude: {exclude!r}; expected names or parameters") from None
-    for e in items:
-        if not isinstance(e, (str, torch.Tensor)):
-            raise ValueError(f"Invalid exclude: {e!r}; expected a name pattern or a parameter")
-    return items
-
-
-class KFAC(torch.optim.Optimizer):
+class KFAC(LayerCoverage, torch.optim.Optimizer):
     r"""K-FAC preconditioning of the model's layers + SGD-momentum or AdamW.
 
     Args:
@@ -225,12 +205,8 @@ class KFAC(torch.optim.Optimizer):
         self._check_args(defaults)
         if max_factor_dim is not None:
             check_int("max_factor_dim", max_factor_dim, 1)
-        self._max_factor_dim = max_factor_dim
-        self._exclude = _check_exclude(exclude)
         if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
             raise ValueError(f"Invalid grad_scaler: {grad_scaler!r}; expected a GradScaler")
-        self._grad_scaler = grad_scaler
-        self._inv_scale: torch.Tensor | None = None  # 1 / the scale of this step's captures
         model = params if isinstance(params, nn.Module) else None
         if model is not None:
             params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -240,23 +216,11 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError(f"Invalid params: {type(params).__name__}; expected an nn.Module "
                              "or an iterable of parameters")  # fmt: skip
         super().__init__(params, defaults)
-        self._model = model
-        self._roots: list[nn.Module] = []
-        self._capture = Capture()
-        self._blocks: list = []
-        self._plain: dict[str, str] = {}
-        self._diagonal: dict[str, str] = {}
-        self._warned = self._checked = False
+        self._grad_scaler = grad_scaler
+        self._inv_scale: torch.Tensor | None = None  # 1 / the scale of this step's captures
         self._mc_calls = 0
         _nonfinite.install(self, nonfinite)
-        if model is not None:
-            self._attach(model)
-            if not self._blocks:
-                raise ValueError(self._no_layer_message("Invalid model"))
-            self._search = None
-            self._warn_coverage()
-        else:
-            self._search = OwnerSearch(self._trained(), self._attach)
+        self._init_coverage(model, max_factor_dim, exclude)
         self._arm_capture()
 
     # -- validation ---------------------------------------------------------------------------
@@ -282,127 +246,6 @@ class KFAC(torch.optim.Optimizer):
         # torch keeps only defaults/state/param_groups: deepcopy / pickle lost the model, the
         # hooks and the non-finite policy. Keep every attribute.
         return dict(self.__dict__)
-
-    # -- layers -------------------------------------------------------------------------------
-    def _trained(self) -> list:
-        """The parameters given to the constructor (every group: a block's bias may sit in
-        another group than its weight, e.g. a no-decay group; each keeps its group's outer
-        hyperparameters)."""
-        return [p for g in self.param_groups for p in g["params"]]
-
-    def _names(self, root: nn.Module) -> dict:
-        """``{parameter: name}`` of the trained parameters: the groups' ``param_names`` when
-        given, else their names in ``root``."""
-        in_root = {p: n for n, p in root.named_parameters()}
-        out = {}
-        for g in self.param_groups:
-            names = g.get("param_names") or [in_root.get(p, f"param {i}")
-                                             for i, p in enumerate(g["params"])]  # fmt: skip
-            out.update(zip(g["params"], names, strict=True))
-        return out
-
-    def _attach(self, root: nn.Module) -> None:
-        """Find ``root``'s blocks among the trained parameters and hook them."""
-        names = self._names(root)
-        owned = {p for p in root.parameters()}
-        trained = {p: n for p, n in names.items() if p in owned}
-        layout = find_blocks(
-            root, trained, max_factor_dim=self._max_factor_dim, exclude=self._exclude
-        )
-        reset_compiled(root)
-        if self._search is not None or self._model is None:  # parameter form: this call counts
-            self._capture.new_forward()
-        self._capture.attach(layout.blocks, layout.adapters, root)
-        self._roots.append(root)
-        self._blocks += layout.blocks
-        self._plain.update(layout.plain)
-        self._diagonal.update(layout.diagonal)
-
-    _search: OwnerSearch | None = None  # parameter form: the pending OwnerSearch
-
-    def _no_layer_message(self, head: str) -> str:
-        why = "; ".join(f"{n}: {r}" for n, r in list(self._plain.items())[:5])
-        return (
-            f"{head}: {type(self).__name__} found no layer it can precondition"
-            + (f" ({why})" if why else "")
-            + "; supported: nn.Linear, nn.Conv1d/2d, Conv1D (transformers), nn.Embedding, "
-            "nn.MultiheadAttention (register others with orthoptim.curvature.register_adapter); "
-            "use a first-order optimizer for this model"
-        )
-
-    def _warn_coverage(self) -> None:
-        """The one warning naming the matrix parameters left to the plain update (and the one
-        naming diagonal factors)."""
-        if self._warned:
-            return
-        self._warned = True
-        name = type(self).__name__
-        if self._plain:
-            lines = "\n".join(f"  {n}: {r}" for n, r in self._plain.items())
-            outer = self.param_groups[0]["outer"]
-            warnings.warn(
-                f"{name}: {len(self._plain)} matrix parameter(s) get the plain outer update "
-                f"({outer}), not {name}:\n{lines}\nPass exclude=[...] with these names to "
-                "declare it intentional (silences this warning).",
-                PlainUpdateWarning,
-                stacklevel=_user_stacklevel(),
-            )
-        if self._diagonal:
-            lines = "\n".join(f"  {n}: {r}" for n, r in self._diagonal.items())
-            warnings.warn(
-                f"{name}: factors kept diagonal (max_factor_dim):\n{lines}",
-                DiagonalFactorWarning,
-                stacklevel=_user_stacklevel(),
-            )
-
-    def _finish_search(self) -> None:
-        """Parameter form: after the first step that saw the model run, stop searching; the
-        parameters never seen in a forward are named, and no layer at all is an error."""
-        if self._model is not None or self._checked:
-            return
-        if self._search is not None and self._search.active:
-            pending = self._search.pending
-            if not self._roots:
-                grads = [p.grad for p in self._trained() if p.grad is not None]
-                if not grads or not any(bool(g.any()) for g in grads):
-                    return  # no forward yet (a checkpoint loader's zero-gradient step)
-                raise RuntimeError(
-                    f"{type(self).__name__}: got gradients but never saw the model run (the "
-                    "parameters were given as a list and no module owning them was called "
-                    "through nn.Module.__call__); pass the model: "
-                    f"{type(self).__name__}(model, lr=...)"
-                )
-            self._search.remove()
-            for gi, g in enumerate(self.param_groups):
-                names = g.get("param_names") or [f"group {gi} param {i} {tuple(p.shape)}"
-                                                 for i, p in enumerate(g["params"])]  # fmt: skip
-                for p, n in zip(g["params"], names, strict=True):
-                    if p in pending and sum(s > 1 for s in p.shape) >= 2:
-                        self._plain[n] = "never used in a forward before the first step"
-        if not self._blocks:
-            raise ValueError(self._no_layer_message("Invalid params"))
-
-    def _check_hooks(self) -> None:
-        """Once, at the first step after the model ran: blocks with a gradient whose hooks saw
-        nothing are named (plain update); if no block saw anything, the hooks are not firing."""
-        self._checked = True
-        recs = self._capture.records
-        silent = [b for b in self._blocks if b.weight.grad is not None and not recs[b].forwards]
-        if silent and len(silent) == len([b for b in self._blocks if b.weight.grad is not None]):
-            compiled = bool(compiled_modules(self._roots[0])) if self._roots else False
-            raise RuntimeError(
-                f"{type(self).__name__}: the model ran but none of its layer hooks fired"
-                + (" (it is a compiled model whose compiled code was not reset)" if compiled
-                   else "") +
-                "; build the optimizer before the model's first forward, or with the compiled "
-                "module itself so that its code is recompiled with the hooks"
-            )  # fmt: skip
-        for b in silent:
-            self._plain[b.name] = (
-                "its module's hooks never saw it run (the weight is used through the functional "
-                "API, or by a compiled region): not preconditioned"
-            )
-        self._warn_coverage()
 
     # -- schedule -----------------------------------------------------------------------------
     def _anchor_state(self) -> dict:
@@ -735,15 +578,6 @@ class KFAC(torch.optim.Optimizer):
                     f"{want} but the state dict's is {tuple(saved['A'].shape)}; it comes from a "
                     "different model"
                 )
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside orthoptim."""
-    root = __file__.rsplit("/optim/", 1)[0]
-    frame, level = inspect.currentframe().f_back, 1
-    while frame is not None and frame.f_code.co_filename.startswith(root):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _to_device(obj, device):
