@@ -57,7 +57,7 @@ def test_lightning_configure_optimizers(name, cls):
     assert isinstance(opt, cls) and trainer.global_step == steps
     first = module.net[0].weight
     if cls is FOP:
-        assert opt.state["kfac"]["step"] == steps  # every Lightning step reached FOP's step
+        assert opt.kfac_step == steps  # every Lightning step reached FOP's step
         assert torch.isfinite(opt.state[first]["momentum_buffer"]).all()
     else:
         assert int(opt.state[first]["step"]) == steps  # every Lightning step reached FOGO's step

@@ -83,6 +83,31 @@ def test_parameter_form_names_parameters_never_seen_in_a_forward():
     assert len(opt._blocks) == 2
 
 
+def test_parameter_form_search_copies_with_its_optimizer_and_ends_with_it():
+    """A deep copy made before the first forward finds its own (copied) model; a discarded
+    optimizer leaves no global hook behind."""
+    import gc
+
+    from torch.nn.modules import module as nn_module
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    opt = KFAC(model.parameters(), lr=0.1)
+    model2, opt2 = copy.deepcopy((model, opt))
+    x = torch.randn(5, 4, dtype=D)
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        m(x).square().mean().backward()
+        o.step()
+    got = [b.weight for b in opt2._blocks]
+    assert len(got) == 2 and got[0] is model2[0].weight and got[1] is model2[2].weight
+    assert torch.equal(model[0].weight, model2[0].weight)
+    hooks = len(nn_module._global_forward_pre_hooks)
+    KFAC(nn.Linear(2, 2).parameters())  # never run, dropped at once
+    gc.collect()
+    model(x)  # the next module call removes the orphaned hook
+    assert len(nn_module._global_forward_pre_hooks) == hooks
+
+
 def test_parameter_form_without_a_module_call_raises_and_says_to_pass_the_model():
     w = nn.Parameter(torch.randn(3, 4))
     opt = KFAC([w], lr=0.1)

@@ -4,7 +4,8 @@
 temporary *global* module forward pre-hook: the first module called that owns some of the
 parameters (the outermost one: the model) is handed to ``found(module)`` before its forward runs,
 so its layers are hooked in time for that very forward; the global hook is removed once every
-parameter has an owner (or by :meth:`OwnerSearch.remove`).
+parameter has an owner, by :meth:`OwnerSearch.remove`, or once the optimizer it reports to is
+garbage (it is held weakly).
 
 ``torch.compile``: dynamo does not guard on module hooks, so hooks added after a compiled module
 first ran never fire. :func:`reset_compiled` drops the compiled code of every compiled module in a
@@ -14,6 +15,9 @@ again, with the hooks. Recompiling affects every instance of those module classe
 
 from __future__ import annotations
 
+import copy
+import inspect
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,18 +31,36 @@ class OwnerSearch:
 
     def __init__(self, params: Iterable[torch.Tensor], found: Callable[[nn.Module], None]) -> None:
         self.pending = set(params)
-        self.found = found
+        # a bound method is held weakly: a discarded optimizer must not live on in the global hook
+        self.found: Callable[[], Callable[[nn.Module], None] | None] = (
+            weakref.WeakMethod(found) if inspect.ismethod(found) else (lambda: found)
+        )
         self._handle: RemovableHandle | None = nn.modules.module.register_module_forward_pre_hook(
             self._pre
         )
 
     def _pre(self, module: nn.Module, args: Any) -> None:
+        found = self.found()
+        if found is None:  # its optimizer is gone
+            self.remove()
+            return
         if not self.pending or not any(p in self.pending for p in module.parameters()):
             return
         self.pending -= set(module.parameters())
         if not self.pending:
             self.remove()
-        self.found(module)
+        found(module)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OwnerSearch:
+        """A copied optimizer searches for the copied model with a hook of its own."""
+        found = self.found()
+        if found is None or not self.active or not inspect.ismethod(found):
+            out = OwnerSearch.__new__(OwnerSearch)
+            out.pending, out.found, out._handle = set(), (lambda: None), None
+            return out
+        owner = copy.deepcopy(found.__self__, memo)
+        pending = copy.deepcopy(list(self.pending), memo)
+        return OwnerSearch(pending, getattr(owner, found.__func__.__name__))
 
     @property
     def active(self) -> bool:

@@ -154,6 +154,7 @@ class LayerCoverage:
                 grads = [p.grad for p in self._trained() if p.grad is not None]
                 if not grads or not any(bool(g.any()) for g in grads):
                     return  # no forward yet (a checkpoint loader's zero-gradient step)
+                self._search.remove()  # the global hook must not outlive this optimizer's use
                 raise RuntimeError(
                     f"{type(self).__name__}: got gradients but never saw the model run (the "
                     "parameters were given as a list and no module owning them was called "

@@ -107,7 +107,7 @@ CNN_PRESETS: dict[str, dict[str, Any]] = {
 _VIT = {**_BASE, "dataset": "fashion_mnist", "model": "vit", "width": 32, "hidden": [64],
         "target_accuracy": 0.82, "max_epochs": 10.0, "eval_limit": 1000, "warmup_steps": 10}
 VIT_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {**PRESETS["tiny"], "model": "vit", "width": 16, "hidden": [32], "max_steps": 30},
+    "tiny": {**PRESETS["tiny"], "model": "vit", "width": 8, "hidden": [16], "max_steps": 15},
     "quick": {**PRESETS["quick"], "model": "vit", "width": 32, "hidden": [64],
               "target_accuracy": 0.9, "warmup_steps": 10},
     "paper": {**_VIT, "batch_size": 2048, "max_steps": 200, "eval_every": 10},
