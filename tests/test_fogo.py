@@ -150,18 +150,23 @@ def test_lr_scheduler_changes_the_step():
 
 
 def test_non_matrix_params_follow_adamw_exactly():
+    """FOGO's AdamW parameters take torch's fused AdamW step (the torch path that drops a step on
+    the device): bitwise torch.optim.AdamW(fused=True)."""
     torch.manual_seed(0)
     b1 = nn.Parameter(torch.randn(7))
     b2 = nn.Parameter(b1.detach().clone())
     ours = FOGO([b1], lr=0.01, weight_decay=0.1, adamw_betas=(0.9, 0.95), adamw_eps=1e-8)
-    ref = torch.optim.AdamW([b2], lr=0.01, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    ref = torch.optim.AdamW(
+        [b2], lr=0.01, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, fused=True
+    )
     for _ in range(10):
         g = torch.randn(7)
         b1.grad, b2.grad = g.clone(), g.clone()
         ours.step()
         ref.step()
     assert torch.equal(b1, b2)
-    assert torch.equal(ours.state[b1]["exp_avg_sq"], ref.state[b2]["exp_avg_sq"])
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(ours.state[b1][key], ref.state[b2][key]), key
 
 
 def test_single_stream_without_memory_is_torch_muon():
@@ -325,3 +330,46 @@ def test_closure_and_grad_none_params():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step(closure)
+
+
+def _scaled_run(scaler_mode, poison, steps=12):
+    """FOGO on a float32 model: plain fp32 steps without the ``poison`` step, or GradScaler steps
+    (power-of-two scales, so unscaling is exact) with an inf injected at ``poison``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3))
+    opt = FOGO(model.parameters(), lr=0.02, write_interval=3, memory_budget=0.5, ns_dtype="float32")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    scales = []
+    for i, (x, y) in enumerate(batches(steps)):
+        loss = nn.functional.cross_entropy(model(x.float()), y)
+        opt.zero_grad()
+        if scaler_mode is None:
+            if i != poison:
+                loss.backward()
+                opt.step()
+            continue
+        scaler.scale(loss).backward()
+        if i == poison:
+            model[2].weight.grad[0, 0] = float("inf")
+        if scaler_mode == "unscale_first":  # the user unscales (e.g. to clip) before step
+            scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return model, opt, scales
+
+
+@pytest.mark.parametrize("scaler_mode", ["step", "unscale_first"])
+def test_grad_scaler_runs_equal_fp32_runs_without_the_skipped_step(scaler_mode):
+    """GradScaler's protocol (_step_supports_amp_scaling): the scaler hands FOGO its scale and
+    found_inf instead of syncing; FOGO unscales, drops the overflow step on the device, and the
+    run equals, bit for bit, the fp32 run that never took that step."""
+    ref_model, ref, _ = _scaled_run(None, poison=5)
+    model, opt, scales = _scaled_run(scaler_mode, poison=5)
+    assert opt.skipped_steps == 1 and ref.skipped_steps == 0
+    assert scales[5] == scales[4] / 2  # the scaler saw the overflow and backed off
+    assert max(scales) > 2.0**10  # and grew its scale on the other steps
+    for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert_states_equal(opt.state_dict()["state"], ref.state_dict()["state"])
+    assert opt.memory_stats()["writes"] > 0

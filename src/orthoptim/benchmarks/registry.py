@@ -18,7 +18,7 @@ Built-in optimizers:
   than FOGO's exact RMS (``scale="rms"``) so that ``muon`` *is* Muon. Newton-Schulz runs in
   float32: on CPU torch's bfloat16 matmuls are several times slower than float32, and results then
   do not depend on the device. ``muon-bf16`` runs it in bfloat16 and is bitwise
-  ``torch.optim.Muon`` + ``torch.optim.AdamW`` (the tests check both).
+  ``torch.optim.Muon`` + ``torch.optim.AdamW(fused=True)`` (the tests check both).
 * ``fogo``: FOGO at its defaults (memory on), Newton-Schulz in float32 as in
   ``scripts/fogo_evidence.py``; ``fogo-nomem``: the same without the memory. FOGO's RMS-0.2
   step shares AdamW's lr.

@@ -204,7 +204,8 @@ class FOP(KFAC):
             )  # fmt: skip
             coef = torch.stack([c_avg, c_diff], dim=1)  # d = c_avg F^-1 g_avg + c_diff F^-1 g_diff
             for (ls, m, V), c, b, e in zip(todo, coef, beta.unbind(), eta.unbind(), strict=True):
-                ls["beta"], ls["eta"] = b, e
+                ls["beta"] = self._guard.select(ls.get("beta"), b)  # a dropped step keeps them
+                ls["eta"] = self._guard.select(ls.get("eta"), e)
                 D = (c @ V[1:].flatten(1)).view(V.shape[1:])
                 put_direction(dirs, m, D.to(m.weight.grad.dtype))
         return dirs

@@ -9,7 +9,7 @@ For every supported layer (``nn.Linear``, ``nn.Conv2d``, see
 (π-damping; or the exact :math:`(G\otimes A + \lambda I)^{-1}` with ``damping_type='tikhonov'``).
 ``d`` (or ``p.grad`` for every other parameter: norms, embeddings, ...) then goes to the outer
 update: SGD with momentum and *coupled* weight decay (added after preconditioning, as the paper's
-``torch.optim.SGD``), or AdamW (:func:`orthoptim.optim._adamw.adamw_step_`).
+``torch.optim.SGD``), or AdamW (torch's fused steps, :mod:`orthoptim.optim._fused`).
 
 Usage is drop-in; with ``fisher='mc'`` call :meth:`KFAC.sample_fisher` between forward and
 ``backward``::
@@ -36,8 +36,7 @@ from orthoptim.curvature import (
     inverse_mv,
     is_supported,
 )
-from orthoptim.optim import _nonfinite
-from orthoptim.optim._adamw import adamw_step_
+from orthoptim.optim import _fused, _nonfinite
 from orthoptim.optim._validation import (
     check_betas,
     check_choice,
@@ -48,20 +47,6 @@ from orthoptim.optim._validation import (
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _GROUP_META = ("params", "param_names")
-
-
-def sgd_step_(p, d, state, *, lr, momentum, nesterov, weight_decay) -> None:
-    """``torch.optim.SGD``'s single-tensor step (dampening 0) on direction ``d``."""
-    if weight_decay != 0:
-        d = d.add(p, alpha=weight_decay)
-    if momentum != 0:
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = state["momentum_buffer"] = torch.clone(d).detach()
-        else:
-            buf.mul_(momentum).add_(d)
-        d = d.add(buf, alpha=momentum) if nesterov else buf
-    p.add_(d, alpha=-lr)
 
 
 def grad_matrix(module: nn.Module, gw=None, gb=None, out=None) -> torch.Tensor:
@@ -116,7 +101,7 @@ def check_kfac_args(a: dict) -> None:
     check_int("seed", a["seed"], 0)
 
 
-class KFAC(torch.optim.Optimizer):
+class KFAC(_nonfinite.Guarded, torch.optim.Optimizer):
     r"""K-FAC preconditioning of ``nn.Linear`` / ``nn.Conv2d`` gradients + SGD-momentum or AdamW.
 
     Args:
@@ -211,10 +196,14 @@ class KFAC(torch.optim.Optimizer):
         self.state["kfac"] = {"step": 0, "rng": None, "layers": {n: {} for n in self._layers}}
         self._rng_undo: list | None = None  # generator state before this step's sampling
         _nonfinite.install(self, nonfinite)
+        self.register_state_dict_pre_hook(KFAC._exact_clock)
         self._arm_capture()
 
     # -- validation ---------------------------------------------------------------------------
     _EXTRA_KEYS: tuple[str, ...] = ()  # hyperparameters a subclass adds to the param group
+    # The hooks' captures come from the scaled backward and are not unscaled yet: GradScaler
+    # keeps its own (syncing) path for K-FAC until they are.
+    _step_supports_amp_scaling = False
 
     def _check_args(self, args: dict) -> None:
         base = set(inspect.signature(KFAC.__init__).parameters) - {
@@ -240,7 +229,9 @@ class KFAC(torch.optim.Optimizer):
     # -- schedule -----------------------------------------------------------------------------
     @property
     def kfac_step(self) -> int:
-        """Number of completed ``step()`` calls (drives the factor / inverse intervals)."""
+        """Number of steps taken (drives the factor / inverse intervals). A step dropped for
+        non-finite gradients is counted until the next factor / inverse step or ``state_dict()``,
+        which take it off (reading the device): the schedule itself is exact."""
         return self.state["kfac"]["step"]
 
     def _is_factor_step(self) -> bool:
@@ -368,57 +359,75 @@ class KFAC(torch.optim.Optimizer):
         return dirs
 
     # -- step ---------------------------------------------------------------------------------
-    def _outer_update(self, dirs: dict) -> None:
+    def _outer_update(self, dirs: dict, found_inf) -> None:
+        """SGD-momentum or AdamW on ``dirs`` (``p.grad`` elsewhere): torch's fused steps, which
+        drop the step on the device when ``found_inf`` is 1.0."""
         for group in self.param_groups:
-            lr = float(group["lr"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = dirs.get(p, p.grad)
-                state = self.state[p]
-                if group["outer"] == "sgd":
-                    sgd_step_(
-                        p, d, state, lr=lr, momentum=group["momentum"],
-                        nesterov=group["nesterov"], weight_decay=group["weight_decay"],
-                    )  # fmt: skip
-                else:
+            params = [p for p in group["params"] if p.grad is not None]
+            directions = [dirs.get(p, p.grad) for p in params]
+            states = [self.state[p] for p in params]
+            if group["outer"] == "sgd":
+                if group["momentum"] != 0:
+                    for p, state in zip(params, states, strict=True):
+                        state.setdefault("momentum_buffer", torch.zeros_like(p))
+                _fused.sgd_(
+                    params, directions, [s.get("momentum_buffer") for s in states],
+                    lr=float(group["lr"]), momentum=group["momentum"], nesterov=group["nesterov"],
+                    weight_decay=group["weight_decay"], found_inf=found_inf,
+                )  # fmt: skip
+            else:
+                for p, state in zip(params, states, strict=True):
                     if not state:
-                        state["step"] = 0
+                        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                         state["exp_avg"] = torch.zeros_like(p)
                         state["exp_avg_sq"] = torch.zeros_like(p)
-                    state["step"] += 1
-                    adamw_step_(
-                        p, d, state["exp_avg"], state["exp_avg_sq"], state["step"], lr=lr,
-                        betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-                    )  # fmt: skip
+                _fused.adamw_(
+                    params, directions, [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
+                    lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
+                    weight_decay=group["weight_decay"], found_inf=found_inf,
+                )  # fmt: skip
 
     @torch.no_grad()
     def step(self, closure=None):
         """Update factors / inverses when due, precondition, apply the outer update.
 
-        Returns the closure's loss (evaluated under ``torch.enable_grad()``), else None.
+        Returns the closure's loss (evaluated under ``torch.enable_grad()``), else None. A step
+        with non-finite gradients is dropped on the device; the step clock (which counts every
+        call) is corrected at the next factor / inverse step, which reads the device anyway.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if _nonfinite.skip_step(self):
-            self._discard_step()
-            return loss
-        self._rng_undo = None
+        guard = self._guard = _nonfinite.begin_step(self)
         hp = self.param_groups[0]
+        if self._is_factor_step() or self.kfac_step % hp["inverse_interval"] == 0:
+            skipped = guard.skipped()  # a scheduled update: the host may read the device
+            self.state["kfac"]["step"] -= _nonfinite.unseen_skips(self) - skipped
+            if skipped:
+                self._discard_step()
+                return loss
+            if not self._is_factor_step() and self._rng_undo is not None:
+                self.state["kfac"]["rng"] = self._rng_undo[0]  # sampled for a foreseen factor step
+        self._rng_undo = None
         try:
             if self._is_factor_step():
                 self._update_factors(hp)
             if self.kfac_step % hp["inverse_interval"] == 0:
                 self.update_inverses()
             dirs = self._rescale(self._directions(hp), hp)
-            self._outer_update(dirs)
+            self._outer_update(dirs, guard.found_inf)
         finally:
             self._capture.clear()
         self.state["kfac"]["step"] += 1
         self._arm_capture()
         return loss
+
+    def _exact_clock(self) -> None:
+        """state_dict pre-hook: take the steps dropped since the last scheduled update off the
+        clock (reads the device)."""
+        self.state["kfac"]["step"] -= _nonfinite.unseen_skips(self)
 
     def _discard_step(self) -> None:
         """A skipped step: drop what the hooks captured, undo this step's Fisher sampling."""
