@@ -373,3 +373,50 @@ def test_grad_scaler_runs_equal_fp32_runs_without_the_skipped_step(scaler_mode):
         assert torch.equal(a, b)
     assert_states_equal(opt.state_dict()["state"], ref.state_dict()["state"])
     assert opt.memory_stats()["writes"] > 0
+
+
+def test_one_cycle_lr_cycles_the_slow_stream_beta_and_adamw_beta1():
+    """OneCycleLR(cycle_momentum=True) writes `momentum` into every group: the slow stream's beta
+    for FOGO tensors, AdamW's beta1 for the others. Each step uses the value it wrote."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6, 5))
+    b = nn.Parameter(torch.randn(5))
+    b_ref = nn.Parameter(b.detach().clone())
+    opt = FOGO([w, b], lr=0.01, memory=False, ns_dtype="float32")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=8)
+    used, slow = [], torch.zeros(6, 5)
+    for _ in range(6):
+        m = opt.param_groups[0]["momentum"]
+        used.append(m)
+        gw, gb = torch.randn(6, 5), torch.randn(5)
+        w.grad, b.grad = gw, gb.clone()
+        ref = torch.optim.AdamW([b_ref], lr=opt.param_groups[0]["lr"], betas=(m, 0.999),
+                                weight_decay=0.0, fused=True)  # fmt: skip
+        if len(used) > 1:  # continue the reference from FOGO's AdamW state with this beta1
+            ref.state[b_ref] = {k: v.clone() for k, v in opt.state[b].items()}
+        b_ref.data.copy_(b.detach())
+        b_ref.grad = gb.clone()
+        opt.step()
+        ref.step()
+        slow = slow.lerp(gw, 1 - m)
+        assert torch.equal(opt.state[w]["momentum_slow"], slow)
+        assert torch.equal(b, b_ref)
+        sched.step()
+    assert len(set(used)) >= 4 and max(used) == 0.95 and min(used) < 0.86  # it really cycled
+    assert opt.param_groups[0]["base_momentum"] == 0.85
+
+
+def test_momentum_below_beta_fast_warns_once_and_is_used_as_given():
+    w = nn.Parameter(torch.randn(4, 4))
+    opt = FOGO([w], lr=0.01, memory=False, ns_dtype="float32", beta_fast=0.8)
+    opt.param_groups[0]["momentum"] = 0.7  # as a scheduler would write it
+    with pytest.warns(UserWarning, match="momentum 0.7 .* not above beta_fast 0.8"):
+        w.grad = torch.ones(4, 4)
+        opt.step()
+    assert torch.allclose(opt.state[w]["momentum_slow"], torch.full((4, 4), 0.3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    opt.param_groups[0]["momentum"] = 1.5
+    with pytest.raises(ValueError, match="Invalid momentum"):
+        opt.step()

@@ -199,7 +199,9 @@ def _builtins() -> dict[str, OptimizerEntry]:
     kfac_keys = _kwargs_of(KFAC.__init__, skip=("model",))
     fop_keys = kfac_keys | _kwargs_of(FOP.__init__, skip=("model",))
     kfac_defaults = {"lr": 0.1, "damping": 1e-2, "momentum": 0.9, "weight_decay": 0.0}
-    muon_keys = _FOGO_KEYS - _MEMORY_KEYS - _DUAL_KEYS - set(_MUON_MODE) - {"ns_dtype"}
+    # Not "momentum": FOGO's scheduler knob (beta_slow and AdamW's beta1 at once) is not what
+    # torch.optim.Muon calls momentum; a Muon config names beta_slow.
+    muon_keys = _FOGO_KEYS - _MEMORY_KEYS - _DUAL_KEYS - set(_MUON_MODE) - {"ns_dtype", "momentum"}
     # torch.optim.Muon's code defaults (lr 1e-3, weight decay 0.1, momentum 0.95).
     muon_defaults = {"lr": 1e-3, "weight_decay": 0.1, "beta_slow": 0.95}
     entries = [

@@ -29,6 +29,7 @@ docs/fogo.md for what is from the paper, what is ours, and the ablations behind 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 
 import torch
@@ -97,6 +98,13 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         eps: norm guard. Default 1e-7.
         adamw_betas, adamw_eps: AdamW settings for non-FOGO parameters.
             Defaults (0.9, 0.999), 1e-8.
+        momentum: when set, the group's one momentum knob: it replaces ``beta_slow`` for the
+            group's FOGO tensors and AdamW's beta1 for its AdamW tensors. It is the key torch's
+            momentum-cycling schedulers write (``OneCycleLR``, ``CyclicLR`` with
+            ``cycle_momentum=True``; they set it in every group at construction). Below
+            ``beta_fast`` the "slow" stream decays faster than the fast one: the update is still
+            the fusion of two momentum averages and nothing is clamped, but FOGO warns once.
+            Must lie in [0, 1). Default None (use ``beta_slow`` and ``adamw_betas``).
         memory: enable the codebook memory (long-term module). Default True.
         memory_budget: memory size as a fraction of the parameter's float32 bytes (whatever its
             dtype); sets the pool rank R (at least 1) of the protected directions.
@@ -166,6 +174,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         eps: float = 1e-7,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
+        momentum: float | None = None,
         memory: bool = True,
         memory_budget: float = 0.05,
         memory_dtype: str = "bfloat16",
@@ -192,7 +201,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             beta_fast=beta_fast, mix=mix, dual_stream=dual_stream, fusion=fusion,
             nesterov=nesterov, target_rms=target_rms, scale=scale, ns_steps=ns_steps,
             ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, eps=eps,
-            adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps, memory=memory,
+            adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps, momentum=momentum, memory=memory,
             memory_budget=memory_budget, memory_dtype=memory_dtype, capacity=capacity,
             write_rank=write_rank, write_interval=write_interval,
             min_age=min_age, gate=gate, gate_threshold=gate_threshold, radius=radius,
@@ -210,6 +219,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         self._sketch_cache: dict[int, torch.Tensor] = {}
         self._omega_cache: dict[int, torch.Tensor] = {}
         self._step_hint: dict[int, int] = {}  # host upper bound of each matrix's step counter
+        self._warned_momentum = False
 
     # ----------------------------------------------------------------------------- validation
     @staticmethod
@@ -234,6 +244,8 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         check_range("eps", g["eps"], 0.0, low_open=True)
         check_betas("adamw_betas", g["adamw_betas"])
         check_range("adamw_eps", g["adamw_eps"], 0.0, low_open=True)
+        if g.get("momentum") is not None:
+            check_range("momentum", g["momentum"], 0.0, 1.0, high_open=True)
         check_choice("memory", g["memory"], (True, False))
         check_range("memory_budget", g["memory_budget"], 0.0, 1.0, low_open=True)
         check_choice("memory_dtype", g["memory_dtype"], ("bfloat16", "float32", "float64"))
@@ -285,6 +297,31 @@ class FOGO(_nonfinite.Guarded, Optimizer):
     def _as_matrix(t: torch.Tensor) -> torch.Tensor:
         """View a >= 2-D tensor as (out, in * rest): conv kernels become out x in*kh*kw."""
         return t.reshape(t.shape[0], math.prod(t.shape[1:]))  # not -1: zero-size tensors
+
+    @staticmethod
+    def _slow_beta(group: dict) -> float:
+        momentum = group.get("momentum")  # groups loaded from older checkpoints lack the key
+        return group["beta_slow"] if momentum is None else momentum
+
+    @staticmethod
+    def _adamw_betas(group: dict) -> tuple[float, float]:
+        momentum = group.get("momentum")
+        return group["adamw_betas"] if momentum is None else (momentum, group["adamw_betas"][1])
+
+    def _check_momentum(self, group: dict) -> None:
+        """A scheduler may have written ``momentum`` since the last step: check it (host only)."""
+        momentum = group.get("momentum")
+        if momentum is None:
+            return
+        check_range("momentum", momentum, 0.0, 1.0, high_open=True)
+        if group["dual_stream"] and momentum <= group["beta_fast"] and not self._warned_momentum:
+            self._warned_momentum = True
+            warnings.warn(
+                f"FOGO: momentum {momentum} (the slow stream's beta, e.g. from OneCycleLR) is not "
+                f"above beta_fast {group['beta_fast']}: the slow stream now decays at least as "
+                "fast as the fast one (the update still fuses both averages; nothing is clamped)",
+                stacklevel=3,
+            )
 
     def _param_index(self) -> dict[int, int]:
         return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
@@ -395,6 +432,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         guard = _nonfinite.begin_step(self)  # also rejects sparse gradients, complex params
         index = None
         for group in self.param_groups:
+            self._check_momentum(group)
             matrices, vectors = [], []
             for p in group["params"]:
                 if p.grad is None:
@@ -419,7 +457,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         _fused.adamw_(
             params, [p.grad for p in params], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"],
-            betas=group["adamw_betas"], eps=group["adamw_eps"],
+            betas=self._adamw_betas(group), eps=group["adamw_eps"],
             weight_decay=group["weight_decay"], found_inf=guard.found_inf,
         )  # fmt: skip
 
@@ -428,7 +466,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         state = self.state[p]
         grad = self._as_matrix(p.grad)
         names = ("momentum_slow", "momentum_fast") if group["dual_stream"] else ("momentum_slow",)
-        betas = (group["beta_slow"], group["beta_fast"])
+        betas = (self._slow_beta(group), group["beta_fast"])
         out = []
         for name, beta in zip(names, betas[: len(names)], strict=True):
             buf = state[name]
