@@ -1,6 +1,7 @@
 """FOGO optimizer: contract, reductions to known optimizers, reference equality, resume."""
 
 import io
+import types
 import warnings
 
 import pytest
@@ -177,7 +178,7 @@ def test_single_stream_without_memory_is_torch_muon():
     w2 = nn.Parameter(w1.detach().clone())
     ours = FOGO(
         [w1], lr=0.02, weight_decay=0.1, dual_stream=False, beta_slow=0.95, nesterov=True,
-        scale="muon", memory=False,
+        scale="muon", memory=False, ns_dtype="bfloat16",
     )  # fmt: skip
     ref = torch.optim.Muon([w2], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
                            adjust_lr_fn="match_rms_adamw")  # fmt: skip
@@ -420,3 +421,20 @@ def test_momentum_below_beta_fast_warns_once_and_is_used_as_given():
     opt.param_groups[0]["momentum"] = 1.5
     with pytest.raises(ValueError, match="Invalid momentum"):
         opt.step()
+
+
+def test_newton_schulz_dtype_follows_the_device_type_and_is_recorded():
+    from orthoptim.ops.newton_schulz import NS_DTYPE_BY_DEVICE, dtype_for_device
+
+    assert dtype_for_device("cpu") == "float32" and dtype_for_device("meta") == "float32"
+    assert NS_DTYPE_BY_DEVICE["cuda"] == "bfloat16" and dtype_for_device("cuda:1") == "bfloat16"
+    w, v = nn.Parameter(torch.zeros(3, 3)), nn.Parameter(torch.zeros(3, 3))
+    opt = FOGO([w], lr=0.1)
+    assert opt.defaults["ns_dtype"] == "auto" and opt.param_groups[0]["ns_dtype"] == "float32"
+    opt.add_param_group({"params": [v], "ns_dtype": "bfloat16"})
+    assert opt.param_groups[1]["ns_dtype"] == "bfloat16"  # an explicit choice stays
+    assert opt.state_dict()["param_groups"][0]["ns_dtype"] == "float32"  # saved as it ran
+    on = [types.SimpleNamespace(device=torch.device(d)) for d in ("cpu", "cuda:0")]
+    assert FOGO._ns_dtype_for(on[1:]) == "bfloat16"  # (no GPU here: the devices are stand-ins)
+    with pytest.raises(ValueError, match="ns_dtype.*devices \\['cpu', 'cuda'\\]"):
+        FOGO._ns_dtype_for(on)

@@ -44,6 +44,17 @@ def resolve_coefficients(coefficients: str | tuple[float, float, float]) -> tupl
     return coeffs
 
 
+# Working precision of Newton-Schulz by device type: bfloat16 where matmuls have bf16 units
+# (Muon's practice); float32 elsewhere (CPU bf16 matmuls are several times slower than float32).
+# Chosen from the device *type*, never by probing the hardware, so results do not depend on it.
+NS_DTYPE_BY_DEVICE = {"cuda": "bfloat16", "xpu": "bfloat16", "xla": "bfloat16"}
+
+
+def dtype_for_device(device: torch.device | str) -> str:
+    """The Newton-Schulz dtype name for a device: ``NS_DTYPE_BY_DEVICE`` or ``"float32"``."""
+    return NS_DTYPE_BY_DEVICE.get(torch.device(device).type, "float32")
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """Map ``"bfloat16"``/``"float32"``/``"float64"`` (or a torch dtype) to a torch dtype."""
     if isinstance(dtype, torch.dtype):
@@ -79,7 +90,9 @@ def newton_schulz(
     if steps < 0:
         raise ValueError(f"Invalid ns_steps: {steps}; must be >= 0")
     a, b, c = resolve_coefficients(coefficients)
-    x = g.to(resolve_dtype(dtype))
+    # Contiguous first: a GEMM sums in another order on a strided operand, and the result must not
+    # depend on the memory layout of the input (a non-contiguous parameter's momentum).
+    x = g.to(resolve_dtype(dtype)).contiguous()
     tall = g.size(-2) > g.size(-1)
     if tall:
         x = x.mT

@@ -37,7 +37,12 @@ from torch.optim import Optimizer
 
 from orthoptim.memory import codebook
 from orthoptim.ops.geometry import nlerp, rms_scale, slerp
-from orthoptim.ops.newton_schulz import newton_schulz, resolve_coefficients, resolve_dtype
+from orthoptim.ops.newton_schulz import (
+    dtype_for_device,
+    newton_schulz,
+    resolve_coefficients,
+    resolve_dtype,
+)
 from orthoptim.ops.sketch import gaussian_sketch_matrix, nystrom_factor
 from orthoptim.ops.subspace import rho_from_radius
 from orthoptim.optim import _fused, _nonfinite
@@ -94,7 +99,12 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         scale: ``"rms"`` (exact RMS sigma, gamma = sigma sqrt(mn)/||U||_F) or ``"muon"``
             (sigma sqrt(max(m, n)), torch's ``match_rms_adamw``). Default "rms".
         ns_steps, ns_coefficients, ns_dtype: Newton-Schulz settings (see
-            :func:`orthoptim.ops.newton_schulz`). Defaults 5, "muon", "bfloat16".
+            :func:`orthoptim.ops.newton_schulz`). Defaults 5, "muon", "auto": ``"auto"`` is
+            chosen per param group from its parameters' device type when the group is added
+            (:data:`orthoptim.ops.newton_schulz.NS_DTYPE_BY_DEVICE`: bfloat16 on CUDA, XPU and
+            XLA devices, float32 elsewhere, e.g. on CPU, where bf16 matmuls are slow) and
+            recorded in the group, so ``param_groups[i]["ns_dtype"]`` (and a checkpoint) says
+            what ran. Never chosen by probing the hardware.
         eps: norm guard. Default 1e-7.
         adamw_betas, adamw_eps: AdamW settings for non-FOGO parameters.
             Defaults (0.9, 0.999), 1e-8.
@@ -170,7 +180,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         scale: str = "rms",
         ns_steps: int = 5,
         ns_coefficients="muon",
-        ns_dtype: str = "bfloat16",
+        ns_dtype: str = "auto",
         eps: float = 1e-7,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
@@ -240,7 +250,8 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         check_choice("scale", g["scale"], ("rms", "muon"))
         check_int("ns_steps", g["ns_steps"], 0, 99)
         resolve_coefficients(g["ns_coefficients"])
-        resolve_dtype(g["ns_dtype"])
+        if g["ns_dtype"] != "auto":
+            resolve_dtype(g["ns_dtype"])
         check_range("eps", g["eps"], 0.0, low_open=True)
         check_betas("adamw_betas", g["adamw_betas"])
         check_range("adamw_eps", g["adamw_eps"], 0.0, low_open=True)
@@ -281,6 +292,21 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         meta = ("params", "param_names")
         self._validate({**self.defaults, **{k: v for k, v in param_group.items() if k not in meta}})
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["ns_dtype"] == "auto":
+            group["ns_dtype"] = self._ns_dtype_for(group["params"])
+
+    @staticmethod
+    def _ns_dtype_for(params: list[torch.Tensor]) -> str:
+        """``ns_dtype="auto"``: the dtype of the parameters' device type (one per group)."""
+        names = {dtype_for_device(p.device) for p in params} or {"float32"}
+        if len(names) > 1:
+            devices = sorted({p.device.type for p in params})
+            raise ValueError(
+                f"Invalid ns_dtype: 'auto' for a param group on devices {devices}, which use "
+                f"{sorted(names)}; set ns_dtype explicitly"
+            )
+        return names.pop()
 
     # ---------------------------------------------------------------------------- helpers
     @staticmethod
