@@ -143,17 +143,25 @@ def test_skipped_steps_counter_is_saved_and_restored(info):
     train_step(info, opt, model, x, y)
     assert opt.skipped_steps == 1
     sd = opt.state_dict()
-    assert [g[_nonfinite.GROUP_KEY] for g in sd["param_groups"]] == [1] * len(opt.param_groups)
-    assert all(_nonfinite.GROUP_KEY not in g for g in opt.param_groups)
+    saved = sd["param_groups"][0][_nonfinite.GROUP_KEY]
+    assert saved.tolist() == [1, 0, 1]  # skipped in all, current run, longest run
+    assert all(g[_nonfinite.GROUP_KEY] is saved for g in opt.param_groups)  # live, shared
     fresh_model = tiny_model()
     fresh = info.make(fresh_model, nonfinite="raise")
     fresh.load_state_dict(sd)
     assert fresh.skipped_steps == 1 and fresh.nonfinite == "raise"  # policy: the constructor's
-    assert all(_nonfinite.GROUP_KEY not in g for g in fresh.param_groups)
-    assert _nonfinite.GROUP_KEY in sd["param_groups"][0]  # the caller's dict is not modified
-    sd["param_groups"][0][_nonfinite.GROUP_KEY] = -1
+    assert all(g[_nonfinite.GROUP_KEY] is fresh._nonfinite_counters.counts
+               for g in fresh.param_groups)  # fmt: skip
+    again_model = tiny_model()
+    again = info.make(again_model)
+    again.load_state_dict(sd)
+    train_step(info, again, again_model, x, y, corrupt=corrupt)  # it counts on from there
+    assert again.skipped_steps == 2 and saved.tolist() == [1, 0, 1]  # the caller's dict as it was
+    bad = copy.deepcopy(sd)
+    for g in bad["param_groups"]:
+        g[_nonfinite.GROUP_KEY] = torch.tensor([-1, 0, 0])
     with pytest.raises(ValueError, match=_nonfinite.GROUP_KEY):
-        info.make(tiny_model()).load_state_dict(sd)
+        info.make(tiny_model()).load_state_dict(bad)
 
 
 def test_finiteness_check_is_one_reduction_per_dtype_and_no_host_sync(monkeypatch):
@@ -605,7 +613,7 @@ def test_exact_resume_in_a_fresh_process(info, resumed):
     out = torch.load(str(path) + ".out", weights_only=True)
     assert_identical(out["model"], model.state_dict())
     assert_identical(out["opt"], opt.state_dict())
-    assert out["opt"]["param_groups"][0][_nonfinite.GROUP_KEY] == 1
+    assert out["opt"]["param_groups"][0][_nonfinite.GROUP_KEY][0] == 1
 
 
 # ------------------------------------------------------------------------ loading elsewhere

@@ -20,13 +20,16 @@ optimizers and of ``torch.amp.GradScaler``. The host never reads it in a steady-
 * ``"proceed"``: no check, no cost; non-finite values flow into the update (torch's behaviour).
 
 Counting. ``opt.skipped_steps`` (reading it syncs) is the number of skipped steps. The device
-also keeps the current run of consecutive skipped steps; every :data:`CHECK_EVERY` steps the host
+also counts the current run of consecutive skipped steps; every :data:`CHECK_EVERY` steps the host
 reads the counters back (the only sync of the mechanism) and warns when ``CHECK_EVERY`` or more
 consecutive steps were skipped: a run whose gradients stay NaN no longer looks merely stuck.
-``state_dict()`` writes the skip count into every saved param group as ``"nonfinite_skipped"``,
-so ``torch.distributed.checkpoint`` (which saves only ``state`` and ``param_groups``) carries it;
-``load_state_dict`` restores it and keeps it out of the live groups. The consecutive run restarts
-at 0 after a load. The policy is a constructor keyword and is not saved.
+The counters are one int64 tensor on the parameters' device, ``[skipped in all, current run,
+longest run since the last read-back]``, that every param group holds as
+``"nonfinite_counts"`` (always current, like a tensor ``lr``): ``state_dict()`` saves it with the
+groups, and ``torch.distributed.checkpoint``, which saves only ``state`` and ``param_groups``
+(and, flattened, rebuilds the groups from the live optimizer's keys), carries it too.
+``load_state_dict`` restores it (a state dict without it restarts from zero). The policy is a
+constructor keyword and is not saved.
 
 Loss scaling (``torch.amp.GradScaler``). Optimizers built on this module set
 ``_step_supports_amp_scaling``: ``scaler.step(opt)`` then calls ``opt.step()`` on every step and
@@ -54,7 +57,7 @@ from orthoptim.optim._validation import check_choice
 
 POLICIES = ("skip", "raise", "proceed")
 CHECK_EVERY = 100  # steps between host read-backs of the skip counters; also the warning's streak
-GROUP_KEY = "nonfinite_skipped"  # where state_dict() saves the skip count (in every param group)
+GROUP_KEY = "nonfinite_counts"  # the counters' tensor, held by every param group
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -62,35 +65,31 @@ class NonFiniteGradientError(FloatingPointError):
 
 
 class _Counters:
-    """The skip counters of one optimizer: [total, current streak, longest streak since the last
-    read-back] as one int64 tensor on the step's device, plus host bookkeeping."""
+    """The skip counters of one optimizer: ``counts`` = [skipped in all, current run of
+    consecutive skips, longest run since the last read-back], one int64 tensor on the
+    parameters' device that every param group also holds (as :data:`GROUP_KEY`), plus host
+    bookkeeping."""
 
-    def __init__(self, total: int = 0):
-        self.device_counts: torch.Tensor | None = None  # created on the first guarded step
-        self.loaded_total = total  # the count before device_counts exists (fresh or loaded)
+    def __init__(self, counts: torch.Tensor):
+        self.counts = counts
         self.calls = 0  # begin_step calls since construction or load (read-back schedule)
-        self.seen = total  # skips already returned by unseen_skips
+        self.seen = int(counts[0].item())  # skips already returned by unseen_skips
 
     def total(self) -> int:
-        if self.device_counts is None:
-            return self.loaded_total
-        return int(self.device_counts[0].item())  # syncs: only when asked
+        return int(self.counts[0].item())  # syncs: only when asked
 
     def add(self, found_inf: torch.Tensor) -> None:
         """Count this step's flag on the device (no host read)."""
-        if self.device_counts is None:
-            self.device_counts = torch.tensor(
-                [self.loaded_total, 0, 0], dtype=torch.int64, device=found_inf.device
-            )
-        counts = self.device_counts
+        counts = self.counts
         found = found_inf.to(device=counts.device, dtype=torch.int64)
         counts[0].add_(found)
-        counts[1].add_(1).mul_(found)  # a finite step ends the streak
+        counts[1].add_(1).mul_(found)  # a finite step ends the run
         torch.maximum(counts[2], counts[1], out=counts[2])
 
 
 class Guarded:
-    """Mixin of every orthoptim optimizer: the skip count and the GradScaler protocol flag."""
+    """Mixin of every orthoptim optimizer: the skip count, the counters in every param group,
+    and the GradScaler protocol flag."""
 
     # torch.amp.GradScaler hands found_inf / grad_scale to step() instead of syncing.
     _step_supports_amp_scaling = True
@@ -99,6 +98,12 @@ class Guarded:
     def skipped_steps(self) -> int:
         """Number of steps dropped for non-finite gradients (reading it syncs with the device)."""
         return self._nonfinite_counters.total()
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        counters = getattr(self, "_nonfinite_counters", None)  # None inside Optimizer.__init__
+        if counters is not None:
+            self.param_groups[-1][GROUP_KEY] = counters.counts
 
 
 class StepGuard:
@@ -148,31 +153,40 @@ class StepGuard:
 
 
 def install(optimizer: torch.optim.Optimizer, policy: str) -> None:
-    """Validate ``policy``; set up ``optimizer.nonfinite``, the skip counters and the state-dict
-    hooks that save / restore the count. Call once, in ``__init__``."""
+    """Validate ``policy``; set up ``optimizer.nonfinite``, the skip counters (in every param
+    group) and the load hooks. Call once, at the end of ``__init__``."""
     check_choice("nonfinite", policy, POLICIES)
     optimizer.nonfinite = policy
-    optimizer._nonfinite_counters = _Counters()
-    optimizer.register_state_dict_post_hook(_save_hook)
-    optimizer.register_load_state_dict_pre_hook(_load_hook)
+    device = next((p.device for g in optimizer.param_groups for p in g["params"]), "cpu")
+    _link(optimizer, _Counters(torch.zeros(3, dtype=torch.int64, device=device)))
+    optimizer.register_load_state_dict_pre_hook(_load_pre_hook)
+    optimizer.register_load_state_dict_post_hook(_load_post_hook)
 
 
-def _save_hook(optimizer, state_dict):
-    total = optimizer._nonfinite_counters.total()
-    state_dict["param_groups"] = [{**g, GROUP_KEY: total} for g in state_dict["param_groups"]]
-    return state_dict
+def _link(optimizer, counters: _Counters) -> None:
+    optimizer._nonfinite_counters = counters
+    for group in optimizer.param_groups:
+        group[GROUP_KEY] = counters.counts
 
 
-def _load_hook(optimizer, state_dict):
+def _load_pre_hook(optimizer, state_dict):
+    """Take the saved counters (group 0's; every group holds the same) before torch replaces
+    the groups; a state dict without them (another optimizer's) restarts from zero."""
     groups = state_dict.get("param_groups", [])
-    counts = {g.get(GROUP_KEY, 0) for g in groups} or {0}
-    total = counts.pop()
-    if counts or isinstance(total, bool) or not isinstance(total, int) or total < 0:
-        raise ValueError(f"Invalid '{GROUP_KEY}' in the saved param groups: {sorted(counts)}")
-    optimizer._nonfinite_counters = _Counters(total)
-    # torch copies the top level only: new group dicts leave the caller's state dict intact.
-    state_dict["param_groups"] = [{k: v for k, v in g.items() if k != GROUP_KEY} for g in groups]
+    saved = groups[0].get(GROUP_KEY) if groups else None
+    device = optimizer._nonfinite_counters.counts.device
+    if saved is None:
+        optimizer._loaded_counts = torch.zeros(3, dtype=torch.int64, device=device)
+        return state_dict
+    valid = isinstance(saved, torch.Tensor) and saved.shape == (3,)
+    if not (valid and not saved.is_floating_point() and bool((saved >= 0).all())):
+        raise ValueError(f"Invalid '{GROUP_KEY}' in the saved param groups: {saved!r}")
+    optimizer._loaded_counts = saved.to(device=device, dtype=torch.int64, copy=True)
     return state_dict
+
+
+def _load_post_hook(optimizer) -> None:
+    _link(optimizer, _Counters(optimizer.__dict__.pop("_loaded_counts")))
 
 
 def _named_grads(optimizer):
@@ -265,16 +279,19 @@ def begin_step(optimizer) -> StepGuard:
                 )
             found = None  # checked: nothing to drop
     if found is not None:
+        if counters.counts.device != found.device:  # the model moved after construction
+            _link(optimizer, _Counters(counters.counts.to(found.device)))
+            counters = optimizer._nonfinite_counters
         counters.add(found)
-    if counters.device_counts is not None and counters.calls % CHECK_EVERY == 0:
-        _read_back(optimizer, counters)
+        if counters.calls % CHECK_EVERY == 0:
+            _read_back(optimizer, counters)
     return StepGuard(found, inv_scale)
 
 
 def _read_back(optimizer, counters: _Counters) -> None:
     """The periodic host read of the counters: warn about a long run of skipped steps."""
-    total, streak, longest = counters.device_counts.tolist()
-    counters.device_counts[2].fill_(streak)  # a streak still running is reported again
+    total, streak, longest = counters.counts.tolist()
+    counters.counts[2].fill_(streak)  # a run still going on is reported again
     if longest >= CHECK_EVERY:
         now = "the last" if streak == longest else "a run of"
         warnings.warn(
