@@ -96,6 +96,8 @@ CASES: dict[str, Case] = {
     for c in (
         Case("gpt", "GPT-2-small-like stack scaled for CPU: d=384, 6 blocks, 6 heads, vocab "
              "4096 (tied head), batch 8 x 64 tokens", _gpt(384, 6, 6, 4096, 8, 64)),
+        Case("gpt2-small", "GPT-2 small (d=768, 12 blocks, 12 heads, vocab 50257, tied head), "
+             "batch 8 x 256 tokens: for accelerators", _gpt(768, 12, 12, 50257, 8, 256)),
         Case("resnet20", "CIFAR ResNet-20 (width 16, 0.27M parameters), batch 128 x 3x32x32",
              _cnn("resnet20", 128)),
         Case("bench-cnn", "the large-batch-cnn benchmark's small CNN (channels 8, 16, hidden "
@@ -442,7 +444,7 @@ def run_speed(
         step = times[c.name]["step"]
         row = {
             "description": c.description, "step_median_s": statistics.median(step),
-            "step_min_s": min(step), "step_max_s": max(step),
+            "step_min_s": min(step), "step_max_s": max(step), "step_rounds_s": step,
             "state_bytes_per_param_byte": state_bytes(runners[c.name].opt) / param_bytes,
         }  # fmt: skip
         amortised = row["step_median_s"]
