@@ -14,6 +14,7 @@ an instance that writes every step. Then the top operators by self time (torch.p
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections import defaultdict
@@ -47,6 +48,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--top", type=int, default=15, help="operators listed by the profiler")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="a FOGO keyword, e.g. --set dual_stream=false --set memory=false")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -54,13 +57,17 @@ def main() -> None:
     model, x, y = model.to(dev), x.to(dev), y.to(dev)
     speed._loss(model, x, y).backward()
 
+    options = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+
     def build(**kw):
-        return FOGO(param_groups(model, verbose=False), lr=1e-3, **kw)
+        return FOGO(param_groups(model, verbose=False), lr=1e-3, **{**options, **kw})
 
     print(f"shapes {args.shapes}, device {dev}, threads {torch.get_num_threads()}, "
-          f"torch {torch.__version__}, {args.steps} timed steps (medians)")  # fmt: skip
-    for label, kw in (("steady (no write)", dict(write_interval=0)),
-                      ("write every step", dict(write_interval=1))):  # fmt: skip
+          f"torch {torch.__version__}, {args.steps} timed steps (medians), FOGO {options}")  # fmt: skip
+    variants = [("steady (no write)", dict(write_interval=0))]
+    if options.get("memory", True):
+        variants.append(("write every step", dict(write_interval=1)))
+    for label, kw in variants:
         opt = build(**kw)
         for _ in range(2):
             opt.step()

@@ -44,9 +44,11 @@ def resolve_coefficients(coefficients: str | tuple[float, float, float]) -> tupl
     return coeffs
 
 
-# Working precision of Newton-Schulz by device type: bfloat16 where matmuls have bf16 units
-# (Muon's practice); float32 elsewhere (CPU bf16 matmuls are several times slower than float32).
-# Chosen from the device *type*, never by probing the hardware, so results do not depend on it.
+# Working precision of Newton-Schulz by device type: bfloat16 on accelerators (tensor cores;
+# Muon's practice); float32 elsewhere. On CPUs bf16 speed depends on the chip (emulated without
+# AVX512-BF16/AMX, about 2x float32 on this project's test machine, docs/performance.md) and CPU
+# runs are mostly tests and small studies, where float32's exactness matters more. Chosen from
+# the device *type*, never by probing the hardware, so results do not depend on the machine.
 NS_DTYPE_BY_DEVICE = {"cuda": "bfloat16", "xpu": "bfloat16", "xla": "bfloat16"}
 
 

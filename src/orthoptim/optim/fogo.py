@@ -102,7 +102,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             :func:`orthoptim.ops.newton_schulz`). Defaults 5, "muon", "auto": ``"auto"`` is
             chosen per param group from its parameters' device type when the group is added
             (:data:`orthoptim.ops.newton_schulz.NS_DTYPE_BY_DEVICE`: bfloat16 on CUDA, XPU and
-            XLA devices, float32 elsewhere, e.g. on CPU, where bf16 matmuls are slow) and
+            XLA devices, float32 elsewhere, e.g. on CPU: see that table) and
             recorded in the group, so ``param_groups[i]["ns_dtype"]`` (and a checkpoint) says
             what ran. Never chosen by probing the hardware.
         eps: norm guard. Default 1e-7.
