@@ -21,8 +21,12 @@ import torch
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
+Lists = list[list[torch.Tensor]]
 
-def _contiguous(updated: list[list[torch.Tensor]], read: list[list[torch.Tensor]]):
+
+def _contiguous(
+    updated: Lists, read: Lists
+) -> tuple[Lists, Lists, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Contiguous stand-ins for the lists, and the (original, stand-in) pairs to write back."""
     staged = []
 
@@ -94,8 +98,10 @@ def sgd_(
         return
     buffers = momentum_buffers if momentum else []
     (params, buffers), (directions,), staged = _contiguous([params, buffers], [directions])
+    # torch reads no buffer at all when momentum == 0 (it wants one None per parameter)
+    slots: list[torch.Tensor | None] = list(buffers) if momentum else [None] * len(params)
     sgd(
-        params, directions, buffers if momentum else [None] * len(params), fused=True,
+        params, directions, slots, fused=True,
         found_inf=found_inf, weight_decay=weight_decay, momentum=momentum, lr=lr,
         dampening=0.0, nesterov=nesterov, maximize=False,
     )  # fmt: skip

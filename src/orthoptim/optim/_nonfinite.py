@@ -87,8 +87,8 @@ class _Counters:
         torch.maximum(counts[2], counts[1], out=counts[2])
 
 
-class Guarded:
-    """Mixin of every orthoptim optimizer: the skip count, the counters in every param group,
+class Guarded(torch.optim.Optimizer):
+    """Base of every orthoptim optimizer: the skip count, the counters in every param group,
     and the GradScaler protocol flag."""
 
     # torch.amp.GradScaler hands found_inf / grad_scale to step() instead of syncing.

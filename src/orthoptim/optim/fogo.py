@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from typing import cast
 
 import torch
 from torch.optim import Optimizer
@@ -481,7 +482,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
     def _adamw(self, group: dict, params: list[torch.Tensor], guard) -> None:
         states = [self.state[p] for p in params]
         _fused.adamw_(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states],
+            params, [cast(torch.Tensor, p.grad) for p in params], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"],
             betas=self._adamw_betas(group), eps=group["adamw_eps"],
             weight_decay=group["weight_decay"], found_inf=guard.found_inf,
