@@ -41,6 +41,7 @@ from orthoptim.curvature import (
     inverse_mv,
     kron_mv,
 )
+from orthoptim.optim import _nonfinite
 from orthoptim.optim._validation import check_range
 from orthoptim.optim.kfac import _DTYPES, KFAC, grad_matrix, put_direction
 
@@ -179,7 +180,7 @@ class FOP(KFAC):
             V[1:] = inverse_mv(pre, U)
         return V, fop_dots(U, V)
 
-    def _directions(self, hp: dict) -> dict:
+    def _directions(self, hp: dict, guard: _nonfinite.StepGuard) -> dict:
         """FOP directions; the scalar algebra of all layers is batched (no host sync)."""
         dirs, dots, todo = {}, [], []
         layers = self.state["kfac"]["layers"]
@@ -204,8 +205,8 @@ class FOP(KFAC):
             )  # fmt: skip
             coef = torch.stack([c_avg, c_diff], dim=1)  # d = c_avg F^-1 g_avg + c_diff F^-1 g_diff
             for (ls, m, V), c, b, e in zip(todo, coef, beta.unbind(), eta.unbind(), strict=True):
-                ls["beta"] = self._guard.select(ls.get("beta"), b)  # a dropped step keeps them
-                ls["eta"] = self._guard.select(ls.get("eta"), e)
+                ls["beta"] = guard.select(ls.get("beta"), b)  # a dropped step keeps them
+                ls["eta"] = guard.select(ls.get("eta"), e)
                 D = (c @ V[1:].flatten(1)).view(V.shape[1:])
                 put_direction(dirs, m, D.to(m.weight.grad.dtype))
         return dirs

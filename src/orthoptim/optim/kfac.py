@@ -329,8 +329,9 @@ class KFAC(_nonfinite.Guarded, torch.optim.Optimizer):
     def _precondition(self, ls: dict, M: torch.Tensor) -> torch.Tensor:
         return inverse_mv(ls["pre"], M.to(ls["A"].dtype)).to(M.dtype)
 
-    def _directions(self, hp: dict) -> dict:
-        """Preconditioned directions ``{param: tensor}`` of the layers that have an inverse."""
+    def _directions(self, hp: dict, guard: _nonfinite.StepGuard) -> dict:
+        """Preconditioned directions ``{param: tensor}`` of the layers that have an inverse
+        (``guard``: this step's drop flag, for whatever a subclass keeps from the step)."""
         dirs = {}
         for name, m in self._layers.items():
             ls = self.state["kfac"]["layers"][name]
@@ -400,7 +401,7 @@ class KFAC(_nonfinite.Guarded, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        guard = self._guard = _nonfinite.begin_step(self)
+        guard = _nonfinite.begin_step(self)
         hp = self.param_groups[0]
         if self._is_factor_step() or self.kfac_step % hp["inverse_interval"] == 0:
             skipped = guard.skipped()  # a scheduled update: the host may read the device
@@ -416,7 +417,7 @@ class KFAC(_nonfinite.Guarded, torch.optim.Optimizer):
                 self._update_factors(hp)
             if self.kfac_step % hp["inverse_interval"] == 0:
                 self.update_inverses()
-            dirs = self._rescale(self._directions(hp), hp)
+            dirs = self._rescale(self._directions(hp, guard), hp)
             self._outer_update(dirs, guard.found_inf)
         finally:
             self._capture.clear()
