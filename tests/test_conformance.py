@@ -16,7 +16,8 @@ import sys
 
 import pytest
 import torch
-from optimizer_table import D_IN, OPTIMIZERS, PRIMARY, batches, tiny_model, train_step
+from optimizer_table import BY_ID, D_IN, OPTIMIZERS, PRIMARY, batches, tiny_model, train_step
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from orthoptim import FOGOReference
 from orthoptim.optim import _nonfinite
@@ -129,6 +130,8 @@ def test_nonfinite_proceed_policy_lets_nan_through_without_counting(info):
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=IDS)
 def test_skipped_steps_counter_is_saved_and_restored(info):
+    """The count travels in every saved param group (where torch.distributed.checkpoint carries
+    it), is restored on load and kept out of the live groups; the policy is the constructor's."""
     model = tiny_model()
     opt = info.make(model)
     x, y = batches(1)[0]
@@ -140,38 +143,131 @@ def test_skipped_steps_counter_is_saved_and_restored(info):
     train_step(info, opt, model, x, y)
     assert opt.skipped_steps == 1
     sd = opt.state_dict()
-    assert sd["nonfinite"] == {"policy": "skip", "skipped_steps": 1}
+    saved = sd["param_groups"][0][_nonfinite.GROUP_KEY]
+    assert saved.tolist() == [1, 0, 1]  # skipped in all, current run, longest run
+    assert all(g[_nonfinite.GROUP_KEY] is saved for g in opt.param_groups)  # live, shared
     fresh_model = tiny_model()
     fresh = info.make(fresh_model, nonfinite="raise")
     fresh.load_state_dict(sd)
     assert fresh.skipped_steps == 1 and fresh.nonfinite == "raise"  # policy: the constructor's
-    assert "nonfinite" in sd  # the caller's dict is not modified by loading
+    assert all(g[_nonfinite.GROUP_KEY] is fresh._nonfinite_counters.counts
+               for g in fresh.param_groups)  # fmt: skip
+    again_model = tiny_model()
+    again = info.make(again_model)
+    again.load_state_dict(sd)
+    train_step(info, again, again_model, x, y, corrupt=corrupt)  # it counts on from there
+    assert again.skipped_steps == 2 and saved.tolist() == [1, 0, 1]  # the caller's dict as it was
+    bad = copy.deepcopy(sd)
+    for g in bad["param_groups"]:
+        g[_nonfinite.GROUP_KEY] = torch.tensor([-1, 0, 0])
+    with pytest.raises(ValueError, match=_nonfinite.GROUP_KEY):
+        info.make(tiny_model()).load_state_dict(bad)
 
 
-def test_finiteness_check_is_one_reduction_per_dtype_and_one_host_sync(monkeypatch):
+def test_finiteness_check_is_one_reduction_per_dtype_and_no_host_sync(monkeypatch):
     params = [torch.nn.Parameter(torch.randn(3, 3)) for _ in range(6)]
     params += [torch.nn.Parameter(torch.randn(4, dtype=torch.float64)) for _ in range(3)]
     for p in params:
         p.grad = torch.randn_like(p)
     opt = torch.optim.SGD(params, lr=0.1)
     _nonfinite.install(opt, "skip")
-    calls = {"item": 0, "norm": 0}
-    item, norm = torch.Tensor.item, torch._foreach_norm
-
-    def counting_item(self):
-        calls["item"] += 1
-        return item(self)
-
-    def counting_norm(*args, **kwargs):
-        calls["norm"] += 1
-        return norm(*args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "item", counting_item)
-    monkeypatch.setattr(torch, "_foreach_norm", counting_norm)
-    assert _nonfinite.skip_step(opt) is False
-    assert calls == {"item": 1, "norm": 2}  # two dtype groups, one sync
+    norm = torch._foreach_norm
+    calls = []
+    monkeypatch.setattr(torch, "_foreach_norm", lambda *a, **k: calls.append(1) or norm(*a, **k))
+    with HostReads() as reads:
+        guard = _nonfinite.begin_step(opt)
+    assert len(calls) == 2 and reads.count == 0  # two dtype groups, nothing read on the host
+    assert guard.found_inf.dtype == torch.float32 and float(guard.found_inf) == 0.0
     params[4].grad[0, 0] = float("nan")
-    assert _nonfinite.skip_step(opt) is True and opt.skipped_steps == 1
+    assert float(_nonfinite.begin_step(opt).found_inf) == 1.0
+    assert opt._nonfinite_counters.total() == 1
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of tensor values on the host inside the block: every ``item()`` /
+    ``bool()`` / ``int()`` / ``float()`` (aten ``_local_scalar_dense``, which is what syncs with a
+    device) and ``tolist()`` (which reads memory directly), step counters included."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.seen = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+            self.seen.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+
+        def tolist(t):
+            self.count += 1
+            self.seen.append(("tolist", tuple(t.shape)))
+            return self._tolist(t)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+STEADY = [  # memory on (a write every 50 steps), factors and inverses every 10 steps
+    ("FOGO", dict(write_interval=50)),
+    ("FOGO-sign-output-slow", dict(write_interval=50)),
+    ("KFAC", dict(factor_interval=10, inverse_interval=10)),
+    ("KFAC-mc-adamw-tikhonov", dict(factor_interval=10, inverse_interval=10)),
+    ("FOP", dict(factor_interval=10, inverse_interval=10)),
+    ("FOP-mc-two-pass", dict(factor_interval=10, inverse_interval=10)),
+]
+
+
+@pytest.mark.parametrize("ident,over", STEADY, ids=[i for i, _ in STEADY])
+@pytest.mark.parametrize("poisoned", [False, True], ids=["finite", "nan"])
+def test_steady_state_step_reads_nothing_on_the_host(ident, over, poisoned):
+    """Acceptance (speed issue): a step that is not a memory write, a factor or an inverse
+    update reads no tensor value on the host (nothing that would sync with a device), also
+    when its gradients are NaN and it is dropped."""
+    info = BY_ID[ident]
+    model = tiny_model()
+    opt = info.make(model, **over)
+    data = batches(4)
+    for x, y in data[:3]:  # state exists, inverses computed, first write not due
+        train_step(info, opt, model, x, y)
+    if info.kwargs.get("fisher") == "mc":  # sampling is a factor-step event; not this step
+        assert not opt._is_factor_step()
+    with HostReads() as reads:
+        train_step(info, opt, model, *data[3], corrupt=_nan_grad if poisoned else None)
+    assert reads.count == 0, reads.seen
+    assert opt.skipped_steps == int(poisoned)
+
+
+@pytest.mark.parametrize("ident", ["FOGO", "KFAC"])
+@pytest.mark.parametrize("streak", [99, 150])
+def test_warning_after_a_long_run_of_skipped_steps(ident, streak):
+    """The device counters are read back every CHECK_EVERY (100) steps; a run of CHECK_EVERY or
+    more consecutive skipped steps is then reported once, with its length and the total."""
+    import warnings
+
+    assert _nonfinite.CHECK_EVERY == 100
+    info = BY_ID[ident]
+    model = tiny_model()
+    opt = info.make(model)
+    data = batches(1)
+    bad = range(10, 10 + streak)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(250):
+            train_step(info, opt, model, *data[0], corrupt=_nan_grad if i in bad else None)
+    found = [str(w.message) for w in caught if "consecutive" in str(w.message)]
+    if streak < 100:
+        assert found == []
+    else:
+        assert len(found) == 1 and f"a run of {streak} consecutive" in found[0], found
+        assert f"{streak} skipped in all" in found[0]
+    assert opt.skipped_steps == streak
 
 
 # ------------------------------------------------------------------------ construction validation
@@ -420,7 +516,8 @@ def test_user_state_dict_hooks_run(info):
     opt.register_state_dict_pre_hook(lambda o: seen.append("save-pre"))
     opt.register_state_dict_post_hook(lambda o, sd: {**sd, "user": 7})
     sd = opt.state_dict()
-    assert sd["user"] == 7 and "nonfinite" in sd and seen == ["save-pre"]
+    assert sd["user"] == 7 and _nonfinite.GROUP_KEY in sd["param_groups"][0]
+    assert seen == ["save-pre"]
     fresh = info.make(tiny_model())
     fresh.register_load_state_dict_pre_hook(lambda o, sd: seen.append(sd["user"]))
     fresh.register_load_state_dict_post_hook(lambda o: seen.append("load-post"))
@@ -526,7 +623,7 @@ def test_exact_resume_in_a_fresh_process(info, resumed):
     out = torch.load(str(path) + ".out", weights_only=True)
     assert_identical(out["model"], model.state_dict())
     assert_identical(out["opt"], opt.state_dict())
-    assert out["opt"]["nonfinite"]["skipped_steps"] == 1
+    assert out["opt"]["param_groups"][0][_nonfinite.GROUP_KEY][0] == 1
 
 
 # ------------------------------------------------------------------------ loading elsewhere

@@ -1,6 +1,7 @@
 """FOGO optimizer: contract, reductions to known optimizers, reference equality, resume."""
 
 import io
+import types
 import warnings
 
 import pytest
@@ -150,18 +151,23 @@ def test_lr_scheduler_changes_the_step():
 
 
 def test_non_matrix_params_follow_adamw_exactly():
+    """FOGO's AdamW parameters take torch's fused AdamW step (the torch path that drops a step on
+    the device): bitwise torch.optim.AdamW(fused=True)."""
     torch.manual_seed(0)
     b1 = nn.Parameter(torch.randn(7))
     b2 = nn.Parameter(b1.detach().clone())
     ours = FOGO([b1], lr=0.01, weight_decay=0.1, adamw_betas=(0.9, 0.95), adamw_eps=1e-8)
-    ref = torch.optim.AdamW([b2], lr=0.01, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    ref = torch.optim.AdamW(
+        [b2], lr=0.01, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, fused=True
+    )
     for _ in range(10):
         g = torch.randn(7)
         b1.grad, b2.grad = g.clone(), g.clone()
         ours.step()
         ref.step()
     assert torch.equal(b1, b2)
-    assert torch.equal(ours.state[b1]["exp_avg_sq"], ref.state[b2]["exp_avg_sq"])
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(ours.state[b1][key], ref.state[b2][key]), key
 
 
 def test_single_stream_without_memory_is_torch_muon():
@@ -172,7 +178,7 @@ def test_single_stream_without_memory_is_torch_muon():
     w2 = nn.Parameter(w1.detach().clone())
     ours = FOGO(
         [w1], lr=0.02, weight_decay=0.1, dual_stream=False, beta_slow=0.95, nesterov=True,
-        scale="muon", memory=False,
+        scale="muon", memory=False, ns_dtype="bfloat16",
     )  # fmt: skip
     ref = torch.optim.Muon([w2], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
                            adjust_lr_fn="match_rms_adamw")  # fmt: skip
@@ -325,3 +331,110 @@ def test_closure_and_grad_none_params():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step(closure)
+
+
+def _scaled_run(scaler_mode, poison, steps=12):
+    """FOGO on a float32 model: plain fp32 steps without the ``poison`` step, or GradScaler steps
+    (power-of-two scales, so unscaling is exact) with an inf injected at ``poison``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3))
+    opt = FOGO(model.parameters(), lr=0.02, write_interval=3, memory_budget=0.5, ns_dtype="float32")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    scales = []
+    for i, (x, y) in enumerate(batches(steps)):
+        loss = nn.functional.cross_entropy(model(x.float()), y)
+        opt.zero_grad()
+        if scaler_mode is None:
+            if i != poison:
+                loss.backward()
+                opt.step()
+            continue
+        scaler.scale(loss).backward()
+        if i == poison:
+            model[2].weight.grad[0, 0] = float("inf")
+        if scaler_mode == "unscale_first":  # the user unscales (e.g. to clip) before step
+            scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return model, opt, scales
+
+
+@pytest.mark.parametrize("scaler_mode", ["step", "unscale_first"])
+def test_grad_scaler_runs_equal_fp32_runs_without_the_skipped_step(scaler_mode):
+    """GradScaler's protocol (_step_supports_amp_scaling): the scaler hands FOGO its scale and
+    found_inf instead of syncing; FOGO unscales, drops the overflow step on the device, and the
+    run equals, bit for bit, the fp32 run that never took that step."""
+    ref_model, ref, _ = _scaled_run(None, poison=5)
+    model, opt, scales = _scaled_run(scaler_mode, poison=5)
+    assert opt.skipped_steps == 1 and ref.skipped_steps == 0
+    assert scales[5] == scales[4] / 2  # the scaler saw the overflow and backed off
+    assert max(scales) > 2.0**10  # and grew its scale on the other steps
+    for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert_states_equal(opt.state_dict()["state"], ref.state_dict()["state"])
+    assert opt.memory_stats()["writes"] > 0
+
+
+def test_one_cycle_lr_cycles_the_slow_stream_beta_and_adamw_beta1():
+    """OneCycleLR(cycle_momentum=True) writes `momentum` into every group: the slow stream's beta
+    for FOGO tensors, AdamW's beta1 for the others. Each step uses the value it wrote."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6, 5))
+    b = nn.Parameter(torch.randn(5))
+    b_ref = nn.Parameter(b.detach().clone())
+    opt = FOGO([w, b], lr=0.01, memory=False, ns_dtype="float32")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=8)
+    used, slow = [], torch.zeros(6, 5)
+    for _ in range(6):
+        m = opt.param_groups[0]["momentum"]
+        used.append(m)
+        gw, gb = torch.randn(6, 5), torch.randn(5)
+        w.grad, b.grad = gw, gb.clone()
+        ref = torch.optim.AdamW([b_ref], lr=opt.param_groups[0]["lr"], betas=(m, 0.999),
+                                weight_decay=0.0, fused=True)  # fmt: skip
+        if len(used) > 1:  # continue the reference from FOGO's AdamW state with this beta1
+            ref.state[b_ref] = {k: v.clone() for k, v in opt.state[b].items()}
+        b_ref.data.copy_(b.detach())
+        b_ref.grad = gb.clone()
+        opt.step()
+        ref.step()
+        slow = slow.lerp(gw, 1 - m)
+        assert torch.equal(opt.state[w]["momentum_slow"], slow)
+        assert torch.equal(b, b_ref)
+        sched.step()
+    assert len(set(used)) >= 4 and max(used) == 0.95 and min(used) < 0.86  # it really cycled
+    assert opt.param_groups[0]["base_momentum"] == 0.85
+
+
+def test_momentum_below_beta_fast_warns_once_and_is_used_as_given():
+    w = nn.Parameter(torch.randn(4, 4))
+    opt = FOGO([w], lr=0.01, memory=False, ns_dtype="float32", beta_fast=0.8)
+    opt.param_groups[0]["momentum"] = 0.7  # as a scheduler would write it
+    with pytest.warns(UserWarning, match="momentum 0.7 .* not above beta_fast 0.8"):
+        w.grad = torch.ones(4, 4)
+        opt.step()
+    assert torch.allclose(opt.state[w]["momentum_slow"], torch.full((4, 4), 0.3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    opt.param_groups[0]["momentum"] = 1.5
+    with pytest.raises(ValueError, match="Invalid momentum"):
+        opt.step()
+
+
+def test_newton_schulz_dtype_follows_the_device_type_and_is_recorded():
+    from orthoptim.ops.newton_schulz import NS_DTYPE_BY_DEVICE, dtype_for_device
+
+    assert dtype_for_device("cpu") == "float32" and dtype_for_device("meta") == "float32"
+    assert NS_DTYPE_BY_DEVICE["cuda"] == "bfloat16" and dtype_for_device("cuda:1") == "bfloat16"
+    w, v = nn.Parameter(torch.zeros(3, 3)), nn.Parameter(torch.zeros(3, 3))
+    opt = FOGO([w], lr=0.1)
+    assert opt.defaults["ns_dtype"] == "auto" and opt.param_groups[0]["ns_dtype"] == "float32"
+    opt.add_param_group({"params": [v], "ns_dtype": "bfloat16"})
+    assert opt.param_groups[1]["ns_dtype"] == "bfloat16"  # an explicit choice stays
+    assert opt.state_dict()["param_groups"][0]["ns_dtype"] == "float32"  # saved as it ran
+    on = [types.SimpleNamespace(device=torch.device(d)) for d in ("cpu", "cuda:0")]
+    assert FOGO._ns_dtype_for(on[1:]) == "bfloat16"  # (no GPU here: the devices are stand-ins)
+    with pytest.raises(ValueError, match="ns_dtype.*devices \\['cpu', 'cuda'\\]"):
+        FOGO._ns_dtype_for(on)

@@ -99,15 +99,15 @@ def mixed_model():
 @pytest.mark.parametrize("outer", ["sgd", "adamw"])
 def test_identity_curvature_reduces_to_outer_optimizer(monkeypatch, outer):
     """With identity factors (and no damping) K-FAC is its outer optimizer, bit for bit: the
-    outer update is torch's own functional SGD / AdamW."""
+    outer update is torch's own fused SGD / AdamW (which drop a non-finite step on the device)."""
     _identity_factors(monkeypatch)
     model_a, model_b = mixed_model(), mixed_model()
     data = batches("cnn", n=5)
     common = dict(weight_decay=1e-2)
     if outer == "sgd":
-        ref = torch.optim.SGD(model_b.parameters(), lr=0.05, momentum=0.9, **common)
+        ref = torch.optim.SGD(model_b.parameters(), lr=0.05, momentum=0.9, fused=True, **common)
     else:
-        ref = torch.optim.AdamW(model_b.parameters(), lr=0.05, **common)
+        ref = torch.optim.AdamW(model_b.parameters(), lr=0.05, fused=True, **common)
     opt = KFAC(model_a, lr=0.05, outer=outer, damping_type="tikhonov", inverse_method="eigen",
                damping=1e-30, factor_dtype="float64", factor_interval=1, max_grad_norm=None,
                **common)  # fmt: skip

@@ -60,7 +60,7 @@ def _torch_muon_updates():
     muon = torch.optim.Muon(
         hidden["params"], **HP, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw"
     )
-    adamw = torch.optim.AdamW(rest["params"], **HP, betas=(0.9, 0.999), eps=1e-8)
+    adamw = torch.optim.AdamW(rest["params"], **HP, betas=(0.9, 0.999), eps=1e-8, fused=True)
     return _train(model, [muon, adamw])
 
 

@@ -1,4 +1,4 @@
-"""The ``orthoptim`` command line: list, run, suite, tune, report.
+"""The ``orthoptim`` command line: list, run, suite, tune, report, speed.
 
     orthoptim list tasks            # or: list optimizers, list suites
     orthoptim suite quick [--out runs/quick] [--jobs 2]          # the main job
@@ -6,6 +6,7 @@
     orthoptim run continual-permuted -o fogo -o adamw --seeds 0 1 --preset quick
     orthoptim tune longtail -o adamw -o fogo --preset quick --write
     orthoptim report runs/quick
+    orthoptim speed --shapes gpt --json speed.json   # optimizer step side by side (--device cuda)
 
 Every run is appended to ``<out>/results.jsonl``; re-running the same command skips completed
 runs, so an interrupted suite resumes. Each run uses one torch thread unless ``--threads N`` says
@@ -102,7 +103,30 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="render report.md and figures from saved results")
     rp.add_argument("out", help="results folder holding results.jsonl")
     rp.add_argument("--title", default="orthoptim benchmark report")
+
+    sp = sub.add_parser("speed", help="time the optimizer step side by side with torch.optim")
+    sp.add_argument("--shapes", default="gpt",
+                    help="gpt, gpt2-small, resnet20, bench-cnn, tiny, or module:callable returning "
+                         "(model, inputs, targets) (default %(default)s)")  # fmt: skip
+    sp.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    sp.add_argument("--rounds", type=_positive, default=7, help="timed rounds (medians)")
+    sp.add_argument("--steps", type=_positive, default=2, help="steps per round and optimizer")
+    sp.add_argument("--warmup", type=_positive, default=2, help="untimed steps per instance")
+    sp.add_argument("--compile", action="store_true", help="torch.compile every step()")
+    sp.add_argument("-o", "--optimizer", action="append", dest="optimizers", default=None,
+                    help="only this contender (repeat; default all)")  # fmt: skip
+    sp.add_argument("--threads", type=_positive, default=1,
+                    help="torch CPU threads (default %(default)s)")  # fmt: skip
+    sp.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    sp.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def _bar(desc: str, total: int | None, quiet: bool, **kw):
@@ -236,6 +260,12 @@ def _cmd_tune(args) -> int:
         torch.set_num_threads(prev)
 
 
+def _cmd_speed(args) -> int:
+    from .benchmarks import speed
+
+    return speed.speed_command(args)
+
+
 def _cmd_report(args) -> int:
     from .benchmarks import report
     from .benchmarks.results import ResultStore
@@ -249,7 +279,7 @@ def _cmd_report(args) -> int:
 
 
 _COMMANDS = {"list": _cmd_list, "suite": _cmd_suite, "run": _cmd_run, "tune": _cmd_tune,
-             "report": _cmd_report}  # fmt: skip
+             "report": _cmd_report, "speed": _cmd_speed}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

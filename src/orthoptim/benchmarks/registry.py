@@ -18,7 +18,7 @@ Built-in optimizers:
   than FOGO's exact RMS (``scale="rms"``) so that ``muon`` *is* Muon. Newton-Schulz runs in
   float32: on CPU torch's bfloat16 matmuls are several times slower than float32, and results then
   do not depend on the device. ``muon-bf16`` runs it in bfloat16 and is bitwise
-  ``torch.optim.Muon`` + ``torch.optim.AdamW`` (the tests check both).
+  ``torch.optim.Muon`` + ``torch.optim.AdamW(fused=True)`` (the tests check both).
 * ``fogo``: FOGO at its defaults (memory on), Newton-Schulz in float32 as in
   ``scripts/fogo_evidence.py``; ``fogo-nomem``: the same without the memory. FOGO's RMS-0.2
   step shares AdamW's lr.
@@ -209,7 +209,9 @@ def _builtins() -> dict[str, OptimizerEntry]:
     kfac_keys = _kwargs_of(KFAC.__init__, skip=("params",))
     fop_keys = kfac_keys | _kwargs_of(FOP.__init__, skip=("params",))
     kfac_defaults = {"lr": 0.1, "damping": 1e-2, "momentum": 0.9, "weight_decay": 0.0}
-    muon_keys = _FOGO_KEYS - _MEMORY_KEYS - _DUAL_KEYS - set(_MUON_MODE) - {"ns_dtype"}
+    # Not "momentum": FOGO's scheduler knob (beta_slow and AdamW's beta1 at once) is not what
+    # torch.optim.Muon calls momentum; a Muon config names beta_slow.
+    muon_keys = _FOGO_KEYS - _MEMORY_KEYS - _DUAL_KEYS - set(_MUON_MODE) - {"ns_dtype", "momentum"}
     # torch.optim.Muon's code defaults (lr 1e-3, weight decay 0.1, momentum 0.95).
     muon_defaults = {"lr": 1e-3, "weight_decay": 0.1, "beta_slow": 0.95}
     entries = [

@@ -141,14 +141,17 @@ def entry_of_columns(book: dict[str, torch.Tensor], capacity: int) -> torch.Tens
 def correct(
     update: torch.Tensor,
     book: dict[str, torch.Tensor],
-    step: int,
+    step: int | torch.Tensor,
     config: CodebookConfig,
     sketch: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Remove the conflicting protected coordinates of ``update`` (m x n) by the proximal lift.
 
     Returns the corrected update and per-step statistics (0-d tensors, no host sync): number of
-    ready entries, number in conflict, and ||U* - O||_F / ||O||_F. Also counts hits in place.
+    ready entries, number in conflict, and ||U* - O||_F / ||O||_F. Also counts hits in place,
+    unless ``skip`` (a 0-d bool tensor: the step is dropped) is True. ``step`` may be a 0-d
+    tensor on the device (the optimizer's counter).
     """
     basis = book["basis"].to(update.dtype)
     coords = update @ basis  # (m, R)
@@ -169,7 +172,7 @@ def correct(
     active_cols = (col2entry @ conflict.to(update.dtype)) > 0
     target = coords * (~active_cols).to(update.dtype)
     corrected = proximal_lift(update, basis, target, config.rho)
-    book["hits"] += conflict.to(torch.int64)
+    book["hits"] += (conflict if skip is None else conflict & ~skip).to(torch.int64)
     stats = {
         "ready": ready.sum(),
         "conflicts": conflict.sum(),

@@ -44,6 +44,19 @@ def resolve_coefficients(coefficients: str | tuple[float, float, float]) -> tupl
     return coeffs
 
 
+# Working precision of Newton-Schulz by device type: bfloat16 on accelerators (tensor cores;
+# Muon's practice); float32 elsewhere. On CPUs bf16 speed depends on the chip (emulated without
+# AVX512-BF16/AMX, about 2x float32 on this project's test machine, docs/performance.md) and CPU
+# runs are mostly tests and small studies, where float32's exactness matters more. Chosen from
+# the device *type*, never by probing the hardware, so results do not depend on the machine.
+NS_DTYPE_BY_DEVICE = {"cuda": "bfloat16", "xpu": "bfloat16", "xla": "bfloat16"}
+
+
+def dtype_for_device(device: torch.device | str) -> str:
+    """The Newton-Schulz dtype name for a device: ``NS_DTYPE_BY_DEVICE`` or ``"float32"``."""
+    return NS_DTYPE_BY_DEVICE.get(torch.device(device).type, "float32")
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """Map ``"bfloat16"``/``"float32"``/``"float64"`` (or a torch dtype) to a torch dtype."""
     if isinstance(dtype, torch.dtype):
@@ -79,7 +92,9 @@ def newton_schulz(
     if steps < 0:
         raise ValueError(f"Invalid ns_steps: {steps}; must be >= 0")
     a, b, c = resolve_coefficients(coefficients)
-    x = g.to(resolve_dtype(dtype))
+    # Contiguous first: a GEMM sums in another order on a strided operand, and the result must not
+    # depend on the memory layout of the input (a non-contiguous parameter's momentum).
+    x = g.to(resolve_dtype(dtype)).contiguous()
     tall = g.size(-2) > g.size(-1)
     if tall:
         x = x.mT

@@ -29,18 +29,24 @@ docs/fogo.md for what is from the paper, what is ours, and the ablations behind 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
+from typing import cast
 
 import torch
 from torch.optim import Optimizer
 
 from orthoptim.memory import codebook
 from orthoptim.ops.geometry import nlerp, rms_scale, slerp
-from orthoptim.ops.newton_schulz import newton_schulz, resolve_coefficients, resolve_dtype
+from orthoptim.ops.newton_schulz import (
+    dtype_for_device,
+    newton_schulz,
+    resolve_coefficients,
+    resolve_dtype,
+)
 from orthoptim.ops.sketch import gaussian_sketch_matrix, nystrom_factor
 from orthoptim.ops.subspace import rho_from_radius
-from orthoptim.optim import _nonfinite
-from orthoptim.optim._adamw import adamw_step_
+from orthoptim.optim import _fused, _nonfinite
 from orthoptim.optim._validation import (
     check_betas,
     check_choice,
@@ -68,7 +74,7 @@ def _tensor_shapes(state: dict, prefix: str = "") -> dict[str, tuple]:
     return out
 
 
-class FOGO(Optimizer):
+class FOGO(_nonfinite.Guarded, Optimizer):
     """Forgetting-aware Orthogonalization Optimizer.
 
     Args:
@@ -94,10 +100,22 @@ class FOGO(Optimizer):
         scale: ``"rms"`` (exact RMS sigma, gamma = sigma sqrt(mn)/||U||_F) or ``"muon"``
             (sigma sqrt(max(m, n)), torch's ``match_rms_adamw``). Default "rms".
         ns_steps, ns_coefficients, ns_dtype: Newton-Schulz settings (see
-            :func:`orthoptim.ops.newton_schulz`). Defaults 5, "muon", "bfloat16".
+            :func:`orthoptim.ops.newton_schulz`). Defaults 5, "muon", "auto": ``"auto"`` is
+            chosen per param group from its parameters' device type when the group is added
+            (:data:`orthoptim.ops.newton_schulz.NS_DTYPE_BY_DEVICE`: bfloat16 on CUDA, XPU and
+            XLA devices, float32 elsewhere, e.g. on CPU: see that table) and
+            recorded in the group, so ``param_groups[i]["ns_dtype"]`` (and a checkpoint) says
+            what ran. Never chosen by probing the hardware.
         eps: norm guard. Default 1e-7.
         adamw_betas, adamw_eps: AdamW settings for non-FOGO parameters.
             Defaults (0.9, 0.999), 1e-8.
+        momentum: when set, the group's one momentum knob: it replaces ``beta_slow`` for the
+            group's FOGO tensors and AdamW's beta1 for its AdamW tensors. It is the key torch's
+            momentum-cycling schedulers write (``OneCycleLR``, ``CyclicLR`` with
+            ``cycle_momentum=True``; they set it in every group at construction). Below
+            ``beta_fast`` the "slow" stream decays faster than the fast one: the update is still
+            the fusion of two momentum averages and nothing is clamped, but FOGO warns once.
+            Must lie in [0, 1). Default None (use ``beta_slow`` and ``adamw_betas``).
         memory: enable the codebook memory (long-term module). Default True.
         memory_budget: memory size as a fraction of the parameter's float32 bytes (whatever its
             dtype); sets the pool rank R (at least 1) of the protected directions.
@@ -163,10 +181,11 @@ class FOGO(Optimizer):
         scale: str = "rms",
         ns_steps: int = 5,
         ns_coefficients="muon",
-        ns_dtype: str = "bfloat16",
+        ns_dtype: str = "auto",
         eps: float = 1e-7,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
+        momentum: float | None = None,
         memory: bool = True,
         memory_budget: float = 0.05,
         memory_dtype: str = "bfloat16",
@@ -193,7 +212,7 @@ class FOGO(Optimizer):
             beta_fast=beta_fast, mix=mix, dual_stream=dual_stream, fusion=fusion,
             nesterov=nesterov, target_rms=target_rms, scale=scale, ns_steps=ns_steps,
             ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, eps=eps,
-            adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps, memory=memory,
+            adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps, momentum=momentum, memory=memory,
             memory_budget=memory_budget, memory_dtype=memory_dtype, capacity=capacity,
             write_rank=write_rank, write_interval=write_interval,
             min_age=min_age, gate=gate, gate_threshold=gate_threshold, radius=radius,
@@ -210,6 +229,8 @@ class FOGO(Optimizer):
         _nonfinite.install(self, nonfinite)
         self._sketch_cache: dict[int, torch.Tensor] = {}
         self._omega_cache: dict[int, torch.Tensor] = {}
+        self._step_hint: dict[int, int] = {}  # host upper bound of each matrix's step counter
+        self._warned_momentum = False
 
     # ----------------------------------------------------------------------------- validation
     @staticmethod
@@ -230,10 +251,13 @@ class FOGO(Optimizer):
         check_choice("scale", g["scale"], ("rms", "muon"))
         check_int("ns_steps", g["ns_steps"], 0, 99)
         resolve_coefficients(g["ns_coefficients"])
-        resolve_dtype(g["ns_dtype"])
+        if g["ns_dtype"] != "auto":
+            resolve_dtype(g["ns_dtype"])
         check_range("eps", g["eps"], 0.0, low_open=True)
         check_betas("adamw_betas", g["adamw_betas"])
         check_range("adamw_eps", g["adamw_eps"], 0.0, low_open=True)
+        if g.get("momentum") is not None:
+            check_range("momentum", g["momentum"], 0.0, 1.0, high_open=True)
         check_choice("memory", g["memory"], (True, False))
         check_range("memory_budget", g["memory_budget"], 0.0, 1.0, low_open=True)
         check_choice("memory_dtype", g["memory_dtype"], ("bfloat16", "float32", "float64"))
@@ -261,7 +285,7 @@ class FOGO(Optimizer):
     def __getstate__(self) -> dict:
         # torch keeps only defaults/state/param_groups, losing the policy, counter and caches
         # (deepcopy / pickle then fail); keep every attribute, drop the id-keyed caches.
-        return {**self.__dict__, "_sketch_cache": {}, "_omega_cache": {}}
+        return {**self.__dict__, "_sketch_cache": {}, "_omega_cache": {}, "_step_hint": {}}
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group; unknown keys and invalid values raise ``ValueError`` (as in __init__)."""
@@ -269,6 +293,21 @@ class FOGO(Optimizer):
         meta = ("params", "param_names")
         self._validate({**self.defaults, **{k: v for k, v in param_group.items() if k not in meta}})
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["ns_dtype"] == "auto":
+            group["ns_dtype"] = self._ns_dtype_for(group["params"])
+
+    @staticmethod
+    def _ns_dtype_for(params: list[torch.Tensor]) -> str:
+        """``ns_dtype="auto"``: the dtype of the parameters' device type (one per group)."""
+        names = {dtype_for_device(p.device) for p in params} or {"float32"}
+        if len(names) > 1:
+            devices = sorted({p.device.type for p in params})
+            raise ValueError(
+                f"Invalid ns_dtype: 'auto' for a param group on devices {devices}, which use "
+                f"{sorted(names)}; set ns_dtype explicitly"
+            )
+        return names.pop()
 
     # ---------------------------------------------------------------------------- helpers
     @staticmethod
@@ -285,6 +324,31 @@ class FOGO(Optimizer):
     def _as_matrix(t: torch.Tensor) -> torch.Tensor:
         """View a >= 2-D tensor as (out, in * rest): conv kernels become out x in*kh*kw."""
         return t.reshape(t.shape[0], math.prod(t.shape[1:]))  # not -1: zero-size tensors
+
+    @staticmethod
+    def _slow_beta(group: dict) -> float:
+        momentum = group.get("momentum")  # groups loaded from older checkpoints lack the key
+        return group["beta_slow"] if momentum is None else momentum
+
+    @staticmethod
+    def _adamw_betas(group: dict) -> tuple[float, float]:
+        momentum = group.get("momentum")
+        return group["adamw_betas"] if momentum is None else (momentum, group["adamw_betas"][1])
+
+    def _check_momentum(self, group: dict) -> None:
+        """A scheduler may have written ``momentum`` since the last step: check it (host only)."""
+        momentum = group.get("momentum")
+        if momentum is None:
+            return
+        check_range("momentum", momentum, 0.0, 1.0, high_open=True)
+        if group["dual_stream"] and momentum <= group["beta_fast"] and not self._warned_momentum:
+            self._warned_momentum = True
+            warnings.warn(
+                f"FOGO: momentum {momentum} (the slow stream's beta, e.g. from OneCycleLR) is not "
+                f"above beta_fast {group['beta_fast']}: the slow stream now decays at least as "
+                "fast as the fast one (the update still fuses both averages; nothing is clamped)",
+                stacklevel=3,
+            )
 
     def _param_index(self) -> dict[int, int]:
         return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
@@ -319,11 +383,15 @@ class FOGO(Optimizer):
 
     def _init_state(self, group: dict, p: torch.Tensor, index: int) -> None:
         self.state[p].update(self._new_state(group, p, index, p.device))
+        self._step_hint[id(p)] = 0
 
     def _new_state(self, group: dict, p: torch.Tensor, index: int, device) -> dict:
         """The fresh state of ``p`` under ``group``'s settings, on ``device`` ("meta": shapes
-        only, what ``load_state_dict`` checks a saved state against)."""
-        state = {"step": torch.tensor(0.0)}
+        only, what ``load_state_dict`` checks a saved state against).
+
+        ``step`` is a float32 0-d tensor on the parameter's device (as in torch's fused AdamW):
+        a step dropped for non-finite gradients is not counted, without a host sync."""
+        state = {"step": torch.zeros((), dtype=torch.float32, device=device)}
         if self._algorithm(group, p) == "adamw":
             state["exp_avg"] = torch.zeros_like(
                 p, memory_format=torch.preserve_format, device=device
@@ -378,17 +446,21 @@ class FOGO(Optimizer):
     # ------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure=None):
-        """Perform one optimization step; ``closure`` re-evaluates the loss (optional)."""
+        """Perform one optimization step; ``closure`` re-evaluates the loss (optional).
+
+        A step whose gradients are not finite is computed but not applied (every write is
+        masked on the device, see :mod:`orthoptim.optim._nonfinite`); it reads nothing on the
+        host except on memory writes.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if _nonfinite.skip_step(self):
-            return loss
-        # skip_step has also rejected sparse gradients and complex parameters.
+        guard = _nonfinite.begin_step(self)  # also rejects sparse gradients, complex params
         index = None
         for group in self.param_groups:
-            matrices = []
+            self._check_momentum(group)
+            matrices, vectors = [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -396,34 +468,36 @@ class FOGO(Optimizer):
                     index = index or self._param_index()  # built only when state is created
                     self._init_state(group, p, index[id(p)])
                 if self._algorithm(group, p) == "adamw":
-                    self._adamw(group, p)
+                    vectors.append(p)
                 elif p.numel() > 0:
                     matrices.append(p)
                 else:
-                    self.state[p]["step"] += 1
+                    guard.commit_(self.state[p]["step"], self.state[p]["step"] + 1)
+            if vectors:
+                self._adamw(group, vectors, guard)
             if matrices:
-                self._matrix_step(group, matrices)
+                self._matrix_step(group, matrices, guard)
         return loss
 
-    def _adamw(self, group: dict, p: torch.Tensor) -> None:
-        state = self.state[p]
-        state["step"] += 1
-        adamw_step_(
-            p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"].item(),
-            lr=group["lr"], betas=group["adamw_betas"], eps=group["adamw_eps"],
-            weight_decay=group["weight_decay"],
+    def _adamw(self, group: dict, params: list[torch.Tensor], guard) -> None:
+        states = [self.state[p] for p in params]
+        _fused.adamw_(
+            params, [cast(torch.Tensor, p.grad) for p in params], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"],
+            betas=self._adamw_betas(group), eps=group["adamw_eps"],
+            weight_decay=group["weight_decay"], found_inf=guard.found_inf,
         )  # fmt: skip
 
-    def _directions(self, group: dict, p: torch.Tensor) -> list[torch.Tensor]:
+    def _directions(self, group: dict, p: torch.Tensor, guard) -> list[torch.Tensor]:
         """Update the momentum streams of ``p`` and return the direction of each stream."""
         state = self.state[p]
         grad = self._as_matrix(p.grad)
         names = ("momentum_slow", "momentum_fast") if group["dual_stream"] else ("momentum_slow",)
-        betas = (group["beta_slow"], group["beta_fast"])
+        betas = (self._slow_beta(group), group["beta_fast"])
         out = []
         for name, beta in zip(names, betas[: len(names)], strict=True):
             buf = state[name]
-            buf.lerp_(grad, 1 - beta)
+            guard.commit_(buf, torch.lerp(buf, grad, 1 - beta))
             out.append(grad.lerp(buf, beta) if group["nesterov"] else buf)
         return out
 
@@ -436,48 +510,80 @@ class FOGO(Optimizer):
         interp = slerp if group["fusion"] == "slerp" else nlerp
         return interp(o_slow, o_fast, group["mix"], group["eps"])
 
-    def _matrix_step(self, group: dict, params: list[torch.Tensor]) -> None:
+    def _matrix_step(self, group: dict, params: list[torch.Tensor], guard) -> None:
         """Fast path: one batched Newton-Schulz call per shape for all matrices and streams."""
         by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:
             by_shape[(self._as_matrix(p).shape, p.dtype, p.device)].append(p)
         for same in by_shape.values():
-            streams = [self._directions(group, p) for p in same]
+            streams = [self._directions(group, p, guard) for p in same]
             n_streams = len(streams[0])
             stacked = torch.stack([d for dirs in streams for d in dirs])
             ortho = self._orthogonalize(group, stacked)
             ortho = ortho.view(len(same), n_streams, *stacked.shape[1:])
             fused = self._fuse(group, ortho[:, 0], ortho[:, 1]) if n_streams == 2 else ortho[:, 0]
             for i, p in enumerate(same):
-                self._finish(group, p, fused[i])
+                self._finish(group, p, fused[i], guard)
 
-    def _finish(self, group: dict, p: torch.Tensor, direction: torch.Tensor) -> None:
-        """Memory correction, scaling, weight decay and the parameter update for one matrix."""
+    def _finish(self, group: dict, p: torch.Tensor, direction: torch.Tensor, guard) -> None:
+        """Memory correction, scaling, weight decay and the parameter update for one matrix.
+
+        Every write goes through ``guard`` (a dropped step changes nothing); the step counter
+        stays on the device, and the host follows it with an upper bound (``_write_due``).
+        """
         state = self.state[p]
-        state["step"] += 1
-        step = int(state["step"].item())
+        step = state["step"]
+        guard.commit_(step, step + 1)
         if group["memory"]:
             grad = self._as_matrix(p.grad)
             if group["side"] == "output":
                 grad = grad.mT
             if "grad_sketch" in state:
-                state["grad_sketch"].add_(grad.mT.float() @ (grad.float() @ self._omega(p)))
+                sketch = state["grad_sketch"]
+                guard.commit_(sketch, sketch + grad.mT.float() @ (grad.float() @ self._omega(p)))
             if "row_energy" in state:
-                state["row_energy"].add_(grad.float().square().sum(1))
-            direction = self._correct(group, p, direction, step)
+                energy = state["row_energy"]
+                guard.commit_(energy, energy + grad.float().square().sum(1))
+            direction = self._correct(group, p, direction, step, guard)
         lr = group["lr"]
-        if group["weight_decay"] != 0:
-            p.mul_(1 - lr * group["weight_decay"])
+        new = p.mul(1 - lr * group["weight_decay"]) if group["weight_decay"] != 0 else p
         if group["scale"] == "muon":
             m, n = direction.shape
-            p.add_(direction.view_as(p), alpha=-(lr * (group["target_rms"] * math.sqrt(max(m, n)))))
+            alpha = -(lr * (group["target_rms"] * math.sqrt(max(m, n))))
+            new = new.add(direction.view_as(p), alpha=alpha)
         else:
             gamma = rms_scale(direction, group["target_rms"], group["eps"])
-            p.add_((direction * gamma).view_as(p), alpha=-lr)
-        if group["memory"] and group["write_interval"] and step % group["write_interval"] == 0:
-            self._write(group, p, step, codebook.SCHEDULED)
+            new = new.add((direction * gamma).view_as(p), alpha=-lr)
+        guard.commit_(p, new)
+        if group["memory"] and group["write_interval"]:
+            written = self._write_due(p, group["write_interval"], guard)
+            if written is not None:
+                self._write(group, p, written, codebook.SCHEDULED)
 
-    def _correct(self, group: dict, p: torch.Tensor, direction: torch.Tensor, step: int):
+    def _write_due(self, p: torch.Tensor, interval: int, guard) -> int | None:
+        """The step at which ``p``'s memory writes now, or None; reads the device only when
+        the host's upper bound of the step counter reaches a multiple of ``interval``.
+
+        The bound counts every step the parameter took part in; a step dropped on the device
+        is not counted there, so at a candidate the true counter is read (a write syncs anyway)
+        and the bound corrected: writes happen exactly at the counter's multiples, as if the
+        dropped steps had never been taken.
+        """
+        key = id(p)
+        hint = self._step_hint.get(key)
+        if hint is None:  # first step after a load or a copy: one read
+            hint = int(self.state[p]["step"].item()) - 1
+        hint += 1
+        self._step_hint[key] = hint
+        if hint % interval:
+            return None
+        step = int(self.state[p]["step"].item())
+        self._step_hint[key] = step
+        if step % interval or guard.skipped():
+            return None
+        return step
+
+    def _correct(self, group: dict, p: torch.Tensor, direction: torch.Tensor, step, guard):
         state = self.state[p]
         book = state["memory"]
         config = self._codebook_config(group, p)
@@ -485,10 +591,12 @@ class FOGO(Optimizer):
         u = direction.mT if flip else direction
         low = u.dtype in (torch.float16, torch.bfloat16)  # the lift's solve needs >= float32
         corrected, stats = codebook.correct(
-            u.float() if low else u, book, step, config, self._sketch(group, p)
-        )
+            u.float() if low else u, book, step, config, self._sketch(group, p),
+            skip=guard.skip(p.device),
+        )  # fmt: skip
         corrected = corrected.to(u.dtype)
-        state["last_stats"] = stats
+        old = state.get("last_stats", {})
+        state["last_stats"] = {k: guard.select(old.get(k), v) for k, v in stats.items()}
         return corrected.mT if flip else corrected
 
     def _write(self, group: dict, p: torch.Tensor, step: int, kind: int) -> str:
@@ -572,25 +680,35 @@ class FOGO(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load state; codebook tensors keep their own dtypes (bool/int64 metadata, the memory
-        dtype of the bases) instead of torch's default cast to the parameter's dtype. A state
-        that does not fit a parameter raises ``ValueError`` before anything is changed."""
+        dtype of the bases) instead of torch's default cast to the parameter's dtype, and step
+        counters go to their parameter's device. A state that does not fit a parameter raises
+        ``ValueError`` before anything is changed. The state keys may be torch's integer ids or
+        anything else that ``param_groups[i]["params"]`` lists (the parameter names of
+        ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict``)."""
         self._check_loadable(state_dict)
+        saved_ids = [key for g in state_dict.get("param_groups", []) for key in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_key = dict(zip(saved_ids, params, strict=False))  # torch checks the lengths
         kept = {
             key: {name: value[name] for name in _OWN_DTYPE_STATE if name in value}
             for key, value in state_dict["state"].items()
         }
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
         for key, extra in kept.items():
-            p = params[key]
+            p = by_key[key]
             for name, value in extra.items():
                 if isinstance(value, dict):
                     value = {k: v.to(p.device, copy=True) for k, v in value.items()}
                 else:
                     value = value.to(p.device, copy=True)
                 self.state[p][name] = value
+        for p in params:
+            state = self.state.get(p)
+            if state and "step" in state:
+                state["step"] = state["step"].to(p.device, torch.float32, copy=True)
         self._sketch_cache.clear()
         self._omega_cache.clear()
+        self._step_hint.clear()
 
     # --------------------------------------------------------------------- public memory API
     @torch.no_grad()

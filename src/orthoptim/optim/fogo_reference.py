@@ -58,26 +58,30 @@ def reference_correct(
 class FOGOReference(FOGO):
     """FOGO with the per-matrix step written as a plain loop (see module docstring)."""
 
-    def _matrix_step(self, group: dict, params: list[torch.Tensor]) -> None:
+    def _matrix_step(self, group: dict, params: list[torch.Tensor], guard) -> None:
         for p in params:
-            directions = self._directions(group, p)
+            directions = self._directions(group, p, guard)
             ortho = [self._orthogonalize(group, d) for d in directions]
             fused = self._fuse(group, ortho[0], ortho[1]) if len(ortho) == 2 else ortho[0]
-            self._finish(group, p, fused)
+            self._finish(group, p, fused, guard)
 
-    def _correct(self, group: dict, p: torch.Tensor, direction: torch.Tensor, step: int):
+    def _correct(self, group: dict, p: torch.Tensor, direction: torch.Tensor, step, guard):
         state = self.state[p]
         config = self._codebook_config(group, p)
         flip = group["side"] == "output"
         u = direction.mT if flip else direction
         book = state["memory"]
+        step = int(step)  # the oracle reads on the host
         corrected, conflicts = reference_correct(u, book, step, config, self._sketch(group, p))
-        for entry in conflicts:
-            book["hits"][entry] += 1
+        if not guard.skipped():
+            for entry in conflicts:
+                book["hits"][entry] += 1
         ready = book["used"] & (book["ready"] <= step)
-        state["last_stats"] = {
+        old = state.get("last_stats", {})
+        new = {
             "ready": ready.sum(),
             "conflicts": torch.tensor(len(conflicts)),
             "correction_ratio": (corrected - u).norm() / u.norm(),
         }
+        state["last_stats"] = {k: guard.select(old.get(k), v) for k, v in new.items()}
         return corrected.mT if flip else corrected

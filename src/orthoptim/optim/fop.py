@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from orthoptim.curvature import Block, avg_diff_, fop_coefficients, fop_dots, inverse_mv, kron_mv
+from orthoptim.optim import _nonfinite
 from orthoptim.optim._validation import check_range
 from orthoptim.optim.kfac import _DTYPES, KFAC
 
@@ -197,7 +198,7 @@ class FOP(KFAC):
             V[1:] = inverse_mv(pre, U)
         return V, fop_dots(U, V)
 
-    def _directions(self, hp: dict) -> dict:
+    def _directions(self, hp: dict, guard: _nonfinite.StepGuard) -> dict:
         """FOP directions; the scalar algebra of all blocks is batched (no host sync)."""
         dirs, dots, todo = {}, [], []
         for b in self._blocks:
@@ -221,7 +222,8 @@ class FOP(KFAC):
             )  # fmt: skip
             coef = torch.stack([c_avg, c_diff], dim=1)  # d = c_avg F^-1 g_avg + c_diff F^-1 g_diff
             for (ls, b, V), c, be, e in zip(todo, coef, beta.unbind(), eta.unbind(), strict=True):
-                ls["beta"], ls["eta"] = be, e
+                ls["beta"] = guard.select(ls["beta"], be)  # a dropped step keeps them
+                ls["eta"] = guard.select(ls["eta"], e)
                 D = (c @ V[1:].flatten(1)).view(V.shape[1:])
                 self._put(dirs, b, D.to(b.weight.dtype))
         return dirs

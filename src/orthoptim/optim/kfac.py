@@ -9,8 +9,8 @@ folded into ``A`` by a trailing 1, see :mod:`orthoptim.curvature.factors`):
 (π-damping; or the exact :math:`(G\otimes A + \lambda I)^{-1}` with ``damping_type='tikhonov'``).
 ``d`` (or ``p.grad`` for every other parameter: norms, vectors, excluded or unsupported layers)
 then goes to the outer update: ``torch.optim.SGD``'s with momentum and *coupled* weight decay
-(added after preconditioning, as the paper), or ``torch.optim.AdamW``'s (torch's functional
-implementations, :mod:`orthoptim.optim._outer`).
+(added after preconditioning, as the paper), or ``torch.optim.AdamW``'s (torch's fused steps,
+:mod:`orthoptim.optim._fused`, which drop a non-finite step on the device).
 
 Usage is drop-in, with the model or with its parameters (the owning layers are then found on the
 first forward); with ``fisher='mc'`` call :meth:`KFAC.sample_fisher` between forward and
@@ -45,13 +45,12 @@ from orthoptim.curvature import (
     g_factor,
     inverse_mv,
 )
-from orthoptim.optim import _nonfinite
+from orthoptim.optim import _fused, _nonfinite
 from orthoptim.optim._kfac_layers import (  # noqa: F401  (the warnings are part of this API)
     DiagonalFactorWarning,
     LayerCoverage,
     PlainUpdateWarning,
 )
-from orthoptim.optim._outer import adamw_update, sgd_update
 from orthoptim.optim._validation import (
     check_betas,
     check_choice,
@@ -99,7 +98,7 @@ def check_kfac_args(a: dict) -> None:
     check_int("seed", a["seed"], 0)
 
 
-class KFAC(LayerCoverage, torch.optim.Optimizer):
+class KFAC(LayerCoverage, _nonfinite.Guarded):
     r"""K-FAC preconditioning of the model's layers + SGD-momentum or AdamW.
 
     Args:
@@ -221,6 +220,7 @@ class KFAC(LayerCoverage, torch.optim.Optimizer):
         self._mc_calls = 0
         _nonfinite.install(self, nonfinite)
         self._init_coverage(model, max_factor_dim, exclude)
+        self.register_state_dict_pre_hook(KFAC._exact_clock)
         self._arm_capture()
 
     # -- validation ---------------------------------------------------------------------------
@@ -253,7 +253,9 @@ class KFAC(LayerCoverage, torch.optim.Optimizer):
 
     @property
     def kfac_step(self) -> int:
-        """Number of completed ``step()`` calls (drives the factor / inverse intervals)."""
+        """Number of steps taken (drives the factor / inverse intervals). A step dropped for
+        non-finite gradients is counted until the next factor / inverse step or ``state_dict()``,
+        which take it off (reading the device): the schedule itself is exact."""
         anchor = self.param_groups[0]["params"][0]  # reading must not create state entries
         return self.state[anchor].get("kfac_step", 0) if anchor in self.state else 0
 
@@ -420,8 +422,9 @@ class KFAC(LayerCoverage, torch.optim.Optimizer):
             full = dirs[block.bias] = torch.zeros_like(block.bias) if g is None else g.clone()
         full[block.bias_rows] = b
 
-    def _directions(self, hp: dict) -> dict:
-        """Preconditioned directions ``{param: tensor}`` of the blocks that have an inverse."""
+    def _directions(self, hp: dict, guard: _nonfinite.StepGuard) -> dict:
+        """Preconditioned directions ``{param: tensor}`` of the blocks that have an inverse
+        (``guard``: this step's drop flag, for whatever a subclass keeps from the step)."""
         dirs = {}
         for b in self._blocks:
             if self._ready(b):
@@ -450,31 +453,57 @@ class KFAC(LayerCoverage, torch.optim.Optimizer):
         return dirs
 
     # -- step ---------------------------------------------------------------------------------
-    def _outer_update(self, dirs: dict) -> None:
+    def _outer_update(self, dirs: dict, found_inf) -> None:
+        """SGD-momentum or AdamW on ``dirs`` (``p.grad`` elsewhere): torch's fused steps, which
+        drop the step on the device when ``found_inf`` is 1.0."""
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            ds = [dirs.get(p, p.grad).to(p.dtype) for p in params]  # no-op unless autocast
+            directions = [dirs.get(p, p.grad).to(p.dtype) for p in params]  # no-op but autocast
             states = [self.state[p] for p in params]
-            update = sgd_update if group["outer"] == "sgd" else adamw_update
-            update(params, ds, states, group, float(group["lr"]))
+            if group["outer"] == "sgd":
+                if group["momentum"] != 0:
+                    for p, state in zip(params, states, strict=True):
+                        state.setdefault("momentum_buffer", torch.zeros_like(p))
+                _fused.sgd_(
+                    params, directions, [s.get("momentum_buffer") for s in states],
+                    lr=float(group["lr"]), momentum=group["momentum"], nesterov=group["nesterov"],
+                    weight_decay=group["weight_decay"], found_inf=found_inf,
+                )  # fmt: skip
+            else:
+                for p, state in zip(params, states, strict=True):
+                    if "exp_avg" not in state:  # the first parameter also holds the clock
+                        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                        state["exp_avg"] = torch.zeros_like(p)
+                        state["exp_avg_sq"] = torch.zeros_like(p)
+                _fused.adamw_(
+                    params, directions, [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
+                    lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
+                    weight_decay=group["weight_decay"], found_inf=found_inf,
+                )  # fmt: skip
 
     @torch.no_grad()
     def step(self, closure=None):
         """Update factors / inverses when due, precondition, apply the outer update.
 
-        Returns the closure's loss (evaluated under ``torch.enable_grad()``), else None.
+        Returns the closure's loss (evaluated under ``torch.enable_grad()``), else None. A step
+        with non-finite gradients is dropped on the device; the step clock (which counts every
+        call) is corrected at the next factor / inverse step, which reads the device anyway.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._finish_search()
-        if self._loss_scaling() or _nonfinite.skip_step(self):
-            self._discard_step()
-            return loss
+        guard = _nonfinite.begin_step(self)
+        self._inv_scale = self._capture_scale(guard)
         hp = self.param_groups[0]
+        if self._is_factor_step() or self.kfac_step % hp["inverse_interval"] == 0:
+            skipped = guard.skipped()  # a scheduled update: the host may read the device
+            self._correct_clock(skipped)
+            if skipped:
+                self._discard_step()
+                return loss
         self._init_state(hp)
         if not self._checked and self._roots and self._capture.saw_forward():
             self._check_hooks()
@@ -483,8 +512,8 @@ class KFAC(LayerCoverage, torch.optim.Optimizer):
                 self._update_factors(hp)
             if self.kfac_step % hp["inverse_interval"] == 0:
                 self.update_inverses()
-            dirs = self._rescale(self._directions(hp), hp)
-            self._outer_update(dirs)
+            dirs = self._rescale(self._directions(hp, guard), hp)
+            self._outer_update(dirs, guard.found_inf)
         finally:
             self._capture.clear()
             self._mc_calls = 0
@@ -492,45 +521,46 @@ class KFAC(LayerCoverage, torch.optim.Optimizer):
         self._arm_capture()
         return loss
 
-    # torch.amp.GradScaler calls step() on every step and sets grad_scale / found_inf (below).
-    _step_supports_amp_scaling = True
-    skipped_steps: int  # set by _nonfinite.install
+    def _correct_clock(self, skipped: bool) -> None:
+        """Take the dropped steps the host has not seen yet off the step clock (reads the
+        device); a dropped current step never reached the clock."""
+        off = _nonfinite.unseen_skips(self) - int(skipped)
+        if off:
+            anchor = self._anchor_state()
+            anchor["kfac_step"] = anchor.get("kfac_step", 0) - off
 
-    def _loss_scaling(self) -> bool:
-        """``torch.amp.GradScaler``'s protocol: True when the scaler found an overflow (the step
-        is dropped; ``skipped_steps`` counts it). Otherwise the parameter gradients are unscaled
-        in place (unless ``scaler.unscale_`` already did it) and ``self._inv_scale`` is set for
-        what the hooks captured from the scaled backward: the output gradients (``G`` scales by
-        ``s²``) and FOP's sub-batch gradients (by ``s``). One host read of ``found_inf`` per step:
-        K-FAC's schedule is decided on the host (torch's own non-fused optimizers read it too)."""
-        self._inv_scale = None
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is None:  # no GradScaler
-            return False
-        if bool(found_inf.item()):
-            self.skipped_steps += 1
-            return True
-        scale = getattr(self, "grad_scale", None)
-        if scale is None:  # scaler.unscale_ ran: .grad is unscaled, the captures are not
-            if self._grad_scaler is None:
-                raise RuntimeError(
-                    f"{type(self).__name__}: scaler.unscale_(opt) ran before scaler.step(opt), so "
-                    "the output gradients the hooks captured are still scaled and the scaler no "
-                    f"longer says by how much; build it with {type(self).__name__}(..., "
-                    "grad_scaler=scaler)"
-                )
+    def _exact_clock(self) -> None:
+        """state_dict pre-hook: the clock without the steps dropped since the last scheduled
+        update (reads the device)."""
+        if self.param_groups[0]["params"][0] in self.state:
+            self._correct_clock(False)
+
+    def _capture_scale(self, guard: _nonfinite.StepGuard) -> torch.Tensor | None:
+        """1 / the loss scale of what the hooks captured this step from a GradScaler's scaled
+        backward (the output gradients: ``G`` scales by ``s²``; FOP's sub-batch gradients: by
+        ``s``), or None without a scaler. When the scaler hands its scale to ``step()``,
+        :func:`~orthoptim.optim._nonfinite.begin_step` unscales ``.grad`` and returns it; after
+        ``scaler.unscale_`` (gradient clipping) it hands none over, and the constructor's
+        ``grad_scaler`` says it."""
+        if guard.inv_scale is not None:
+            return guard.inv_scale
+        if getattr(self, "found_inf", None) is None:  # no GradScaler
+            return None
+        if self._grad_scaler is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: scaler.unscale_(opt) ran before scaler.step(opt), so "
+                "the output gradients the hooks captured are still scaled and the scaler no "
+                f"longer says by how much; build it with {type(self).__name__}(..., "
+                "grad_scaler=scaler)"
+            )
+        scale = getattr(self._grad_scaler, "_scale", None)  # its device tensor: no host read
+        if not isinstance(scale, torch.Tensor):
             scale = torch.tensor(float(self._grad_scaler.get_scale()))
-        else:
-            inv = scale.double().reciprocal().float()  # GradScaler's own reciprocal
-            for g in (p.grad for grp in self.param_groups for p in grp["params"]):
-                if g is not None:
-                    g.mul_(inv.to(g.device))
-        self._inv_scale = scale.double().reciprocal().float()
-        return False
+        return scale.double().reciprocal().float()
 
     def _discard_step(self) -> None:
-        """A skipped step: drop what the hooks captured (the step counter did not move, so the
-        Monte-Carlo labels of the retried step are drawn again)."""
+        """A skipped step: drop what the hooks captured (the step clock does not count it, so
+        the Monte-Carlo labels of the retried step are drawn again)."""
         self._capture.clear()
         self._mc_calls = 0
 

@@ -1,0 +1,129 @@
+"""Where FOGO's step time goes, on a shape set of ``orthoptim speed`` (default: the GPT stack).
+
+FOGO's steady step (no memory write) on fixed gradients, with a timer around each part of the
+step (the optimizer's own methods, wrapped; a device sync before and after each): the
+non-finite check, the momentum streams, Newton-Schulz, the slerp fusion, the memory correction,
+the rest of ``_finish`` (sketch and energy accumulation, RMS scale, decay, the masked parameter
+update), AdamW, and what is left (Python, stacking, the loop). The write step is timed apart, on
+an instance that writes every step. Then the top operators by self time (torch.profiler).
+
+    python scripts/profile_fogo_step.py --steps 5 --threads 1
+    python scripts/profile_fogo_step.py --device cuda --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+from orthoptim.benchmarks import speed
+from orthoptim.optim import _nonfinite
+from orthoptim.optim.fogo import FOGO
+from orthoptim.optim.param_groups import param_groups
+
+PARTS = ("begin_step", "_directions", "_orthogonalize", "_fuse", "_correct", "_finish", "_adamw")
+
+
+def timed(fn, key, spent, device):
+    def wrapper(*args, **kwargs):
+        speed._sync(device)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        speed._sync(device)
+        spent[key] += time.perf_counter() - t0
+        return out
+
+    return wrapper
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="gpt")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--top", type=int, default=15, help="operators listed by the profiler")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="a FOGO keyword, e.g. --set dual_stream=false --set memory=false")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    model, x, y = speed.load_case(args.shapes).build()
+    model, x, y = model.to(dev), x.to(dev), y.to(dev)
+    speed._loss(model, x, y).backward()
+
+    options = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+
+    def build(**kw):
+        return FOGO(param_groups(model, verbose=False), lr=1e-3, **{**options, **kw})
+
+    print(f"shapes {args.shapes}, device {dev}, threads {torch.get_num_threads()}, "
+          f"torch {torch.__version__}, {args.steps} timed steps (medians), FOGO {options}")  # fmt: skip
+    variants = [("steady (no write)", dict(write_interval=0))]
+    if options.get("memory", True):
+        variants.append(("write every step", dict(write_interval=1)))
+    for label, kw in variants:
+        opt = build(**kw)
+        for _ in range(2):
+            opt.step()
+        spent = defaultdict(float)
+        for name in PARTS[1:]:
+            setattr(opt, name, timed(getattr(opt, name), name, spent, dev))
+        begin, write = _nonfinite.begin_step, opt._write
+        _nonfinite.begin_step = timed(begin, "begin_step", spent, dev)
+        opt._write = timed(write, "_write", spent, dev)
+        rows, totals = defaultdict(list), []
+        try:
+            for _ in range(args.steps):
+                spent.clear()
+                speed._sync(dev)
+                t0 = time.perf_counter()
+                opt.step()
+                speed._sync(dev)
+                totals.append(time.perf_counter() - t0)
+                parts = dict(spent)
+                parts["_finish"] = spent["_finish"] - spent["_correct"] - spent["_write"]
+                outer = ("begin_step", "_directions", "_orthogonalize", "_fuse", "_finish",
+                         "_adamw")  # fmt: skip
+                parts["other"] = totals[-1] - sum(spent[k] for k in outer)
+                for k, v in parts.items():
+                    rows[k].append(v)
+        finally:
+            _nonfinite.begin_step = begin
+        total = statistics.median(totals)
+        print(f"\n{label}: step {1e3 * total:.1f} ms")
+        names = {"begin_step": "non-finite check", "_directions": "momentum streams",
+                 "_orthogonalize": "Newton-Schulz", "_fuse": "slerp fusion",
+                 "_correct": "memory correction", "_write": "memory write",
+                 "_finish": "finish: sketch, energy, scale, masked update", "_adamw": "AdamW",
+                 "other": "other: Python, stacking, loop"}  # fmt: skip
+        for key, name in names.items():
+            if key in rows:
+                t = statistics.median(rows[key])
+                print(f"  {name:48s} {1e3 * t:9.2f} ms  {100 * t / total:5.1f}%")
+
+    opt = build(write_interval=0)
+    for _ in range(2):
+        opt.step()
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(args.steps):
+            opt.step()
+    sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    print(f"\ntop operators of {args.steps} steady steps (self time):")
+    print(prof.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=40))
+    ranks = {
+        tuple(opt._as_matrix(p).shape): opt._codebook_config(g, p).rank
+        for g in opt.param_groups if g["algorithm"] == "fogo" for p in g["params"]
+    }  # fmt: skip
+    print(f"memory pool rank R per matrix shape: {ranks}")
+
+if __name__ == "__main__":
+    main()
