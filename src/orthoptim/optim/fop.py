@@ -33,16 +33,19 @@ Note (derived, see docs/fop.md): with :math:`g_{tot} = g_1 + g_2`, :math:`\eta^*
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
 from orthoptim.curvature import Block, avg_diff_, fop_coefficients, fop_dots, inverse_mv, kron_mv
 from orthoptim.optim import _nonfinite
 from orthoptim.optim._validation import check_range
-from orthoptim.optim.kfac import _DTYPES, KFAC
+from orthoptim.optim.kfac import _DTYPES, KFAC, Dirs
 
 
-def _check_clamp(name: str, value) -> None:
+def _check_clamp(name: str, value: Any) -> None:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ValueError(f"Invalid {name}: {value!r}; expected a pair (low, high)")
     check_range(f"{name}[0]", value[0])
@@ -74,7 +77,7 @@ class FOP(KFAC):
 
     def __init__(
         self,
-        params,
+        params: Any,
         lr: float = 0.1,
         *,
         damping: float = 1e-2,
@@ -82,15 +85,15 @@ class FOP(KFAC):
         eta: float | None = None,
         beta_clamp: tuple[float, float] = (-0.5, 0.5),
         eta_clamp: tuple[float, float] = (0.0, 2.0),
-        **kfac_kwargs,
-    ):
-        self._halves: dict = {}  # block -> [g_avg; g_diff] from backward_two_pass
+        **kfac_kwargs: Any,
+    ) -> None:
+        self._halves: dict[Block, torch.Tensor] = {}  # [g_avg; g_diff] from backward_two_pass
         super().__init__(
             params, lr, damping=damping, beta=beta, eta=eta, beta_clamp=beta_clamp,
             eta_clamp=eta_clamp, **kfac_kwargs,
         )  # fmt: skip
 
-    def _check_args(self, args: dict) -> None:
+    def _check_args(self, args: dict[str, Any]) -> None:
         super()._check_args(args)
         for name in ("beta", "eta"):
             if args[name] is not None:
@@ -98,11 +101,11 @@ class FOP(KFAC):
         _check_clamp("beta_clamp", args["beta_clamp"])
         _check_clamp("eta_clamp", args["eta_clamp"])
 
-    def _split_dtype(self):
+    def _split_dtype(self) -> torch.dtype | None:
         # the sub-batch gradients are formed in backward, into buffers in the factor dtype
         return _DTYPES[self.param_groups[0]["factor_dtype"]]
 
-    def _new_block_state(self, block, hp: dict) -> dict:
+    def _new_block_state(self, block: Block, hp: dict[str, Any]) -> dict[str, Any]:
         ls = super()._new_block_state(block, hp)
         zero = torch.zeros((), dtype=ls["A"].dtype, device=ls["A"].device)
         ls["beta"], ls["eta"] = zero, zero.clone()
@@ -135,7 +138,12 @@ class FOP(KFAC):
             "model first so that FOP(model.parameters(), ...) has found it"
         )
 
-    def backward_two_pass(self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn):
+    def backward_two_pass(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
         """The paper's mode: two half-batch forward/backward passes instead of ``loss.backward()``.
 
         Splits ``inputs`` / ``targets`` with ``chunk(2)``, computes
@@ -150,7 +158,8 @@ class FOP(KFAC):
         if len(xs) != 2 or len(ys) != 2:
             raise ValueError(f"Invalid inputs: batch of {inputs.shape[0]}; need at least 2")
         params = [p for g in self.param_groups for p in g["params"]]
-        halves, losses = [], []
+        halves: list[tuple[torch.Tensor | None, ...]] = []
+        losses: list[torch.Tensor] = []
         cap = self._capture
         split, cap.split_dtype, cap.per_forward_scale = cap.split_dtype, None, True
         try:
@@ -163,7 +172,7 @@ class FOP(KFAC):
                     losses.append(loss.detach())
         finally:
             cap.split_dtype, cap.per_forward_scale = split, False
-        grads = {}
+        grads: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
         with torch.no_grad():
             for p, a, b in zip(params, *halves, strict=True):
                 if a is None and b is None:
@@ -174,13 +183,16 @@ class FOP(KFAC):
                 p.grad = (a + b) * 0.5
             for blk in self._blocks:
                 if blk.weight in grads:
-                    gb = grads.get(blk.bias, (None, None))
-                    g1, g2 = (blk.grad_matrix(grads[blk.weight][k], gb[k]) for k in range(2))
+                    gb = grads.get(blk.bias) if blk.bias is not None else None
+                    g1, g2 = (blk.grad_matrix(grads[blk.weight][k], None if gb is None else gb[k])
+                              for k in range(2))  # fmt: skip
                     self._halves[blk] = torch.stack([(g1 + g2) * 0.5, g1 - g2])
         return (losses[0] + losses[1]) * 0.5
 
     # -- directions ---------------------------------------------------------------------------
-    def _products(self, ls: dict, U: torch.Tensor):
+    def _products(
+        self, ls: dict[str, Any], U: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``V = [F g_avg; F^-1 g_avg; F^-1 g_diff]`` and the ``(2, 3)`` inner products of
         ``U = [g_avg; g_diff]`` with ``V`` (the :func:`~orthoptim.curvature.fop_dots` layout).
 
@@ -198,9 +210,11 @@ class FOP(KFAC):
             V[1:] = inverse_mv(pre, U)
         return V, fop_dots(U, V)
 
-    def _directions(self, hp: dict, guard: _nonfinite.StepGuard) -> dict:
+    def _directions(self, hp: dict[str, Any], guard: _nonfinite.StepGuard) -> Dirs:
         """FOP directions; the scalar algebra of all blocks is batched (no host sync)."""
-        dirs, dots, todo = {}, [], []
+        dirs: Dirs = {}
+        dots: list[torch.Tensor] = []
+        todo: list[tuple[dict[str, Any], Block, torch.Tensor]] = []
         for b in self._blocks:
             if not self._ready(b):
                 continue

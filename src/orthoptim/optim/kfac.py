@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from orthoptim.curvature import (
+    Block,
     a_factor,
     compute_preconditioner,
     ema,
@@ -60,11 +63,12 @@ from orthoptim.optim._validation import (
 )
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+Dirs = dict[torch.Tensor, torch.Tensor]  # parameter -> its direction
 _GROUP_META = ("params", "param_names")
 _CONSTRUCTOR_ONLY = ("max_factor_dim", "exclude", "grad_scaler", "nonfinite")
 
 
-def check_kfac_args(a: dict) -> None:
+def check_kfac_args(a: dict[str, Any]) -> None:
     """Validate the K-FAC hyperparameters (``ValueError`` naming the argument and value)."""
     check_range("lr", a["lr"], 0.0)
     check_range("damping", a["damping"], 0.0)
@@ -164,7 +168,7 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
 
     def __init__(
         self,
-        params,
+        params: Any,
         lr: float = 0.1,
         *,
         damping: float = 1e-2,
@@ -187,11 +191,11 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
         max_grad_norm: float | None = 10.0,
         seed: int = 0,
         max_factor_dim: int | None = 8192,
-        exclude=(),
-        grad_scaler=None,
+        exclude: Any = (),
+        grad_scaler: Any = None,
         nonfinite: str = "skip",
-        **extra,
-    ):
+        **extra: Any,
+    ) -> None:
         defaults = dict(
             lr=lr, damping=damping, momentum=momentum, nesterov=nesterov,
             weight_decay=weight_decay, outer=outer, betas=betas, eps=eps,
@@ -220,13 +224,13 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
         self._mc_calls = 0
         _nonfinite.install(self, nonfinite)
         self._init_coverage(model, max_factor_dim, exclude)
-        self.register_state_dict_pre_hook(KFAC._exact_clock)
+        self.register_state_dict_pre_hook(_exact_clock_hook)
         self._arm_capture()
 
     # -- validation ---------------------------------------------------------------------------
     _EXTRA_KEYS: tuple[str, ...] = ()  # hyperparameters a subclass adds to the param group
 
-    def _check_args(self, args: dict) -> None:
+    def _check_args(self, args: dict[str, Any]) -> None:
         base = set(inspect.signature(KFAC.__init__).parameters) - {
             "self", "params", "extra", *_CONSTRUCTOR_ONLY,
         }  # fmt: skip
@@ -235,20 +239,20 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
             raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s) {unknown}")
         check_kfac_args(args)
 
-    def add_param_group(self, param_group: dict) -> None:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         check_group_keys(param_group, self.defaults)
         self._check_args(
             {**self.defaults, **{k: v for k, v in param_group.items() if k not in _GROUP_META}}
         )
         super().add_param_group(param_group)
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         # torch keeps only defaults/state/param_groups: deepcopy / pickle lost the model, the
         # hooks and the non-finite policy. Keep every attribute.
         return dict(self.__dict__)
 
     # -- schedule -----------------------------------------------------------------------------
-    def _anchor_state(self) -> dict:
+    def _anchor_state(self) -> dict[str, Any]:
         return self.state[self.param_groups[0]["params"][0]]
 
     @property
@@ -262,7 +266,7 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
     def _is_factor_step(self) -> bool:
         return self.kfac_step % self.param_groups[0]["factor_interval"] == 0
 
-    def _split_dtype(self):
+    def _split_dtype(self) -> torch.dtype | None:
         """Dtype of the sub-batch gradients the hooks form for every backward
         (:attr:`Capture.split_dtype`, FOP's one-pass split); None for K-FAC."""
         return None
@@ -277,15 +281,15 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
         self._capture.split_dtype = self._split_dtype()
 
     # -- state --------------------------------------------------------------------------------
-    def block_state(self, block) -> dict:
+    def block_state(self, block: Block) -> dict[str, Any]:
         """The K-FAC state of one block: ``A``, ``G``, ``pre`` (the damped inverse), the number
         of factor ``updates`` and ``inverses`` computed (FOP adds ``beta``, ``eta``)."""
         return self.state[block.weight]["kfac"][block.key]
 
-    def _new_block_state(self, block, hp: dict) -> dict:
+    def _new_block_state(self, block: Block, hp: dict[str, Any]) -> dict[str, Any]:
         dtype, dev = _DTYPES[hp["factor_dtype"]], block.weight.device
 
-        def factor(d: int, diag: bool):
+        def factor(d: int, diag: bool) -> torch.Tensor:
             return torch.zeros((d,) if diag else (d, d), dtype=dtype, device=dev)
 
         A, G = factor(block.d_in, block.diag_a), factor(block.d_out, block.diag_g)
@@ -299,7 +303,7 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
                 pre["QG"] = torch.zeros_like(G)
         return {"A": A, "G": G, "pre": pre, "updates": 0, "inverses": 0}
 
-    def _init_state(self, hp: dict) -> None:
+    def _init_state(self, hp: dict[str, Any]) -> None:
         """Create every block's state with its final shapes (a checkpoint loader's template)."""
         anchor = self._anchor_state()
         anchor.setdefault("kfac_step", 0)
@@ -309,7 +313,7 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
                 blocks[b.key] = self._new_block_state(b, hp)
 
     # -- Monte-Carlo Fisher -------------------------------------------------------------------
-    def _mc_generator(self, device) -> torch.Generator:
+    def _mc_generator(self, device: torch.device) -> torch.Generator:
         """A generator seeded by ``(seed, step, call within the step)``: resuming needs no
         generator state, and a skipped step draws the same labels again."""
         key = f"{self.param_groups[0]['seed']}:{self.kfac_step}:{self._mc_calls}".encode()
@@ -354,11 +358,12 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
             r.outputs = []
 
     # -- curvature ----------------------------------------------------------------------------
-    def _update_factors(self, hp: dict) -> None:
+    def _update_factors(self, hp: dict[str, Any]) -> None:
         dtype, approx = _DTYPES[hp["factor_dtype"]], hp["kfac_approx"]
         mc = hp["fisher"] == "mc"
         w, init = hp["ema_weight"], hp["factor_init"]
-        a_cache: dict = {}  # attention's q/k/v blocks of a self-attention share their input
+        # attention's q/k/v blocks of a self-attention share their input: one A for the three
+        a_cache: dict[tuple[Any, ...], torch.Tensor] = {}
         for b in self._blocks:
             rec = self._capture.records[b]
             grads: list[tuple[torch.Tensor, float | torch.Tensor]] = []
@@ -395,13 +400,13 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
                 )
                 ls["inverses"] += 1
 
-    def _precondition(self, ls: dict, M: torch.Tensor) -> torch.Tensor:
+    def _precondition(self, ls: dict[str, Any], M: torch.Tensor) -> torch.Tensor:
         return inverse_mv(ls["pre"], M.to(ls["A"].dtype)).to(M.dtype)
 
-    def _ready(self, block) -> bool:
+    def _ready(self, block: Block) -> bool:
         return block.weight.grad is not None and self.block_state(block)["inverses"] > 0
 
-    def _put(self, dirs: dict, block, D: torch.Tensor) -> None:
+    def _put(self, dirs: Dirs, block: Block, D: torch.Tensor) -> None:
         """Write a block direction (matrix layout) into ``dirs`` (weight- and bias-shaped)."""
         w, b = block.split_direction(D)
         if block.rows is None:
@@ -409,9 +414,10 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
         else:  # a row block: the other rows keep their own direction (or the gradient)
             full = dirs.get(block.weight)
             if full is None:
-                full = dirs[block.weight] = block.weight.grad.clone()
+                g = block.weight.grad
+                full = dirs[block.weight] = torch.zeros_like(w) if g is None else g.clone()
             full[block.rows] = w
-        if block.bias is None:
+        if block.bias is None or b is None:
             return
         if block.bias_rows is None:
             dirs[block.bias] = b
@@ -422,17 +428,17 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
             full = dirs[block.bias] = torch.zeros_like(block.bias) if g is None else g.clone()
         full[block.bias_rows] = b
 
-    def _directions(self, hp: dict, guard: _nonfinite.StepGuard) -> dict:
+    def _directions(self, hp: dict[str, Any], guard: _nonfinite.StepGuard) -> Dirs:
         """Preconditioned directions ``{param: tensor}`` of the blocks that have an inverse
         (``guard``: this step's drop flag, for whatever a subclass keeps from the step)."""
-        dirs = {}
+        dirs: Dirs = {}
         for b in self._blocks:
             if self._ready(b):
                 M = b.grad_matrix()
                 self._put(dirs, b, self._precondition(self.block_state(b), M))
         return dirs
 
-    def _rescale(self, dirs: dict, hp: dict) -> dict:
+    def _rescale(self, dirs: Dirs, hp: dict[str, Any]) -> Dirs:
         """KL-clip (preconditioned layers) and global-norm clip (everything), no host sync."""
         if hp["kl_clip"] is not None and dirs:
             vg = sum((d * p.grad).sum() for p, d in dirs.items() if p.grad is not None)
@@ -453,7 +459,7 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
         return dirs
 
     # -- step ---------------------------------------------------------------------------------
-    def _outer_update(self, dirs: dict, found_inf) -> None:
+    def _outer_update(self, dirs: Dirs, found_inf: torch.Tensor | None) -> None:
         """SGD-momentum or AdamW on ``dirs`` (``p.grad`` elsewhere): torch's fused steps, which
         drop the step on the device when ``found_inf`` is 1.0."""
         for group in self.param_groups:
@@ -483,7 +489,7 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
                 )  # fmt: skip
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Update factors / inverses when due, precondition, apply the outer update.
 
         Returns the closure's loss (evaluated under ``torch.enable_grad()``), else None. A step
@@ -530,8 +536,8 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
             anchor["kfac_step"] = anchor.get("kfac_step", 0) - off
 
     def _exact_clock(self) -> None:
-        """state_dict pre-hook: the clock without the steps dropped since the last scheduled
-        update (reads the device)."""
+        """The clock without the steps dropped since the last scheduled update (reads the
+        device; ``state_dict()`` calls it)."""
         if self.param_groups[0]["params"][0] in self.state:
             self._correct_clock(False)
 
@@ -565,7 +571,7 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
         self._mc_calls = 0
 
     # -- state dicts --------------------------------------------------------------------------
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim`` loading, except that K-FAC state keeps ``factor_dtype`` (torch would
         cast it to each parameter's dtype) and follows the parameter's device; a state dict whose
         blocks or parameter names do not match this model raises ``ValueError``."""
@@ -586,7 +592,7 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
                 self.state[p]["kfac"] = _to_device(blocks, p.device)
         self._arm_capture()  # the loaded step decides what the next step needs
 
-    def _check_names(self, state_dict: dict) -> None:
+    def _check_names(self, state_dict: dict[str, Any]) -> None:
         for g_saved, g in zip(state_dict["param_groups"], self.param_groups, strict=False):
             a, b = g_saved.get("param_names"), g.get("param_names")
             if a is not None and b is not None and list(a) != list(b):
@@ -596,7 +602,7 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
                     "from a different model"
                 )
 
-    def _check_blocks(self, kfac: dict) -> None:
+    def _check_blocks(self, kfac: dict[Any, Any]) -> None:
         for b in self._blocks:
             saved = kfac.get(b.weight, {}).get(b.key)
             if saved is None:
@@ -610,7 +616,13 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
                 )
 
 
-def _to_device(obj, device):
+def _exact_clock_hook(optimizer: torch.optim.Optimizer) -> None:
+    """state_dict pre-hook of :class:`KFAC`."""
+    assert isinstance(optimizer, KFAC)
+    optimizer._exact_clock()
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, dict):
