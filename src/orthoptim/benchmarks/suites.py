@@ -7,7 +7,7 @@ claim.
 * ``paper``: real data under ``--data-dir`` (MNIST, Fashion-MNIST, Tiny Shakespeare), 3 seeds,
   the settings docs/benchmarks.md reports; about 70 minutes on 2 CPU cores with ``--jobs 2``
   (measured in two parts: 44 minutes for the MLP and language-model items, 24 for the small-CNN
-  items).
+  items), plus the ViT items (54 runs: 67 minutes at ``--jobs 1`` on 2 shared cores).
 
 Optimizer sets follow the claims: the FOGO families compare FOGO with its baselines (SGD, AdamW,
 Muon) and with itself without memory (the ablation that isolates the codebook); the large-batch
@@ -101,7 +101,7 @@ SUITES: dict[str, Suite] = {
     ),
     "paper": Suite(
         "paper",
-        "real data (MNIST, Fashion-MNIST, Tiny Shakespeare), 3 seeds (~70 min on 2 cores)",
+        "real data (MNIST, Fashion-MNIST, Tiny Shakespeare), 3 seeds (~2 h on 2 cores)",
         "paper", (0, 1, 2), _items("paper"), needs_data=True,
     ),
 }  # fmt: skip
