@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from torch import nn
 from . import metrics
 from ._types import ImageDataset
 from .streams import Stream
+
+if TYPE_CHECKING:
+    from .ddp import DataParallel
 
 __all__ = [
     "TrainResult",
@@ -188,6 +192,7 @@ def train(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     callback: Callback | None = None,
     device: torch.device | str | None = None,
+    parallel: DataParallel | None = None,
 ) -> TrainResult:
     """Minibatch training: ``zero_grad; loss(model(transform(x_b)) masked, y_b).backward(); step``.
 
@@ -205,6 +210,10 @@ def train(
         callback: ``callback(step, loss, model, optimizer)`` after each step (step counts from 1);
             returning ``True`` stops training.
         device: where batches go (default: the device of the model's first parameter).
+        parallel: data parallelism (:mod:`~orthoptim.benchmarks.ddp`): each step's global batch
+            is drawn as without it and this rank keeps its shard; ``model`` is then the
+            ``DistributedDataParallel`` wrapper, and the recorded losses (and the callback's)
+            are averaged over the ranks. None: one process.
     """
     if (steps is None) == (epochs is None):
         raise ValueError("pass exactly one of steps and epochs")
@@ -220,6 +229,8 @@ def train(
     stopped = False
     t0 = time.perf_counter()
     for step, idx in enumerate(batch_indices(n, batch_size, int(steps), g), start=1):
+        if parallel is not None:
+            idx = parallel.shard(idx)
         xb, yb = x[idx].to(device), y[idx].to(device)
         if transform is not None:
             xb = transform(xb)
@@ -227,7 +238,7 @@ def train(
         loss = loss_fn(_masked(model(xb), mask), yb)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(loss.detach() if parallel is None else parallel.mean(loss)))
         if callback is not None and callback(step, losses[-1], model, optimizer):
             stopped = True
             break
