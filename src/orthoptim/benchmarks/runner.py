@@ -17,8 +17,9 @@ large-batch task's linear scaling) through the factory's ``lr_scale``.
 Data parallelism (``torchrun``): every rank calls :func:`run_plan` with the same plans and a
 :class:`~orthoptim.benchmarks.ddp.DataParallel`; the ranks run each plan together (tasks with
 ``data_parallel``), rank 0 alone decides which runs are still to do and appends the records. A
-run that fails ends the launch (the other ranks may be waiting in a collective of that run), its
-record not stored; a re-run resumes after the completed ones. The world size is part of the run's
+run that fails ends the plan on its rank, its record not stored (the other ranks may be waiting
+in a collective of that run: ``orthoptim run`` exits with status 1 and torchrun stops them); a
+re-run resumes after the completed ones. The world size is part of the run's
 key and of its record (``extra["world_size"]``), and the default report label is
 ``"<task> (<W> ranks)"``, so a distributed run never stands in for a single-process one.
 """
@@ -214,7 +215,8 @@ def run_plan(
         failures: if given, a run that raises is appended here as ``(plan, exception)`` and the
             other runs go on (nothing is stored for it, so a re-run retries it); if ``None``,
             the first exception propagates. A data error (missing file, checksum mismatch)
-            always propagates: it would fail every run. Under ``parallel`` every error does.
+            always propagates: it would fail every run. Under ``parallel`` the first failure
+            also ends the plan (the other ranks may be waiting in a collective of that run).
         parallel: data parallelism (``torchrun``): every rank calls ``run_plan`` with the same
             plans and runs each with the others; rank 0's store decides what is left to run,
             only rank 0 appends records and calls ``on_done``. Needs ``jobs=1``.
@@ -236,12 +238,13 @@ def run_plan(
     new: list[dict[str, Any]] = []
     records = parallel is None or parallel.is_main
 
-    def failed(plan: PlannedRun, exc: BaseException) -> None:
+    def failed(plan: PlannedRun, exc: BaseException) -> bool:
+        """Keep the failure (or raise it); True: stop running plans."""
         # Missing or corrupt data fails every run the same way: stop at once, with its message.
-        # Under torchrun the other ranks may be waiting in a collective of the failed run.
-        if failures is None or isinstance(exc, DataError) or parallel is not None:
+        if failures is None or isinstance(exc, DataError):
             raise exc
         failures.append((plan, exc))
+        return parallel is not None
 
     def finish(rec: dict[str, Any]) -> None:
         new.append(rec)
@@ -262,7 +265,8 @@ def run_plan(
                 try:
                     rec = run_one(plan, data_dir, prog, parallel)
                 except Exception as e:  # noqa: BLE001 - reported to the caller, run not stored
-                    failed(plan, e)
+                    if failed(plan, e):
+                        break
                 else:
                     finish(rec)
         finally:
