@@ -226,8 +226,9 @@ def test_torchrun_launch_records_the_run_once(tmp_path):
             "--set", "max_steps=10", "--hp", "lr=0.05", "--out", str(tmp_path), "--quiet",
             "--no-report"]  # fmt: skip
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.count("runs planned") == 1  # rank 0 alone prints
+    output = f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert done.returncode == 0, output
+    assert done.stdout.count("runs planned") == 1, output  # rank 0 alone prints
     (rec,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert rec["extra"]["world_size"] == 2 and rec["label"] == "large-batch (2 ranks)"
     ref = run_one(PlannedRun("large-batch", "tiny", "sgd", 0, rec["hparams"], "test",
