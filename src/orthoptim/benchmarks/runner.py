@@ -19,9 +19,10 @@ Data parallelism (``torchrun``): every rank calls :func:`run_plan` with the same
 ``data_parallel``), rank 0 alone decides which runs are still to do and appends the records. A
 run that fails ends the plan on its rank, its record not stored (the other ranks may be waiting
 in a collective of that run: ``orthoptim run`` exits with status 1 and torchrun stops them); a
-re-run resumes after the completed ones. The world size is part of the run's
-key and of its record (``extra["world_size"]``), and the default report label is
-``"<task> (<W> ranks)"``, so a distributed run never stands in for a single-process one.
+re-run resumes after the completed ones. The world size is part of the run's key and of its
+record (``extra["world_size"]``, and ``extra["device"]`` the ranks' device), and the default
+report label is ``"<task> (<W> ranks)"``, so a distributed run never stands in for a
+single-process one.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def run_one(
         extra["optimizer_stats"] = stats
     if parallel is not None:
         extra["world_size"] = parallel.world_size
+        extra["device"] = str(parallel.device)
     return {
         "schema": 1,
         "key": plan.key,
