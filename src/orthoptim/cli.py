@@ -246,19 +246,19 @@ def _torchrun_world() -> int | None:
 def _cmd_run(args) -> int:
     from .benchmarks import registry
     from .benchmarks.hparams import load_hparams
-    from .benchmarks.runner import PlannedRun
+    from .benchmarks.runner import PlannedRun, check_data_parallel
     from .benchmarks.tasks import get_task
 
     spec = get_task(args.task)
     overrides = dict(args.set)
     spec.settings(args.preset, **overrides)  # validate before anything runs
     world = _torchrun_world()
-    if world is not None and not spec.data_parallel:
-        raise ValueError(f"Invalid task: {spec.name!r} does not run under torchrun")
     config = load_hparams(args.config)
     plans = []
     for opt in args.optimizers:
         registry.get_optimizer(opt)
+        if world is not None:  # refused on every rank, before any process group exists
+            check_data_parallel(spec.name, opt)
         hp, source = config.lookup(spec.name, opt)
         if args.hp:
             hp, source = {**hp, **dict(args.hp)}, f"{source} + command line"

@@ -44,7 +44,7 @@ from .results import ResultStore, environment, run_key
 from .tasks import all_tasks, get_task
 from .tasks.base import NullProgress, Progress
 
-__all__ = ["PlannedRun", "run_one", "run_plan"]
+__all__ = ["PlannedRun", "check_data_parallel", "run_one", "run_plan"]
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def run_one(
     """
     spec = get_task(plan.task)
     settings = plan.settings
-    registry.get_optimizer(plan.optimizer)  # fail fast on a bad name, before any training
+    entry = registry.get_optimizer(plan.optimizer)  # fail fast on a bad name, before training
     world = 1 if parallel is None else parallel.world_size
     if world != plan.world_size:
         raise ValueError(
@@ -123,11 +123,7 @@ def run_one(
         )
     extra_kwargs: dict[str, Any] = {}
     if parallel is not None:
-        if not spec.data_parallel:
-            runs = sorted(t.name for t in all_tasks().values() if t.data_parallel)
-            raise ValueError(
-                f"Invalid task: {spec.name!r} does not run under torchrun; tasks that do: {runs}"
-            )
+        check_data_parallel(spec.name, entry.name)
         extra_kwargs["parallel"] = parallel
 
     built: list[torch.optim.Optimizer] = []
@@ -175,6 +171,26 @@ def run_one(
         "finished": _now(),
         "environment": environment(),
     }
+
+
+def check_data_parallel(task: str, optimizer: str) -> None:
+    """ValueError unless ``task`` and ``optimizer`` can run split over processes (``torchrun``).
+
+    Args:
+        task: task name.
+        optimizer: registry name.
+    """
+    if not get_task(task).data_parallel:
+        runs = sorted(t.name for t in all_tasks().values() if t.data_parallel)
+        raise ValueError(
+            f"Invalid task: {task!r} does not run under torchrun; tasks that do: {runs}"
+        )
+    if not registry.get_optimizer(optimizer).data_parallel:
+        raise ValueError(
+            f"Invalid optimizer: {optimizer!r} under torchrun; its Kronecker factors come from "
+            "each rank's own activations, so the ranks would precondition differently and drift "
+            "apart (K-FAC and FOP run in one process for now)"
+        )
 
 
 def _optimizer_stats(opt: torch.optim.Optimizer) -> dict[str, Any]:
