@@ -10,7 +10,8 @@ Time. After ``--warmup`` steps of each optimizer, ``--rounds`` rounds each time 
 ``--window`` steps per optimizer, the optimizers' order rotated every round, so the optimizers of
 one W are measured side by side. A step is ``zero_grad``, forward, backward (DDP's gradient
 all-reduce included), gradient clipping (GPT, as lm-pretrain), ``step()``. Reported: the median
-per-step time over the rounds on each rank, and the slowest rank's median.
+per-step time over the rounds on each rank, and the slowest rank's median; the same for the time
+spent inside ``opt.step()`` alone (the part a replicated optimizer repeats on every rank).
 
 Traffic. ``--count-steps`` further steps per optimizer run under
 :class:`orthoptim.distributed.count_collectives` (a dispatch mode that sees every collective,
@@ -107,24 +108,28 @@ def _measure(world: int, args: argparse.Namespace) -> list[dict]:
     if parallel is not None:
         x, y = parallel.shard(x), parallel.shard(y)
 
-    def step(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer) -> None:
+    def step(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer) -> float:
+        """One training step; returns the seconds spent in ``opt.step()``."""
         opt.zero_grad(set_to_none=True)
         spec.loss(net, x, y).backward()
         if spec.clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip)
+        t0 = time.perf_counter()
         opt.step()
+        return time.perf_counter() - t0
 
     for run in runs.values():
         for _ in range(args.warmup):
             step(*run)
     times: dict[str, list[float]] = {name: [] for name in runs}
+    opt_times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            for _ in range(args.window):
-                step(*runs[name])
+            in_opt = sum(step(*runs[name]) for _ in range(args.window))
             times[name].append((time.perf_counter() - t0) / args.window)
+            opt_times[name].append(in_opt / args.window)
     rows = []
     for name, (model, net, opt) in runs.items():
         with count_collectives() as traffic:
@@ -137,6 +142,7 @@ def _measure(world: int, args: argparse.Namespace) -> list[dict]:
         rows.append({
             "optimizer": name,
             "step_s": statistics.median(times[name]),
+            "opt_step_s": statistics.median(opt_times[name]),
             "traffic": per_step,
             "state_bytes": _tensor_bytes(opt.state_dict()["state"]),
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
@@ -178,6 +184,7 @@ def measure_world(world: int, args: argparse.Namespace) -> list[dict]:
             "optimizer": row["optimizer"],
             "step_ms_per_rank": [1e3 * r["step_s"] for r in ranks],
             "step_ms": max(1e3 * r["step_s"] for r in ranks),
+            "opt_step_ms": max(1e3 * r["opt_step_s"] for r in ranks),
             "traffic_per_rank": [r["traffic"] for r in ranks],
             "state_bytes_per_rank": [r["state_bytes"] for r in ranks],
             "param_bytes": row["param_bytes"],
@@ -205,14 +212,15 @@ def table(rows: list[dict]) -> str:
     base = {r["optimizer"]: r["step_ms"] for r in rows if r["world_size"] == 1}
     lines = [
         "| optimizer | processes | step ms (median, slowest rank) | vs 1 process "
-        "| collectives per step (rank 0: calls, payload) | optimizer state per rank "
-        "| parameters |",
-        "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| in `opt.step()`, ms | collectives per step (rank 0: calls, payload) "
+        "| optimizer state per rank | parameters |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for r in sorted(rows, key=lambda r: (r["optimizer"], r["world_size"])):
         ratio = r["step_ms"] / base[r["optimizer"]] if r["optimizer"] in base else float("nan")
         lines.append(
             f"| {r['optimizer']} | {r['world_size']} | {r['step_ms']:.1f} | {ratio:.2f} "
+            f"| {r['opt_step_ms']:.1f} "
             f"| {_traffic_text(r['traffic_per_rank'][0])} "
             f"| {_size(max(r['state_bytes_per_rank']))} | {_size(r['param_bytes'])} |"
         )
@@ -235,16 +243,20 @@ def main(argv: list[str] | None = None) -> int:
         if w < 1 or args.batch % w:
             p.error(f"--batch {args.batch} must split evenly over {w} processes")
     rows = []
+    load = [os.getloadavg()[0]]  # other processes on the machine share its cores
     for w in args.world_sizes:
         t0 = time.perf_counter()
         rows += measure_world(w, args)
+        load.append(os.getloadavg()[0])
         print(f"W={w}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     command = "python scripts/dist_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"{command}\ntorch {torch.__version__}, {os.cpu_count()} CPUs\n")
+    print(f"{command}\ntorch {torch.__version__}, {os.cpu_count()} CPUs, 1-minute load average "
+          f"{' / '.join(f'{x:.1f}' for x in load)} (before, then after each W)\n")
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"command": command, "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"command": command, "torch": torch.__version__, "load": load, "rows": rows},
+                      f, indent=1)  # fmt: skip
     return 0
 
 
