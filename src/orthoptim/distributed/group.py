@@ -124,8 +124,8 @@ def process_group_from_env(timeout_s: float | None = None) -> Iterator[torch.dev
     device = rank_device(int(os.environ["LOCAL_RANK"]))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
-    dist.init_process_group(backend_for(device), init_method="env://", **kwargs)
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend_for(device), init_method="env://", timeout=timeout)
     try:
         yield device
     finally:

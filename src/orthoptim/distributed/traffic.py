@@ -59,7 +59,7 @@ def _payload(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[st
     return total
 
 
-class count_collectives(TorchDispatchMode):
+class count_collectives(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Context manager counting collective calls and payload bytes by collective name.
 
     Names are the dispatcher's op names without the trailing underscore: ``allreduce``,
@@ -67,12 +67,9 @@ class count_collectives(TorchDispatchMode):
     for ``torch.distributed``'s ops; functional collectives keep their names (``all_reduce``,
     ``all_gather_into_tensor``, ``reduce_scatter_tensor``, ...).
 
-    Example::
-
-        with count_collectives() as traffic:
-            loss.backward()  # DDP all-reduces its buckets here
-            optimizer.step()
-        traffic.bytes["allreduce"], traffic.calls["allreduce"]
+    Usage: ``with count_collectives() as traffic:`` around ``loss.backward()`` (where DDP
+    all-reduces its buckets) and ``optimizer.step()``, then read ``traffic.bytes["allreduce"]``
+    and ``traffic.calls["allreduce"]``.
 
     Attributes:
         calls: collective name -> number of calls.
@@ -80,12 +77,12 @@ class count_collectives(TorchDispatchMode):
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.calls: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()
 
     def __enter__(self) -> count_collectives:
-        super().__enter__()
+        super().__enter__()  # type: ignore[no-untyped-call]
         return self
 
     def __torch_dispatch__(
