@@ -67,8 +67,10 @@ def _entry(rank: int, fn: Callable, world_size: int, folder: str, args: tuple, t
         finally:
             dist.destroy_process_group()
     except BaseException:
-        with open(os.path.join(folder, f"rank{rank}.err"), "w") as f:
+        path = os.path.join(folder, f"rank{rank}.err")
+        with open(path + ".tmp", "w") as f:  # renamed when complete: the parent reads whole files
             f.write(f"{time.time()!r}\n{traceback.format_exc()}")
+        os.replace(path + ".tmp", path)
         raise
 
 

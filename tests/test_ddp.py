@@ -151,7 +151,7 @@ def test_tasks_under_ddp_reproduce_the_single_process_records(ranks, single):
         # the ranks agree on every number (NaN included: a target not reached)
         assert len({json.dumps(r, sort_keys=True) for r in per_rank}) == 1
         rec = per_rank[0]
-        assert rec["extra"].pop("world_size") == world
+        assert rec["extra"].pop("world_size") == world and rec["extra"].pop("device") == "cpu"
         assert rec["label"] == f"{ref['task']} ({world} ranks)" and rec["key"] != ref["key"]
         for key in ("label", "key"):
             rec.pop(key), ref.pop(key)

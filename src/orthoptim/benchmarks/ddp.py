@@ -15,7 +15,7 @@ curves are global-batch losses.
 
 Limits: BatchNorm layers normalise with per-rank statistics (DDP broadcasts rank 0's running
 statistics every forward, so replicas stay identical, but a BatchNorm model's run is not the
-single-process run); dropout would draw the same masks on every rank (the tasks refuse
+single-process run); dropout would draw the same masks on every rank (the LM tasks refuse
 ``dropout > 0`` under data parallelism).
 """
 
