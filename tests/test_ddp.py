@@ -208,7 +208,7 @@ def test_cli_under_torchrun_environment_destroys_its_group(tmp_path, monkeypatch
     assert rec["extra"]["world_size"] == 1 and rec["label"] == "large-batch"
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     assert main([*base, "-o", "adamw", "--hp", "momentum=0.5"]) == 1 and not dist.is_initialized()
-    assert "FAILED large-batch adamw seed 0" in capsys.readouterr().err
+    assert "FAILED [rank 0] large-batch adamw seed 0" in capsys.readouterr().err
     assert len(ResultStore(tmp_path).records()) == 1
     assert main(["run", "longtail", "-o", "sgd", "--preset", "tiny"]) == 2
     assert main([*base, "-o", "fop"]) == 2  # per-rank Kronecker factors: replicas would drift

@@ -179,8 +179,9 @@ def _execute(plans, args, title: str, parallel=None) -> int:
     finally:
         bar.close()
     say(f"finished in {time.perf_counter() - t0:.0f} s; results in {store.path}")
+    where = "" if parallel is None else f"[rank {parallel.rank}] "
     for plan, exc in failures:
-        print(f"FAILED {plan.label or plan.task} {plan.optimizer} seed {plan.seed}: "
+        print(f"FAILED {where}{plan.label or plan.task} {plan.optimizer} seed {plan.seed}: "
               f"{type(exc).__name__}: {exc}", file=sys.stderr)  # fmt: skip
     if main_rank and not args.no_report and store.records():
         command = "orthoptim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
