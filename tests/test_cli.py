@@ -176,7 +176,8 @@ def test_list_into_a_closed_pipe_ends_quietly():
 
 
 def _doc_commands() -> list[str]:
-    """Every ``orthoptim ...`` line inside a fenced block of the README and docs/*.md."""
+    """Every ``orthoptim ...`` line inside a fenced block of the README and docs/*.md, and the
+    ``orthoptim ...`` part of every torchrun line (``torchrun ... -m orthoptim run ...``)."""
     root = Path(__file__).resolve().parents[1]
     lines = []
     for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
@@ -186,6 +187,8 @@ def _doc_commands() -> list[str]:
                 fenced = not fenced
             elif fenced and line.startswith("orthoptim "):
                 lines.append(line)
+            elif fenced and " -m orthoptim " in line:
+                lines.append("orthoptim " + line.split(" -m orthoptim ", 1)[1])
     return lines
 
 

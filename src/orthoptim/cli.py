@@ -7,6 +7,7 @@
     orthoptim tune longtail -o adamw -o fogo --preset quick --write
     orthoptim report runs/quick
     orthoptim speed --shapes gpt --json speed.json   # optimizer step side by side (--device cuda)
+    torchrun --nproc-per-node 2 -m orthoptim run large-batch -o sgd --preset tiny
 
 Every run is appended to ``<out>/results.jsonl``; re-running the same command skips completed
 runs, so an interrupted suite resumes. Each run uses one torch thread unless ``--threads N`` says
@@ -14,6 +15,12 @@ otherwise (tiny models gain nothing from more, and on a busy machine extra threa
 Bad arguments end with one line ``orthoptim: error: ...`` and exit status 2. Output cut short by
 the reader (``orthoptim list tasks | head -3``) ends quietly with exit status 141, as for other
 shell tools killed by SIGPIPE.
+
+Under ``torchrun`` (``orthoptim run`` only, for the tasks that support it: large-batch,
+large-batch-cnn, lm-pretrain, lm-continual) every worker runs the same command: the process group
+comes from torchrun's environment (gloo on CPU, NCCL on CUDA), each run's global batch is split
+over the ranks (:mod:`orthoptim.benchmarks.ddp`), rank 0 evaluates, prints and records, and the
+group is destroyed on exit, also after an error.
 """
 
 from __future__ import annotations
@@ -135,21 +142,24 @@ def _bar(desc: str, total: int | None, quiet: bool, **kw):
     return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True, **kw)
 
 
-def _execute(plans, args, title: str) -> int:
+def _execute(plans, args, title: str, parallel=None) -> int:
     from .benchmarks import report, runner
     from .benchmarks.results import ResultStore
 
+    main_rank = parallel is None or parallel.is_main
+    say = print if main_rank else _silent
+    quiet = args.quiet or not main_rank
     store = ResultStore(args.out)
-    done_before = store.completed()
+    done_before = store.completed() if main_rank else set()
     todo = [p for p in plans if p.key not in done_before]
-    print(f"{len(plans)} runs planned, {len(plans) - len(todo)} already in {store.path}")
-    bar = _bar("runs", len(todo), args.quiet, position=0)
+    say(f"{len(plans)} runs planned, {len(plans) - len(todo)} already in {store.path}")
+    bar = _bar("runs", len(todo), quiet, position=0)
     from .benchmarks.progress import TqdmProgress
 
     steps: list[TqdmProgress] = []
 
     def factory(desc):
-        steps.append(TqdmProgress(desc, args.quiet, position=1))
+        steps.append(TqdmProgress(desc, quiet, position=1))
         return steps[-1]
 
     def on_done(rec):
@@ -164,15 +174,16 @@ def _execute(plans, args, title: str) -> int:
         runner.run_plan(
             todo, store, data_dir=args.data_dir, jobs=args.jobs, threads=args.threads,
             on_done=on_done, progress_factory=None if args.jobs > 1 else factory,
-            failures=failures,
+            failures=failures, parallel=parallel,
         )  # fmt: skip
     finally:
         bar.close()
-    print(f"finished in {time.perf_counter() - t0:.0f} s; results in {store.path}")
+    say(f"finished in {time.perf_counter() - t0:.0f} s; results in {store.path}")
+    where = "" if parallel is None else f"[rank {parallel.rank}] "
     for plan, exc in failures:
-        print(f"FAILED {plan.label or plan.task} {plan.optimizer} seed {plan.seed}: "
+        print(f"FAILED {where}{plan.label or plan.task} {plan.optimizer} seed {plan.seed}: "
               f"{type(exc).__name__}: {exc}", file=sys.stderr)  # fmt: skip
-    if not args.no_report and store.records():
+    if main_rank and not args.no_report and store.records():
         command = "orthoptim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         path = report.render_report(store.records(), args.out, title=title, command=command)
         print(f"report: {path}")
@@ -222,27 +233,51 @@ def _cmd_suite(args) -> int:
     return _execute(plans, args, f"orthoptim `{suite.name}` suite")
 
 
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def _torchrun_world() -> int | None:
+    """The number of processes of a torchrun launch, None outside one."""
+    from .distributed import launched_by_torchrun
+
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else None
+
+
 def _cmd_run(args) -> int:
     from .benchmarks import registry
     from .benchmarks.hparams import load_hparams
-    from .benchmarks.runner import PlannedRun
+    from .benchmarks.runner import PlannedRun, check_data_parallel
     from .benchmarks.tasks import get_task
 
     spec = get_task(args.task)
     overrides = dict(args.set)
     spec.settings(args.preset, **overrides)  # validate before anything runs
+    world = _torchrun_world()
     config = load_hparams(args.config)
     plans = []
     for opt in args.optimizers:
         registry.get_optimizer(opt)
+        if world is not None:  # refused on every rank, before any process group exists
+            check_data_parallel(spec.name, opt)
         hp, source = config.lookup(spec.name, opt)
         if args.hp:
             hp, source = {**hp, **dict(args.hp)}, f"{source} + command line"
         for seed in args.seeds or [0]:
             plans.append(
-                PlannedRun(spec.name, args.preset, opt, seed, hp, source, overrides, args.label)
-            )
-    return _execute(plans, args, f"orthoptim run {spec.name}")
+                PlannedRun(spec.name, args.preset, opt, seed, hp, source, overrides, args.label,
+                           world_size=world or 1)
+            )  # fmt: skip
+    title = f"orthoptim run {spec.name}"
+    if world is None:
+        return _execute(plans, args, title)
+    if args.jobs != 1:
+        raise ValueError(f"Invalid jobs: {args.jobs} under torchrun; each rank is one process")
+    from .benchmarks.ddp import DataParallel
+    from .distributed import process_group_from_env
+
+    with process_group_from_env() as device:
+        return _execute(plans, args, title, DataParallel.from_process_group(device))
 
 
 def _cmd_tune(args) -> int:
@@ -288,10 +323,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
+        if args.command != "run" and _torchrun_world() is not None:
+            raise ValueError(f"Invalid command: {args.command!r} under torchrun; only `run` is")
         return _COMMANDS[args.command](args)
     except (_UsageError, ValueError, DataError) as e:
         msg = " ".join(str(e).split())
-        print(f"orthoptim: error: {msg}", file=sys.stderr)
+        where = f"[rank {os.environ['RANK']}] " if _torchrun_world() is not None else ""
+        print(f"orthoptim: error: {where}{msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("orthoptim: interrupted; completed runs are saved, re-run to resume", file=sys.stderr)

@@ -90,7 +90,12 @@ def _canonical(obj: Any) -> str:
 
 
 def run_key(
-    task: str, settings: Mapping[str, Any], optimizer: str, hparams: Mapping[str, Any], seed: int
+    task: str,
+    settings: Mapping[str, Any],
+    optimizer: str,
+    hparams: Mapping[str, Any],
+    seed: int,
+    world_size: int = 1,
 ) -> str:
     """The identity of a run: 16 hex digits of the SHA-256 of its canonical JSON.
 
@@ -100,6 +105,8 @@ def run_key(
         optimizer: optimizer name.
         hparams: the optimizer's hyperparameters (JSON-serialisable; order irrelevant).
         seed: the run's seed.
+        world_size: processes the run was split over (``torchrun``); part of the identity only
+            when > 1, so single-process keys are those of the stores written before it existed.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"Invalid seed: {seed!r}; expected an int")
@@ -110,6 +117,8 @@ def run_key(
         "hparams": dict(hparams),
         "seed": seed,
     }
+    if world_size != 1:
+        payload["world_size"] = world_size
     try:
         text = _canonical(payload)
     except TypeError as e:

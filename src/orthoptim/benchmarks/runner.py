@@ -13,6 +13,16 @@ protected matrix), its end-of-run statistics go into the record as
 Learning rates: the optimizer's hyperparameters come from the versioned config
 (:mod:`orthoptim.benchmarks.hparams`) unless given explicitly; the task may scale the lr (the
 large-batch task's linear scaling) through the factory's ``lr_scale``.
+
+Data parallelism (``torchrun``): every rank calls :func:`run_plan` with the same plans and a
+:class:`~orthoptim.benchmarks.ddp.DataParallel`; the ranks run each plan together (tasks with
+``data_parallel``), rank 0 alone decides which runs are still to do and appends the records. A
+run that fails ends the plan on its rank, its record not stored (the other ranks may be waiting
+in a collective of that run: ``orthoptim run`` exits with status 1 and torchrun stops them); a
+re-run resumes after the completed ones. The world size is part of the run's key and of its
+record (``extra["world_size"]``, and ``extra["device"]`` the ranks' device), and the default
+report label is ``"<task> (<W> ranks)"``, so a distributed run never stands in for a
+single-process one.
 """
 
 from __future__ import annotations
@@ -29,11 +39,12 @@ import torch
 
 from . import registry
 from ._verify import DataError
+from .ddp import DataParallel
 from .results import ResultStore, environment, run_key
-from .tasks import get_task
+from .tasks import all_tasks, get_task
 from .tasks.base import NullProgress, Progress
 
-__all__ = ["PlannedRun", "run_one", "run_plan"]
+__all__ = ["PlannedRun", "check_data_parallel", "run_one", "run_plan"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,7 @@ class PlannedRun:
         hparams_source: where they came from (config version, CLI...).
         seed: run seed.
         suite: suite name, or None for a single ``orthoptim run``.
+        world_size: processes the run is split over (1: a single process).
     """
 
     task: str
@@ -61,6 +73,7 @@ class PlannedRun:
     overrides: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
     suite: str | None = None
+    world_size: int = 1
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -68,7 +81,16 @@ class PlannedRun:
 
     @property
     def key(self) -> str:
-        return run_key(self.task, self.settings, self.optimizer, self.hparams, self.seed)
+        return run_key(
+            self.task, self.settings, self.optimizer, self.hparams, self.seed, self.world_size
+        )
+
+    @property
+    def group(self) -> str:
+        """The report label: ``label``, else the task name (with the ranks when > 1)."""
+        if self.label:
+            return self.label
+        return self.task if self.world_size == 1 else f"{self.task} ({self.world_size} ranks)"
 
 
 def _now() -> str:
@@ -76,7 +98,10 @@ def _now() -> str:
 
 
 def run_one(
-    plan: PlannedRun, data_dir: str | None = None, progress: Progress | None = None
+    plan: PlannedRun,
+    data_dir: str | None = None,
+    progress: Progress | None = None,
+    parallel: DataParallel | None = None,
 ) -> dict[str, Any]:
     """Execute ``plan`` and return its record (see :mod:`orthoptim.benchmarks.results`).
 
@@ -84,10 +109,22 @@ def run_one(
         plan: the run.
         data_dir: root of the real datasets (``None``: embedded data only).
         progress: per-step progress sink (default: none).
+        parallel: the process group to split the run over (every rank calls ``run_one``);
+            its size must be ``plan.world_size``. None: one process.
     """
     spec = get_task(plan.task)
     settings = plan.settings
-    registry.get_optimizer(plan.optimizer)  # fail fast on a bad name, before any training
+    entry = registry.get_optimizer(plan.optimizer)  # fail fast on a bad name, before training
+    world = 1 if parallel is None else parallel.world_size
+    if world != plan.world_size:
+        raise ValueError(
+            f"Invalid world_size: the plan is for {plan.world_size} process(es), "
+            f"this launch has {world}"
+        )
+    extra_kwargs: dict[str, Any] = {}
+    if parallel is not None:
+        check_data_parallel(spec.name, entry.name)
+        extra_kwargs["parallel"] = parallel
 
     built: list[torch.optim.Optimizer] = []
 
@@ -98,7 +135,7 @@ def run_one(
     started, t0 = _now(), time.perf_counter()
     out = spec.run(
         make, seed=plan.seed, settings=settings, data_dir=data_dir,
-        progress=progress or NullProgress(),
+        progress=progress or NullProgress(), **extra_kwargs,
     )  # fmt: skip
     wall = time.perf_counter() - t0
     missing = [m.name for m in spec.metrics if m.name not in out.metrics]
@@ -108,13 +145,16 @@ def run_one(
     stats = _optimizer_stats(built[-1]) if built else {}
     if stats:
         extra["optimizer_stats"] = stats
+    if parallel is not None:
+        extra["world_size"] = parallel.world_size
+        extra["device"] = str(parallel.device)
     return {
         "schema": 1,
         "key": plan.key,
         "suite": plan.suite,
         "task": spec.name,
         "family": spec.family,
-        "label": plan.label or spec.name,
+        "label": plan.group,
         "preset": plan.preset,
         "settings": settings,
         "optimizer": plan.optimizer,
@@ -131,6 +171,26 @@ def run_one(
         "finished": _now(),
         "environment": environment(),
     }
+
+
+def check_data_parallel(task: str, optimizer: str) -> None:
+    """ValueError unless ``task`` and ``optimizer`` can run split over processes (``torchrun``).
+
+    Args:
+        task: task name.
+        optimizer: registry name.
+    """
+    if not get_task(task).data_parallel:
+        runs = sorted(t.name for t in all_tasks().values() if t.data_parallel)
+        raise ValueError(
+            f"Invalid task: {task!r} does not run under torchrun; tasks that do: {runs}"
+        )
+    if not registry.get_optimizer(optimizer).data_parallel:
+        raise ValueError(
+            f"Invalid optimizer: {optimizer!r} under torchrun; its Kronecker factors come from "
+            "each rank's own activations, so the ranks would precondition differently and drift "
+            "apart (K-FAC and FOP run in one process for now)"
+        )
 
 
 def _optimizer_stats(opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -158,6 +218,7 @@ def run_plan(
     on_done: Callable[[dict[str, Any]], None] | None = None,
     progress_factory: Callable[[str], Progress] | None = None,
     failures: list[tuple[PlannedRun, BaseException]] | None = None,
+    parallel: DataParallel | None = None,
 ) -> list[dict[str, Any]]:
     """Execute the runs of ``plans`` not yet in ``store``; append each record when it finishes.
 
@@ -172,7 +233,11 @@ def run_plan(
         failures: if given, a run that raises is appended here as ``(plan, exception)`` and the
             other runs go on (nothing is stored for it, so a re-run retries it); if ``None``,
             the first exception propagates. A data error (missing file, checksum mismatch)
-            always propagates: it would fail every run.
+            always propagates: it would fail every run. Under ``parallel`` the first failure
+            also ends the plan (the other ranks may be waiting in a collective of that run).
+        parallel: data parallelism (``torchrun``): every rank calls ``run_plan`` with the same
+            plans and runs each with the others; rank 0's store decides what is left to run,
+            only rank 0 appends records and calls ``on_done``. Needs ``jobs=1``.
 
     Returns:
         The new records, in completion order.
@@ -181,18 +246,29 @@ def run_plan(
         raise ValueError(f"Invalid jobs: {jobs}; expected an integer >= 1")
     if threads is not None and threads < 1:
         raise ValueError(f"Invalid threads: {threads}; expected an integer >= 1")
-    todo = _pending(plans, store.completed())
+    if parallel is not None and jobs != 1:
+        raise ValueError(f"Invalid jobs: {jobs} under torchrun; each rank is one process (use 1)")
+    if parallel is None:
+        completed = store.completed()
+    else:  # the ranks must agree on the runs: rank 0's store decides
+        completed = parallel.broadcast_object(store.completed() if parallel.is_main else None)
+    todo = _pending(plans, completed)
     new: list[dict[str, Any]] = []
+    records = parallel is None or parallel.is_main
 
-    def failed(plan: PlannedRun, exc: BaseException) -> None:
+    def failed(plan: PlannedRun, exc: BaseException) -> bool:
+        """Keep the failure (or raise it); True: stop running plans."""
         # Missing or corrupt data fails every run the same way: stop at once, with its message.
         if failures is None or isinstance(exc, DataError):
             raise exc
         failures.append((plan, exc))
+        return parallel is not None
 
     def finish(rec: dict[str, Any]) -> None:
-        store.append(rec)
         new.append(rec)
+        if not records:
+            return
+        store.append(rec)
         if on_done is not None:
             on_done(rec)
 
@@ -205,9 +281,10 @@ def run_plan(
                 desc = f"{plan.label or plan.task} {plan.optimizer} s{plan.seed}"
                 prog = progress_factory(desc) if progress_factory else None
                 try:
-                    rec = run_one(plan, data_dir, prog)
+                    rec = run_one(plan, data_dir, prog, parallel)
                 except Exception as e:  # noqa: BLE001 - reported to the caller, run not stored
-                    failed(plan, e)
+                    if failed(plan, e):
+                        break
                 else:
                     finish(rec)
         finally:

@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from torch import nn
 from . import metrics
 from ._types import ImageDataset
 from .streams import Stream
+
+if TYPE_CHECKING:
+    from .ddp import DataParallel
 
 __all__ = [
     "TrainResult",
@@ -189,6 +193,7 @@ def train(
     callback: Callback | None = None,
     device: torch.device | str | None = None,
     micro_batches: int = 1,
+    parallel: DataParallel | None = None,
 ) -> TrainResult:
     """Minibatch training: ``zero_grad; loss(model(transform(x_b)) masked, y_b).backward(); step``.
 
@@ -214,6 +219,10 @@ def train(
             returning ``True`` stops training.
         device: where batches go (default: the device of the model's first parameter).
         micro_batches: gradient-accumulation micro-batches per step (see above).
+        parallel: data parallelism (:mod:`~orthoptim.benchmarks.ddp`): each step's global batch
+            is drawn as without it and this rank keeps its shard; ``model`` is then the
+            ``DistributedDataParallel`` wrapper, and the recorded losses (and the callback's)
+            are averaged over the ranks. None: one process.
     """
     if (steps is None) == (epochs is None):
         raise ValueError("pass exactly one of steps and epochs")
@@ -232,6 +241,8 @@ def train(
     stopped = False
     t0 = time.perf_counter()
     for step, idx in enumerate(batch_indices(n, batch_size, int(steps), g), start=1):
+        if parallel is not None:
+            idx = parallel.shard(idx)
         xb, yb = x[idx].to(device), y[idx].to(device)
         if transform is not None:
             xb = transform(xb)
@@ -245,7 +256,7 @@ def train(
             part.backward()
             loss = loss + part.detach()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss if parallel is None else parallel.mean(loss)))
         if callback is not None and callback(step, losses[-1], model, optimizer):
             stopped = True
             break

@@ -18,8 +18,10 @@ arXiv:2306.07179; steps-to-target vs batch size as in Shallue et al., arXiv:1811
   (a final evaluation is made there).
 - ``steps_to_target`` is that step (NaN if never reached; resolution ``eval_every``),
   ``epochs_to_target = steps * batch_size / N``, ``seconds_to_target`` the training wall time up
-  to it, evaluation time excluded (single process; wall-clock is secondary on a shared CPU, K-FAC
-  and FOP do more work per step, so report steps and seconds together).
+  to it, evaluation time excluded (wall-clock is secondary on a shared CPU, K-FAC and FOP do
+  more work per step, so report steps and seconds together).
+- Under ``torchrun`` (:mod:`orthoptim.benchmarks.ddp`) the same global batches are split over
+  the ranks and rank 0 evaluates; ``batch_size`` must be a multiple of the number of processes.
 
 ``large-batch-cnn`` is the same protocol on the small CNN (two 3x3 conv blocks of 8 and 16
 channels, a 64-wide hidden layer: K-FAC and FOP precondition two ``Conv2d`` and two ``Linear``
@@ -52,6 +54,7 @@ from typing import Any
 
 import torch
 
+from ..ddp import once
 from ..train import evaluate, seeded, task_seed, train
 from ._common import COMMON_DATA, check_positive, model_fn, prepare
 from .base import Metric, NullProgress, RunOutput, TaskSpec
@@ -117,7 +120,7 @@ VIT_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def run(make_optimizer, *, seed: int, settings: dict[str, Any], data_dir=None,
-        progress=None) -> RunOutput:  # fmt: skip
+        progress=None, parallel=None) -> RunOutput:  # fmt: skip
     """One large-batch run (see the module docstring).
 
     Args:
@@ -131,6 +134,9 @@ def run(make_optimizer, *, seed: int, settings: dict[str, Any], data_dir=None,
             :func:`~orthoptim.benchmarks.train.train`).
         data_dir: root data folder (not needed for ``digits``).
         progress: a Progress (default: none); ``total`` is the step budget.
+        parallel: a :class:`~orthoptim.benchmarks.ddp.DataParallel` under ``torchrun`` (the
+            global batch split over the ranks, the model in DDP, evaluation on rank 0 broadcast
+            to all); None: one process.
     """
     progress = progress or NullProgress()
     s = settings
@@ -144,6 +150,8 @@ def run(make_optimizer, *, seed: int, settings: dict[str, Any], data_dir=None,
     data = prep.data
     n, bs = len(data.train_y), int(s["batch_size"])
     bs_eff = min(bs, n)  # train() caps the batch at the training-set size
+    if parallel is not None:
+        parallel.local_size(bs_eff)  # a batch that does not split evenly fails before training
     budget = min(math.ceil(float(s["max_epochs"]) * n / bs_eff), int(s["max_steps"]))
     lr_scale = bs / float(s["base_batch_size"])
     every, target, warm = int(s["eval_every"]), float(s["target_accuracy"]), int(s["warmup_steps"])
@@ -152,7 +160,8 @@ def run(make_optimizer, *, seed: int, settings: dict[str, Any], data_dir=None,
     state = {"eval_s": 0.0, "hit": None}
     with seeded(seed):
         model = model_fn(s, data)()
-        opt = make_optimizer(model, lr_scale=lr_scale)
+        net = model if parallel is None else parallel.wrap(model)  # the training forward
+        opt = make_optimizer(model, lr_scale=lr_scale)  # on the module: DDP-free names
         sched = None
         if warm > 0:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / warm))
@@ -160,7 +169,7 @@ def run(make_optimizer, *, seed: int, settings: dict[str, Any], data_dir=None,
         def record(step: int) -> bool:
             t_eval = time.perf_counter()
             train_s = t_eval - t0 - state["eval_s"]
-            acc = evaluate(model, data.test_x, data.test_y)
+            acc = once(parallel, lambda: evaluate(model, data.test_x, data.test_y))
             state["eval_s"] += time.perf_counter() - t_eval
             for k, v in zip(evals, (step, step * bs_eff / n, train_s, acc), strict=True):
                 evals[k].append(float(v))
@@ -179,8 +188,8 @@ def run(make_optimizer, *, seed: int, settings: dict[str, Any], data_dir=None,
         progress.start(budget, desc="large-batch")
         t0 = time.perf_counter()
         record(0)  # accuracy at initialisation (the curves start at step 0)
-        res = train(model, opt, data.train_x, data.train_y, batch_size=bs, steps=budget,
-                    seed=task_seed(seed, 0), callback=callback,
+        res = train(net, opt, data.train_x, data.train_y, batch_size=bs, steps=budget,
+                    seed=task_seed(seed, 0), callback=callback, parallel=parallel,
                     micro_batches=int(s["micro_batches"]))  # fmt: skip
     hit = state["hit"] or (math.nan, math.nan, math.nan)
     return RunOutput(
@@ -224,6 +233,7 @@ LARGE_BATCH = TaskSpec(
     presets=PRESETS,
     run=run,
     datasets=("mnist", "fashion_mnist", "cifar10"),
+    data_parallel=True,
 )
 
 LARGE_BATCH_CNN = dataclasses.replace(

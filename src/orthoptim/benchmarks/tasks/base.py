@@ -101,6 +101,9 @@ class TaskSpec:
         presets: preset name -> settings dict; must contain ``"tiny"`` and ``"quick"``.
         run: ``run(make_optimizer, *, seed, settings, data_dir, progress) -> RunOutput``.
         datasets: datasets the task can read under ``--data-dir`` (documentation only).
+        data_parallel: whether the task runs under ``torchrun``: ``run`` then also takes
+            ``parallel=`` a :class:`~orthoptim.benchmarks.ddp.DataParallel` (split the global
+            batch over the ranks, train through DDP, evaluate once).
     """
 
     name: str
@@ -110,6 +113,7 @@ class TaskSpec:
     presets: Mapping[str, Mapping[str, Any]]
     run: Callable[..., RunOutput]
     datasets: tuple[str, ...] = ()
+    data_parallel: bool = False
 
     @property
     def primary(self) -> Metric:

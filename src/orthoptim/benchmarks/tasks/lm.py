@@ -38,18 +38,24 @@ Shared protocol (identical for every optimizer):
   ``grad_clip=1.0``; 0 disables), applied to the raw gradient whatever the optimizer does next.
 - Determinism: model initialisation and optimizer construction run under
   ``torch.random.fork_rng`` after ``torch.manual_seed(seed)`` (:func:`..train.seeded`).
+- Under ``torchrun`` (:mod:`..ddp`): every rank draws the same ``batch_size`` windows and trains
+  on its contiguous share (``batch_size`` must be a multiple of the number of processes), the
+  model is in DDP, rank 0 evaluates and broadcasts, and the recorded training loss is the mean
+  over the ranks. ``dropout > 0`` is refused: every rank would draw the same dropout masks.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from functools import partial
 
 import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from .. import corpora
+from ..ddp import DataParallel, once
 from ..gpt import GPT, GPTConfig
 from ..train import seeded, task_seed
 from .base import Metric, NullProgress, RunOutput, TaskSpec
@@ -146,6 +152,18 @@ def _check_common(s: dict) -> None:
         raise ValueError(f"Invalid task_aware: {s['task_aware']!r}; expected a bool")
 
 
+def _check_parallel(parallel: DataParallel | None, s: dict, cfg: GPTConfig) -> None:
+    """ValueError, before any training, for a run that cannot be split over the ranks."""
+    if parallel is None:
+        return
+    parallel.local_size(s["batch_size"])
+    if cfg.dropout > 0:
+        raise ValueError(
+            f"Invalid dropout: {cfg.dropout!r} under data parallelism; every rank would draw the "
+            "same dropout masks (set dropout=0)"
+        )
+
+
 # --------------------------------------------------------------------------------------- data
 
 
@@ -181,24 +199,31 @@ def _windows(ids: torch.Tensor, starts: torch.Tensor, T: int):
 def _eval_loss(model: GPT, ids: torch.Tensor, batches: int, batch_size: int) -> float:
     """Mean loss over ``batches * batch_size`` evenly spaced windows of ``ids`` (eval mode)."""
     T = model.config.block_size
+    device = next(model.parameters()).device
     starts = torch.linspace(0, len(ids) - T - 1, batches * batch_size).round().long()
     was = model.training
     model.eval()
     total = 0.0
     for chunk in starts.split(batch_size):
-        _, loss = model(*_windows(ids, chunk, T))
+        _, loss = model(*(w.to(device) for w in _windows(ids, chunk, T)))
         total += float(loss) * len(chunk)
     model.train(was)
     return total / len(starts)
 
 
 class _Stage:
-    """Train ``model`` for ``steps`` steps on ``ids`` (batches from ``task_seed(seed, stage)``)."""
+    """Train ``model`` for ``steps`` steps on ``ids`` (batches from ``task_seed(seed, stage)``);
+    under data parallelism the forward runs through ``net`` (the DDP wrapper) on this rank's
+    share of each batch."""
 
     def __init__(
-        self, model, optimizer, s: dict, ids: torch.Tensor, steps: int, seed: int, stage: int
-    ):
+        self, model, optimizer, s: dict, ids: torch.Tensor, steps: int, seed: int, stage: int,
+        net=None, parallel: DataParallel | None = None,
+    ):  # fmt: skip
         self.model, self.opt, self.ids, self.steps = model, optimizer, ids, steps
+        self.net = net if net is not None else model
+        self.parallel = parallel
+        self.device = next(model.parameters()).device
         self.B, self.T, self.clip = s["batch_size"], model.config.block_size, s["grad_clip"]
         self.gen = torch.Generator().manual_seed(task_seed(seed, stage))
         warmup, floor = s["warmup"], s["lr_min_ratio"]
@@ -212,15 +237,17 @@ class _Stage:
     def step(self) -> float:
         t0 = time.perf_counter()
         starts = torch.randint(len(self.ids) - self.T, (self.B,), generator=self.gen)
-        x, y = _windows(self.ids, starts, self.T)
+        if self.parallel is not None:
+            starts = self.parallel.shard(starts)
+        x, y = (w.to(self.device) for w in _windows(self.ids, starts, self.T))
         self.opt.zero_grad(set_to_none=True)
-        _, loss = self.model(x, y)
-        loss.backward()
+        _, loss = self.net(x, y)
+        loss.backward()  # under DDP the gradients are the global-batch mean from here on
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()
         self.sched.step()
-        out = float(loss.detach())
+        out = float(loss.detach() if self.parallel is None else self.parallel.mean(loss))
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -238,8 +265,9 @@ def _curve(x, y, xlabel: str, ylabel: str) -> dict:
 
 
 def run_pretrain(
-    make_optimizer, *, seed: int, settings: dict, data_dir=None, progress=None
-) -> RunOutput:
+    make_optimizer, *, seed: int, settings: dict, data_dir=None, progress=None,
+    parallel: DataParallel | None = None,
+) -> RunOutput:  # fmt: skip
     """Run ``lm-pretrain`` (see the module docstring and :class:`~.base.TaskSpec`).
 
     Args:
@@ -248,6 +276,8 @@ def run_pretrain(
         settings: the task's settings (a preset with overrides).
         data_dir: root data folder (needed for ``corpus="tinyshakespeare"``).
         progress: per-step :class:`~.base.Progress` (default none).
+        parallel: data parallelism under ``torchrun`` (see the module docstring); None: one
+            process.
     """
     s, progress = dict(settings), progress or NullProgress()
     _check_common(s)
@@ -258,18 +288,21 @@ def run_pretrain(
         raise ValueError(f"Invalid corpus: {s['corpus']!r}; expected one corpus name")
     vocab, (ds,) = _load(names, data_dir, s["eval_split"], _pos_int(s, "block_size"))
     cfg = _model_config(s, len(vocab))
+    _check_parallel(parallel, s, cfg)
     tokens_per_step = s["batch_size"] * cfg.block_size
     progress.start(steps, desc="lm-pretrain")
     train_losses, eval_steps, eval_losses = [], [], []
     with seeded(seed, _CPU):
         model = GPT(cfg)
-        stage = _Stage(model, make_optimizer(model), s, ds.train, steps, seed, 0)
+        net = None if parallel is None else parallel.wrap(model)
+        stage = _Stage(model, make_optimizer(model), s, ds.train, steps, seed, 0, net, parallel)
         for k in range(1, steps + 1):
             train_losses.append(stage.step())
             progress.advance()
             if k % interval == 0 or k == steps:
                 eval_steps.append(k)
-                eval_losses.append(_eval_loss(model, ds.val, s["eval_batches"], s["batch_size"]))
+                evaluate = partial(_eval_loss, model, ds.val, s["eval_batches"], s["batch_size"])
+                eval_losses.append(once(parallel, evaluate))
     hit = next((k for k, v in zip(eval_steps, eval_losses, strict=True) if v <= target), None)
     finite = [v for v in eval_losses if math.isfinite(v)]
     metrics = {
@@ -300,8 +333,9 @@ def run_pretrain(
 
 
 def run_continual(
-    make_optimizer, *, seed: int, settings: dict, data_dir=None, progress=None
-) -> RunOutput:
+    make_optimizer, *, seed: int, settings: dict, data_dir=None, progress=None,
+    parallel: DataParallel | None = None,
+) -> RunOutput:  # fmt: skip
     """Run ``lm-continual`` (see the module docstring and :class:`~.base.TaskSpec`).
 
     Args:
@@ -310,6 +344,8 @@ def run_continual(
         settings: the task's settings (a preset with overrides).
         data_dir: root data folder (needed when ``"tinyshakespeare"`` is among the corpora).
         progress: per-step :class:`~.base.Progress` (default none).
+        parallel: data parallelism under ``torchrun`` (see the module docstring); None: one
+            process.
     """
     s, progress = dict(settings), progress or NullProgress()
     _check_common(s)
@@ -319,6 +355,7 @@ def run_continual(
     )
     vocab, data = _load(names, data_dir, s["eval_split"], _pos_int(s, "block_size"))
     cfg = _model_config(s, len(vocab))
+    _check_parallel(parallel, s, cfg)
     S = len(names)
     L = np.zeros((S, S))
     losses: list[float] = []
@@ -326,10 +363,11 @@ def run_continual(
     progress.start(sum(stage_steps), desc="lm-continual")
     with seeded(seed, _CPU):
         model = GPT(cfg)
+        net = None if parallel is None else parallel.wrap(model)
         optimizer = make_optimizer(model)
         end_task = getattr(optimizer, "end_task", None) if s["task_aware"] else None
         for i, ds in enumerate(data):
-            stage = _Stage(model, optimizer, s, ds.train, stage_steps[i], seed, i)
+            stage = _Stage(model, optimizer, s, ds.train, stage_steps[i], seed, i, net, parallel)
             for _ in range(stage_steps[i]):
                 losses.append(stage.step())
                 progress.advance()
@@ -339,7 +377,8 @@ def run_continual(
                 calls += 1
             train_s += stage.seconds + time.perf_counter() - t0
             for j, dj in enumerate(data):
-                L[i, j] = _eval_loss(model, dj.val, s["eval_batches"], s["batch_size"])
+                evaluate = partial(_eval_loss, model, dj.val, s["eval_batches"], s["batch_size"])
+                L[i, j] = once(parallel, evaluate)
     bounds = np.cumsum(stage_steps).tolist()
     return RunOutput(
         metrics=loss_matrix_metrics(L),
@@ -417,6 +456,7 @@ LM_PRETRAIN = TaskSpec(
     },
     run=run_pretrain,
     datasets=("tinyshakespeare",),
+    data_parallel=True,
 )
 
 LM_CONTINUAL = TaskSpec(
@@ -466,6 +506,7 @@ LM_CONTINUAL = TaskSpec(
     },
     run=run_continual,
     datasets=("tinyshakespeare",),
+    data_parallel=True,
 )
 
 TASKS = (LM_PRETRAIN, LM_CONTINUAL)
