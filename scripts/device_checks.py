@@ -107,16 +107,21 @@ def check_grad_scaler(device) -> None:
           f"finite {finite}")  # fmt: skip
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_checks(description: str, checks) -> None:
+    """Parse ``--device``, then run each ``check(device)``, a failure reported and the next run."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
-    for check in (check_sync_free, check_nan_exactness, check_grad_scaler):
+    for check in checks:
         try:
             check(torch.device(args.device))
         except Exception:  # noqa: BLE001 - report and go on to the next check
             print(f"FAIL {check.__name__}: {traceback.format_exc()}")
+
+
+def main() -> None:
+    run_checks(__doc__.splitlines()[0], (check_sync_free, check_nan_exactness, check_grad_scaler))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,9 @@
 
 from __future__ import annotations
 
-import argparse
-import traceback
-
 import torch
 import torch.nn.functional as F
+from device_checks import run_checks  # scripts/ is on the path when a script runs
 
 from orthoptim import FOP, KFAC
 from orthoptim.benchmarks.models import ViT
@@ -104,15 +102,7 @@ def check_grad_scaler(device) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda")
-    args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
-    for check in (check_equal_to_cpu, check_sync_free, check_grad_scaler):
-        try:
-            check(torch.device(args.device))
-        except Exception:  # noqa: BLE001 - report and go on to the next check
-            print(f"FAIL {check.__name__}: {traceback.format_exc()}")
+    run_checks(__doc__.splitlines()[0], (check_equal_to_cpu, check_sync_free, check_grad_scaler))
 
 
 if __name__ == "__main__":
