@@ -19,20 +19,20 @@ import collections
 
 import torch
 
-import orthoptim.optim.fogo as fogo_module
+import orthoptim.memory.bucket as bucket_module
 from orthoptim import FOGO, param_groups
 from orthoptim.benchmarks import data, models, streams, train
+from orthoptim.memory import codebook
 from orthoptim.ops.sketch import nystrom_factor
 
 
-def stored_share(opt: FOGO, group: dict, p: torch.Tensor) -> float:
+def stored_share(state: dict, config, omega: torch.Tensor) -> float:
     """Largest share of the window's energy held by one stored entry (before the write)."""
-    state = opt.state[p]
-    book, config = state["memory"], opt._codebook_config(group, p)
+    book = state["memory"]
     if not bool(book["used"].any()):
         return 0.0
-    d = nystrom_factor(state["grad_sketch"], opt._omega(p)).mT
-    return float(fogo_module.codebook.entry_shares(book, d, config, seed=1)[0].max())
+    d = nystrom_factor(state["grad_sketch"], omega).mT
+    return float(codebook.entry_shares(book, d, config.codebook, seed=1)[0].max())
 
 
 def main() -> None:
@@ -48,31 +48,32 @@ def main() -> None:
     log = []  # (step, side, outcome, share, energy ratio, profile cosine, new stretch)
     energy = collections.defaultdict(float)  # gradient energy of the current window, per matrix
     previous = {}
-    finish, write = fogo_module.FOGO._finish, fogo_module.FOGO._write
-    new_stretch = fogo_module.FOGO._new_stretch
+    accumulate, write = bucket_module.MemoryBucket.accumulate, bucket_module.write
+    new_stretch = bucket_module.new_stretch
     detected = {}
 
-    def logged_new_stretch(self, group, p, kind):
-        state = self.state[p]
+    def logged_new_stretch(state, config, kind):
         profile = state["row_energy"].sqrt()
-        cosine = fogo_module.codebook.profile_cosine(state["last_profile"], profile)
-        detected[id(p)] = (cosine, new_stretch(self, group, p, kind))
-        return detected[id(p)][1]
+        cosine = codebook.profile_cosine(state["last_profile"], profile)
+        detected[id(state)] = (cosine, new_stretch(state, config, kind))
+        return detected[id(state)][1]
 
-    def logged_finish(self, group, p, direction):
-        energy[id(p)] += float(p.grad.double().square().sum())
-        return finish(self, group, p, direction)
+    def logged_accumulate(self, grads, take, skip):
+        for g, i in zip(grads, take, strict=True):
+            energy[id(self.states[i])] += float(g.double().square().sum())
+        return accumulate(self, grads, take, skip)
 
-    def logged_write(self, group, p, step, kind):
-        share = stored_share(self, group, p)
-        ratio = energy[id(p)] / previous[id(p)] if previous.get(id(p)) else float("nan")
-        previous[id(p)], energy[id(p)] = energy[id(p)], 0.0
-        out = write(self, group, p, step, kind)
-        log.append((step, self._as_matrix(p).shape[1], out, share, ratio, *detected[id(p)]))
+    def logged_write(state, config, slow, step, kind, omega, sign):
+        key = id(state)
+        share = stored_share(state, config, omega)
+        ratio = energy[key] / previous[key] if previous.get(key) else float("nan")
+        previous[key], energy[key] = energy[key], 0.0
+        out = write(state, config, slow, step, kind, omega, sign)
+        log.append((step, config.side_dim, out, share, ratio, *detected[key]))
         return out
 
-    fogo_module.FOGO._finish, fogo_module.FOGO._write = logged_finish, logged_write
-    fogo_module.FOGO._new_stretch = logged_new_stretch
+    bucket_module.MemoryBucket.accumulate = logged_accumulate
+    bucket_module.write, bucket_module.new_stretch = logged_write, logged_new_stretch
     load = data.load_mnist if args.dataset == "mnist" else data.load_fashion_mnist
     stream = streams.split_stream(load(args.data_dir), 2, "task-il", seed=args.seed,
                                   class_order=list(range(2 * args.tasks)))  # fmt: skip

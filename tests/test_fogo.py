@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import orthoptim
 from orthoptim import FOGO, FOGOReference
+from orthoptim.optim import _fogo_state
 
 F64 = dict(ns_dtype="float64", memory_dtype="float64")
 
@@ -110,6 +111,38 @@ def test_fast_path_equals_reference(options, conv):
         assert torch.allclose(a, b, atol=1e-10, rtol=1e-8)
     assert_states_equal(o1.state_dict()["state"], o2.state_dict()["state"], exact=False)
     assert o1.memory_stats()["writes"] > 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(dual_stream=False, nesterov=True, scale="muon", weight_decay=0.1),
+        dict(fusion="lerp", weight_decay=0.1, ns_dtype="float32"),
+    ],
+)
+def test_batched_short_term_step_equals_the_reference_bit_for_bit(options):
+    """Without memory the fast step's math is the reference's (batched Newton-Schulz and norms
+    reduce per matrix): equal bit for bit, across a dropped step and a missing gradient."""
+    data = batches(10, conv=True)
+    runs = []
+    for cls in (FOGO, FOGOReference):
+        model = tiny_model(conv=True)
+        opt = cls(model.parameters(), lr=0.02, memory=False, **{**F64, **options})
+        for i, (x, y) in enumerate(data):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            if i == 3:
+                model[0].weight.grad[0, 0, 0, 0] = float("nan")
+            if i == 5:
+                model[3].weight.grad = None
+            opt.step()
+        runs.append((model, opt))
+    (m1, o1), (m2, o2) = runs
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert_states_equal(o1.state_dict()["state"], o2.state_dict()["state"])
+    assert o1.skipped_steps == 1
 
 
 @pytest.mark.parametrize("gate", ["overlap", "sign"])
@@ -325,9 +358,13 @@ def test_closure_and_grad_none_params():
         loss.backward()
         return loss
 
+    fresh = {k: v.clone() for k, v in opt.state[unused].items() if isinstance(v, torch.Tensor)}
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor)
-    assert unused not in opt.state or not opt.state[unused]
+    # State exists from construction (torch.distributed.checkpoint needs every key); a
+    # parameter without a gradient leaves it untouched.
+    assert int(opt.state[unused]["step"]) == 0 and int(opt.state[w]["step"]) == 1
+    assert all(torch.equal(opt.state[unused][k], v) for k, v in fresh.items())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step(closure)
@@ -435,6 +472,48 @@ def test_newton_schulz_dtype_follows_the_device_type_and_is_recorded():
     assert opt.param_groups[1]["ns_dtype"] == "bfloat16"  # an explicit choice stays
     assert opt.state_dict()["param_groups"][0]["ns_dtype"] == "float32"  # saved as it ran
     on = [types.SimpleNamespace(device=torch.device(d)) for d in ("cpu", "cuda:0")]
-    assert FOGO._ns_dtype_for(on[1:]) == "bfloat16"  # (no GPU here: the devices are stand-ins)
+    # (no GPU here: the devices are stand-ins)
+    assert _fogo_state.ns_dtype_for(on[1:]) == "bfloat16"
     with pytest.raises(ValueError, match="ns_dtype.*devices \\['cpu', 'cuda'\\]"):
-        FOGO._ns_dtype_for(on)
+        _fogo_state.ns_dtype_for(on)
+
+
+class Conv1D(nn.Module):
+    """HF transformers' GPT-2 ``Conv1D``: y = x @ W + b with W stored as (in, out)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=torch.float64) * 0.3)
+        self.bias = nn.Parameter(torch.zeros(nf, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def test_in_out_layout_protects_the_input_side_as_nn_linear_does():
+    """A Conv1D stack with layout="in_out" follows the transposed nn.Linear stack step for
+    step, memory writes and end_task included (the default layout would protect the wrong
+    side); the layout is for 2-D parameters only."""
+    torch.manual_seed(0)
+    convs = nn.Sequential(Conv1D(10, 12), nn.Tanh(), Conv1D(3, 10))
+    linears = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+    with torch.no_grad():
+        for conv, lin in ((convs[0], linears[0]), (convs[2], linears[2])):
+            lin.weight.copy_(conv.weight.mT)
+            lin.bias.copy_(conv.bias)
+    hp = dict(lr=0.05, write_interval=3, **F64)
+    opt_conv = FOGO([{"params": [convs[0].weight, convs[2].weight], "layout": "in_out"},
+                     {"params": [convs[0].bias, convs[2].bias]}], **hp)  # fmt: skip
+    opt_lin = FOGO([{"params": [linears[0].weight, linears[2].weight]},
+                    {"params": [linears[0].bias, linears[2].bias]}], **hp)  # fmt: skip
+    data = batches(8)
+    train(convs, opt_conv, data, end_task_at=(4,))
+    train(linears, opt_lin, data, end_task_at=(4,))
+    for conv, lin in ((convs[0], linears[0]), (convs[2], linears[2])):
+        assert torch.allclose(conv.weight.mT, lin.weight, atol=1e-12)
+        book = opt_conv.state[conv.weight]["memory"]["basis"]
+        assert book.shape[0] == conv.weight.shape[0]  # the input dimension
+    assert opt_conv.memory_stats()["entries_used"] > 0
+    with pytest.raises(ValueError, match="Invalid layout"):
+        FOGO([{"params": [nn.Parameter(torch.zeros(2, 3, 4))], "layout": "in_out"}])

@@ -22,13 +22,17 @@ stretch ending when the output-energy profile of the gradients changes) and at `
 that Newton-Schulz removes.) Every other parameter (ndim < 2, or a group with
 ``algorithm="adamw"``) is updated by AdamW with the group's lr and weight decay.
 
+The step runs per *bucket* of same-shape matrices: pure functions over stacked tensors
+(``orthoptim.optim._fogo_math``) and the memory's bucket interface (``orthoptim.memory.bucket``);
+the state layout lives in ``orthoptim.optim._fogo_state``. FOGOReference
+(``orthoptim.optim.fogo_reference``) is the same optimizer written as a plain per-matrix loop.
+
 The design of the memory is orthoptim's (the paper's text and code are not public): see
 docs/fogo.md for what is from the paper, what is ours, and the ablations behind the defaults.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import defaultdict
 from typing import cast
@@ -37,41 +41,9 @@ import torch
 from torch.optim import Optimizer
 
 from orthoptim.memory import codebook
-from orthoptim.ops.geometry import nlerp, rms_scale, slerp
-from orthoptim.ops.newton_schulz import (
-    dtype_for_device,
-    newton_schulz,
-    resolve_coefficients,
-    resolve_dtype,
-)
-from orthoptim.ops.sketch import gaussian_sketch_matrix, nystrom_factor
-from orthoptim.ops.subspace import rho_from_radius
-from orthoptim.optim import _fused, _nonfinite
-from orthoptim.optim._validation import (
-    check_betas,
-    check_choice,
-    check_group_keys,
-    check_int,
-    check_range,
-)
-
-_ALGORITHMS = ("fogo", "adamw")
-# State that keeps its own dtype on load (torch casts floating state to the parameter's dtype).
-# A new stretch raises the window's gradient energy by at least this factor (measured at class
-# shifts on split Fashion-MNIST: 1.3 to 95; converging least squares oscillates by up to 1.2).
-_SHIFT_GROWTH = 1.5
-_OWN_DTYPE_STATE = ("memory", "last_stats", "grad_sketch", "row_energy", "last_profile")
-
-
-def _tensor_shapes(state: dict, prefix: str = "") -> dict[str, tuple]:
-    """``{"name" or "memory.name": shape}`` of every tensor in a (nested) state dict."""
-    out = {}
-    for name, value in state.items():
-        if isinstance(value, dict):
-            out.update(_tensor_shapes(value, f"{prefix}{name}."))
-        elif isinstance(value, torch.Tensor):
-            out[prefix + name] = tuple(value.shape)
-    return out
+from orthoptim.memory.bucket import MemoryBucket
+from orthoptim.optim import _fogo_math, _fogo_state, _fused, _nonfinite
+from orthoptim.optim._validation import check_group_keys, check_range
 
 
 class FOGO(_nonfinite.Guarded, Optimizer):
@@ -151,7 +123,12 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             directions, so old tasks keep their dominant and shared directions) or ``"evict"``
             (the chosen entry is dropped). Default "evict" (compression was tried and measured
             no better, docs/fogo.md section 3).
-        side: protected side, ``"input"`` (row space, default) or ``"output"`` (column space).
+        side: protected side, ``"input"`` (row space, default) or ``"output"`` (column space),
+            of the layer, whatever its storage layout (see ``layout``).
+        layout: how the parameter stores its matrix: ``"out_in"`` (torch ``nn.Linear`` and
+            conv kernels: dim 0 is the output, default) or ``"in_out"`` (2-D only: HF GPT-2's
+            ``Conv1D``, Flax/JAX kernels). Newton-Schulz and the RMS scale do not depend on it;
+            the memory protects the layer's ``side`` in either layout.
         write_source: what a write summarises: ``"gradients"`` (default), a streaming Gaussian
             sketch Y = sum_t G_t^T G_t Omega of the gradients since the last write, read out by
             the Nystrom method; or ``"slow"``, the slow momentum at write time (its last ~1/(1 -
@@ -202,6 +179,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         eviction: str = "oldest",
         overflow: str = "evict",
         side: str = "input",
+        layout: str = "out_in",
         write_source: str = "gradients",
         sketch_dim: int = 32,
         seed: int = 0,
@@ -219,121 +197,69 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             merge_threshold=merge_threshold, stretch_threshold=stretch_threshold,
             min_energy=min_energy, eviction=eviction,
             overflow=overflow,
-            side=side, write_source=write_source, sketch_dim=sketch_dim, seed=seed,
+            side=side, layout=layout, write_source=write_source, sketch_dim=sketch_dim, seed=seed,
         )  # fmt: skip
-        self._validate(defaults)
+        _fogo_state.validate(defaults)
         super().__init__(params, defaults)
         for group in self.param_groups:
             check_group_keys(group, defaults)
-            self._validate(group)
+            _fogo_state.validate(group)
         _nonfinite.install(self, nonfinite)
-        self._sketch_cache: dict[int, torch.Tensor] = {}
-        self._omega_cache: dict[int, torch.Tensor] = {}
-        self._step_hint: dict[int, int] = {}  # host upper bound of each matrix's step counter
         self._warned_momentum = False
+        self._reset_caches()
+        self._populate_state()
 
-    # ----------------------------------------------------------------------------- validation
-    @staticmethod
-    def _validate(g: dict) -> None:
-        check_range("lr", g["lr"], 0.0)
-        check_range("weight_decay", g["weight_decay"], 0.0)
-        check_range("beta_slow", g["beta_slow"], 0.0, 1.0, high_open=True)
-        check_range("beta_fast", g["beta_fast"], 0.0, 1.0, high_open=True)
-        if g["dual_stream"] and not g["beta_fast"] < g["beta_slow"]:
-            raise ValueError(
-                f"Invalid beta_fast: {g['beta_fast']}; must be < beta_slow ({g['beta_slow']})"
-            )
-        check_range("mix", g["mix"], 0.0, 1.0)
-        check_choice("dual_stream", g["dual_stream"], (True, False))
-        check_choice("fusion", g["fusion"], ("slerp", "lerp"))
-        check_choice("nesterov", g["nesterov"], (True, False))
-        check_range("target_rms", g["target_rms"], 0.0, low_open=True)
-        check_choice("scale", g["scale"], ("rms", "muon"))
-        check_int("ns_steps", g["ns_steps"], 0, 99)
-        resolve_coefficients(g["ns_coefficients"])
-        if g["ns_dtype"] != "auto":
-            resolve_dtype(g["ns_dtype"])
-        check_range("eps", g["eps"], 0.0, low_open=True)
-        check_betas("adamw_betas", g["adamw_betas"])
-        check_range("adamw_eps", g["adamw_eps"], 0.0, low_open=True)
-        if g.get("momentum") is not None:
-            check_range("momentum", g["momentum"], 0.0, 1.0, high_open=True)
-        check_choice("memory", g["memory"], (True, False))
-        check_range("memory_budget", g["memory_budget"], 0.0, 1.0, low_open=True)
-        check_choice("memory_dtype", g["memory_dtype"], ("bfloat16", "float32", "float64"))
-        check_int("capacity", g["capacity"], 1)
-        if g["write_rank"] is not None:
-            check_int("write_rank", g["write_rank"], 1)
-        check_int("write_interval", g["write_interval"], 0)
-        if g["min_age"] is not None:
-            check_int("min_age", g["min_age"], 0)
-        check_choice("gate", g["gate"], ("overlap", "sign"))
-        check_range("gate_threshold", g["gate_threshold"], 0.0, 1.0)
-        check_range("radius", g["radius"], 0.0, 1.0, low_open=True)
-        check_range("merge_threshold", g["merge_threshold"], 0.0, 1.0)
-        check_range("stretch_threshold", g["stretch_threshold"], 0.0, 1.0)
-        check_range("min_energy", g["min_energy"], 0.0, 1.0)
-        check_choice("eviction", g["eviction"], ("oldest", "least_used"))
-        check_choice("overflow", g["overflow"], ("compress", "evict"))
-        check_choice("side", g["side"], ("input", "output"))
-        check_choice("write_source", g["write_source"], ("gradients", "slow"))
-        check_int("sketch_dim", g["sketch_dim"], 1)
-        check_int("seed", g["seed"], 0)
-        if g.get("algorithm") is not None:
-            check_choice("algorithm", g["algorithm"], _ALGORITHMS)
-
-    def __getstate__(self) -> dict:
-        # torch keeps only defaults/state/param_groups, losing the policy, counter and caches
-        # (deepcopy / pickle then fail); keep every attribute, drop the id-keyed caches.
-        return {**self.__dict__, "_sketch_cache": {}, "_omega_cache": {}, "_step_hint": {}}
-
+    # ------------------------------------------------------------------------- groups, state
     def add_param_group(self, param_group: dict) -> None:
-        """Add a group; unknown keys and invalid values raise ``ValueError`` (as in __init__)."""
+        """Add a group; unknown keys and invalid values raise ``ValueError`` (as in __init__).
+        Its parameters' state is created at once (see :meth:`_populate_state`)."""
         check_group_keys(param_group, self.defaults)
         meta = ("params", "param_names")
-        self._validate({**self.defaults, **{k: v for k, v in param_group.items() if k not in meta}})
+        _fogo_state.validate(
+            {**self.defaults, **{k: v for k, v in param_group.items() if k not in meta}}
+        )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group["ns_dtype"] == "auto":
-            group["ns_dtype"] = self._ns_dtype_for(group["params"])
+            group["ns_dtype"] = _fogo_state.ns_dtype_for(group["params"])
+        if hasattr(self, "_buckets"):  # not inside Optimizer.__init__
+            self._reset_caches()
+            self._populate_state()
 
-    @staticmethod
-    def _ns_dtype_for(params: list[torch.Tensor]) -> str:
-        """``ns_dtype="auto"``: the dtype of the parameters' device type (one per group)."""
-        names = {dtype_for_device(p.device) for p in params} or {"float32"}
-        if len(names) > 1:
-            devices = sorted({p.device.type for p in params})
-            raise ValueError(
-                f"Invalid ns_dtype: 'auto' for a param group on devices {devices}, which use "
-                f"{sorted(names)}; set ns_dtype explicitly"
-            )
-        return names.pop()
+    def _populate_state(self) -> None:
+        """Create the state of every parameter that has none, when the optimizer is built (as
+        torch.distributed.checkpoint needs: the same keys whatever had a gradient, and no
+        zero-gradient step to make them); seeds by the parameter's global index."""
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state.get(p):
+                    self.state[p] = _fogo_state.new_state(group, p, index, p.device)
+                index += 1
 
-    # ---------------------------------------------------------------------------- helpers
-    @staticmethod
-    def _algorithm(group: dict, p: torch.Tensor) -> str:
-        if group["algorithm"] is not None:
-            if group["algorithm"] == "fogo" and p.ndim < 2:
-                raise ValueError(
-                    f"algorithm='fogo' needs parameters with ndim >= 2, got shape {tuple(p.shape)}"
-                )
-            return group["algorithm"]
-        return "fogo" if p.ndim >= 2 else "adamw"
+    def _reset_caches(self) -> None:
+        """Forget what is derived from the state (buckets, projections, step hints)."""
+        self._buckets: dict[int, list[_Bucket]] = {}
+        self._step_hint: dict[int, int] = {}  # host upper bound of each matrix's step counter
 
-    @staticmethod
-    def _as_matrix(t: torch.Tensor) -> torch.Tensor:
-        """View a >= 2-D tensor as (out, in * rest): conv kernels become out x in*kh*kw."""
-        return t.reshape(t.shape[0], math.prod(t.shape[1:]))  # not -1: zero-size tensors
+    def __getstate__(self) -> dict:
+        # torch keeps only defaults/state/param_groups, losing the policy, counter and caches
+        # (deepcopy / pickle then fail); keep every attribute, drop the derived caches.
+        return {**self.__dict__, "_buckets": {}, "_step_hint": {}}
 
-    @staticmethod
-    def _slow_beta(group: dict) -> float:
-        momentum = group.get("momentum")  # groups loaded from older checkpoints lack the key
-        return group["beta_slow"] if momentum is None else momentum
-
-    @staticmethod
-    def _adamw_betas(group: dict) -> tuple[float, float]:
-        momentum = group.get("momentum")
-        return group["adamw_betas"] if momentum is None else (momentum, group["adamw_betas"][1])
+    def _group_buckets(self, gi: int) -> list[_Bucket]:
+        """The buckets of group ``gi``: its FOGO matrices by (shape, dtype, device), in order."""
+        if gi not in self._buckets:
+            group = self.param_groups[gi]
+            by_key: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if _fogo_state.algorithm(group, p) == "fogo" and p.numel() > 0:
+                    by_key[(_fogo_state.matrix_shape(p), p.dtype, p.device)].append(p)
+            self._buckets[gi] = [
+                _Bucket(group, params, [self.state[p] for p in params])
+                for params in by_key.values()
+            ]
+        return self._buckets[gi]
 
     def _check_momentum(self, group: dict) -> None:
         """A scheduler may have written ``momentum`` since the last step: check it (host only)."""
@@ -350,99 +276,6 @@ class FOGO(_nonfinite.Guarded, Optimizer):
                 stacklevel=3,
             )
 
-    def _param_index(self) -> dict[int, int]:
-        return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-
-    @staticmethod
-    def _codebook_config(group: dict, p: torch.Tensor) -> codebook.CodebookConfig:
-        m, n = FOGO._as_matrix(p).shape
-        if group["side"] == "output":
-            m, n = n, m
-        mem_dtype = resolve_dtype(group["memory_dtype"])
-        elem = torch.empty((), dtype=mem_dtype).element_size()
-        # Relative to the float32 size of the weight, so the memory (and a checkpoint of it) does
-        # not change with the parameter dtype.
-        budget = group["memory_budget"] * m * n * 4  # bytes
-        if group["stretch_threshold"] > 0:
-            budget -= 8 * m  # output-energy profiles of this window and the previous one
-        if group["write_source"] == "gradients":
-            # Pool R (elem bytes per entry) plus a float32 sketch of width R // 2 + 4 per column.
-            rank = int((budget / n - 16) // (elem + 2))
-        else:
-            rank = int(budget // (n * elem))
-        rank = max(1, min(rank, n))
-        write_rank = group["write_rank"] or max(1, rank // 2)
-        return codebook.CodebookConfig(
-            rank=rank, capacity=group["capacity"], write_rank=min(write_rank, rank),
-            min_energy=group["min_energy"], merge_threshold=group["merge_threshold"],
-            gate=group["gate"], gate_threshold=group["gate_threshold"],
-            rho=rho_from_radius(group["radius"]), eviction=group["eviction"],
-            overflow=group["overflow"],
-            sketch_dim=group["sketch_dim"], dtype=mem_dtype,
-        )  # fmt: skip
-
-    def _init_state(self, group: dict, p: torch.Tensor, index: int) -> None:
-        self.state[p].update(self._new_state(group, p, index, p.device))
-        self._step_hint[id(p)] = 0
-
-    def _new_state(self, group: dict, p: torch.Tensor, index: int, device) -> dict:
-        """The fresh state of ``p`` under ``group``'s settings, on ``device`` ("meta": shapes
-        only, what ``load_state_dict`` checks a saved state against).
-
-        ``step`` is a float32 0-d tensor on the parameter's device (as in torch's fused AdamW):
-        a step dropped for non-finite gradients is not counted, without a host sync."""
-        state = {"step": torch.zeros((), dtype=torch.float32, device=device)}
-        if self._algorithm(group, p) == "adamw":
-            state["exp_avg"] = torch.zeros_like(
-                p, memory_format=torch.preserve_format, device=device
-            )
-            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-            return state
-        mat = self._as_matrix(p)
-        state["momentum_slow"] = torch.zeros_like(mat, device=device)
-        if group["dual_stream"]:
-            state["momentum_fast"] = torch.zeros_like(mat, device=device)
-        if group["memory"] and p.numel() > 0:  # a zero-size matrix has nothing to protect
-            config = self._codebook_config(group, p)
-            side_dim = mat.shape[1] if group["side"] == "input" else mat.shape[0]
-            state["seed"] = group["seed"] * 1_000_003 + index
-            state["writes"] = 0
-            state["memory"] = codebook.init_codebook(side_dim, config, device)
-            if group["write_source"] == "gradients":
-                width = min(config.write_rank + 4, side_dim)
-                state["grad_sketch"] = torch.zeros(side_dim, width, device=device)
-            if group["stretch_threshold"] > 0:
-                other_dim = mat.shape[0] if group["side"] == "input" else mat.shape[1]
-                state["row_energy"] = torch.zeros(other_dim, device=device)
-                state["last_profile"] = torch.zeros(other_dim, device=device)
-                state["stretch_windows"] = 0
-        return state
-
-    def _sketch(self, group: dict, p: torch.Tensor) -> torch.Tensor | None:
-        """The sign-gate sketch of ``p``: derived from its seed, cached, never saved."""
-        if group["gate"] != "sign":
-            return None
-        key = id(p)
-        if key not in self._sketch_cache:
-            mat = self._as_matrix(p)
-            out_dim = mat.shape[0] if group["side"] == "input" else mat.shape[1]
-            config = self._codebook_config(group, p)
-            self._sketch_cache[key] = codebook.sign_sketch(
-                out_dim, config, self.state[p]["seed"], p.device
-            )
-        return self._sketch_cache[key]
-
-    def _omega(self, p: torch.Tensor) -> torch.Tensor:
-        """The Gaussian test matrix of ``p``'s gradient sketch: from its seed, cached, not saved."""
-        key = id(p)
-        sketch = self.state[p]["grad_sketch"]
-        if key not in self._omega_cache:
-            self._omega_cache[key] = gaussian_sketch_matrix(
-                sketch.shape[1], sketch.shape[0], self.state[p]["seed"] * 7919 + 2,
-                device=sketch.device,
-            ).mT.contiguous()  # fmt: skip
-        return self._omega_cache[key]
-
     # ------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure=None):
@@ -457,26 +290,27 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         guard = _nonfinite.begin_step(self)  # also rejects sparse gradients, complex params
-        index = None
-        for group in self.param_groups:
+        stepped: list[tuple[_Bucket, list[int]]] = []
+        for gi, group in enumerate(self.param_groups):
             self._check_momentum(group)
-            matrices, vectors = [], []
+            vectors, empty = [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if not self.state[p]:
-                    index = index or self._param_index()  # built only when state is created
-                    self._init_state(group, p, index[id(p)])
-                if self._algorithm(group, p) == "adamw":
+                if _fogo_state.algorithm(group, p) == "adamw":
                     vectors.append(p)
-                elif p.numel() > 0:
-                    matrices.append(p)
-                else:
-                    guard.commit_(self.state[p]["step"], self.state[p]["step"] + 1)
+                elif p.numel() == 0:
+                    empty.append(self.state[p]["step"])
             if vectors:
                 self._adamw(group, vectors, guard)
-            if matrices:
-                self._matrix_step(group, matrices, guard)
+            if empty:
+                _fogo_math.count_steps_(empty, guard.skip(empty[0].device))
+            for bucket in self._group_buckets(gi):
+                take = [i for i, p in enumerate(bucket.params) if p.grad is not None]
+                if take:
+                    self._bucket_step(group, bucket, take, guard)
+                    stepped.append((bucket, take))
+        self._scheduled_writes(stepped, guard)
         return loss
 
     def _adamw(self, group: dict, params: list[torch.Tensor], guard) -> None:
@@ -484,83 +318,54 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         _fused.adamw_(
             params, [cast(torch.Tensor, p.grad) for p in params], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"],
-            betas=self._adamw_betas(group), eps=group["adamw_eps"],
+            betas=_fogo_state.adamw_betas(group), eps=group["adamw_eps"],
             weight_decay=group["weight_decay"], found_inf=guard.found_inf,
         )  # fmt: skip
 
-    def _directions(self, group: dict, p: torch.Tensor, guard) -> list[torch.Tensor]:
-        """Update the momentum streams of ``p`` and return the direction of each stream."""
-        state = self.state[p]
-        grad = self._as_matrix(p.grad)
+    def _bucket_step(self, group: dict, bucket: _Bucket, take: list[int], guard) -> None:
+        """One step of the matrices ``take`` of a bucket: momentum, one batched Newton-Schulz
+        for all matrices and streams, fusion, memory, scale and the masked update."""
+        params = [bucket.params[i] for i in take]
+        states = [bucket.states[i] for i in take]
+        skip = guard.skip(params[0].device)
+        grads = torch.stack([_fogo_state.as_matrix(cast(torch.Tensor, p.grad)) for p in params])
         names = ("momentum_slow", "momentum_fast") if group["dual_stream"] else ("momentum_slow",)
-        betas = (self._slow_beta(group), group["beta_fast"])
-        out = []
-        for name, beta in zip(names, betas[: len(names)], strict=True):
-            buf = state[name]
-            guard.commit_(buf, torch.lerp(buf, grad, 1 - beta))
-            out.append(grad.lerp(buf, beta) if group["nesterov"] else buf)
-        return out
-
-    def _orthogonalize(self, group: dict, x: torch.Tensor) -> torch.Tensor:
-        return newton_schulz(
-            x, group["ns_steps"], group["ns_coefficients"], group["ns_dtype"], group["eps"]
+        betas = (_fogo_state.slow_beta(group), group["beta_fast"])[: len(names)]
+        directions = _fogo_math.momentum_(
+            grads, [[st[n] for st in states] for n in names], betas, group["nesterov"], skip
         )
+        ortho = _fogo_math.orthogonalize(
+            directions, group["ns_steps"], group["ns_coefficients"], group["ns_dtype"],
+            group["eps"],
+        )  # fmt: skip
+        update = _fogo_math.fuse(ortho, group["fusion"], group["mix"], group["eps"])
+        steps = _fogo_math.count_steps_([st["step"] for st in states], skip)
+        if bucket.memory is not None:
+            bucket.memory.accumulate(grads, take, skip)
+            update = bucket.memory.correct(update, steps, take, skip)
+        self._apply(group, params, update, skip)
 
-    def _fuse(self, group: dict, o_slow: torch.Tensor, o_fast: torch.Tensor) -> torch.Tensor:
-        interp = slerp if group["fusion"] == "slerp" else nlerp
-        return interp(o_slow, o_fast, group["mix"], group["eps"])
-
-    def _matrix_step(self, group: dict, params: list[torch.Tensor], guard) -> None:
-        """Fast path: one batched Newton-Schulz call per shape for all matrices and streams."""
-        by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-        for p in params:
-            by_shape[(self._as_matrix(p).shape, p.dtype, p.device)].append(p)
-        for same in by_shape.values():
-            streams = [self._directions(group, p, guard) for p in same]
-            n_streams = len(streams[0])
-            stacked = torch.stack([d for dirs in streams for d in dirs])
-            ortho = self._orthogonalize(group, stacked)
-            ortho = ortho.view(len(same), n_streams, *stacked.shape[1:])
-            fused = self._fuse(group, ortho[:, 0], ortho[:, 1]) if n_streams == 2 else ortho[:, 0]
-            for i, p in enumerate(same):
-                self._finish(group, p, fused[i], guard)
-
-    def _finish(self, group: dict, p: torch.Tensor, direction: torch.Tensor, guard) -> None:
-        """Memory correction, scaling, weight decay and the parameter update for one matrix.
-
-        Every write goes through ``guard`` (a dropped step changes nothing); the step counter
-        stays on the device, and the host follows it with an upper bound (``_write_due``).
-        """
-        state = self.state[p]
-        step = state["step"]
-        guard.commit_(step, step + 1)
-        if group["memory"]:
-            grad = self._as_matrix(p.grad)
-            if group["side"] == "output":
-                grad = grad.mT
-            if "grad_sketch" in state:
-                sketch = state["grad_sketch"]
-                guard.commit_(sketch, sketch + grad.mT.float() @ (grad.float() @ self._omega(p)))
-            if "row_energy" in state:
-                energy = state["row_energy"]
-                guard.commit_(energy, energy + grad.float().square().sum(1))
-            direction = self._correct(group, p, direction, step, guard)
+    def _apply(self, group: dict, params: list[torch.Tensor], update: torch.Tensor, skip):
+        """Scale the (N, m, n) directions and update the parameters."""
         lr = group["lr"]
-        new = p.mul(1 - lr * group["weight_decay"]) if group["weight_decay"] != 0 else p
-        if group["scale"] == "muon":
-            m, n = direction.shape
-            alpha = -(lr * (group["target_rms"] * math.sqrt(max(m, n))))
-            new = new.add(direction.view_as(p), alpha=alpha)
-        else:
-            gamma = rms_scale(direction, group["target_rms"], group["eps"])
-            new = new.add((direction * gamma).view_as(p), alpha=-lr)
-        guard.commit_(p, new)
-        if group["memory"] and group["write_interval"]:
-            written = self._write_due(p, group["write_interval"], guard)
-            if written is not None:
-                self._write(group, p, written, codebook.SCHEDULED)
+        update, alpha = _fogo_math.scaled(update, group["scale"], group["target_rms"],
+                                          group["eps"], lr)  # fmt: skip
+        _fogo_math.apply_(params, update, lr, group["weight_decay"], alpha, skip)
 
-    def _write_due(self, p: torch.Tensor, interval: int, guard) -> int | None:
+    # ------------------------------------------------------------------------- memory writes
+    def _scheduled_writes(self, stepped: list[tuple[_Bucket, list[int]]], guard) -> None:
+        """Scheduled writes due after this step (host logic; a write syncs)."""
+        for bucket, take in stepped:
+            if bucket.memory is None or not bucket.memory.config.write_interval:
+                continue
+            interval = bucket.memory.config.write_interval
+            for i in take:
+                step = self._write_due(bucket.params[i], bucket.states[i], interval, guard)
+                if step is not None:
+                    slow = bucket.states[i]["momentum_slow"]
+                    bucket.memory.write(i, slow, step, codebook.SCHEDULED)
+
+    def _write_due(self, p: torch.Tensor, state: dict, interval: int, guard) -> int | None:
         """The step at which ``p``'s memory writes now, or None; reads the device only when
         the host's upper bound of the step counter reaches a multiple of ``interval``.
 
@@ -571,113 +376,19 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         """
         key = id(p)
         hint = self._step_hint.get(key)
-        if hint is None:  # first step after a load or a copy: one read
-            hint = int(self.state[p]["step"].item()) - 1
+        if hint is None:  # first step after construction, a load or a copy: one read
+            hint = int(state["step"].item()) - 1
         hint += 1
         self._step_hint[key] = hint
         if hint % interval:
             return None
-        step = int(self.state[p]["step"].item())
+        step = int(state["step"].item())
         self._step_hint[key] = step
         if step % interval or guard.skipped():
             return None
         return step
 
-    def _correct(self, group: dict, p: torch.Tensor, direction: torch.Tensor, step, guard):
-        state = self.state[p]
-        book = state["memory"]
-        config = self._codebook_config(group, p)
-        flip = group["side"] == "output"
-        u = direction.mT if flip else direction
-        low = u.dtype in (torch.float16, torch.bfloat16)  # the lift's solve needs >= float32
-        corrected, stats = codebook.correct(
-            u.float() if low else u, book, step, config, self._sketch(group, p),
-            skip=guard.skip(p.device),
-        )  # fmt: skip
-        corrected = corrected.to(u.dtype)
-        old = state.get("last_stats", {})
-        state["last_stats"] = {k: guard.select(old.get(k), v) for k, v in stats.items()}
-        return corrected.mT if flip else corrected
-
-    def _write(self, group: dict, p: torch.Tensor, step: int, kind: int) -> str:
-        state = self.state[p]
-        config = self._codebook_config(group, p)
-        slow = state["momentum_slow"]
-        if group["side"] == "output":
-            slow = slow.mT
-        if "grad_sketch" in state:
-            # Rows of F^T span the same space, with the same energies, as the gradients since
-            # the last write: F F^T ~= sum_t G_t^T G_t.
-            source = nystrom_factor(state["grad_sketch"], self._omega(p)).mT
-            state["grad_sketch"].zero_()
-        else:
-            source = slow
-        new_stretch = self._new_stretch(group, p, kind)
-        interval = group["write_interval"]
-        min_age = group["min_age"] if group["min_age"] is not None else interval
-        ready = step if kind == codebook.CONSOLIDATED else step + min_age
-        seed = state["seed"] * 65_537 + state["writes"]
-        state["writes"] += 1
-        return codebook.write(
-            state["memory"], source, step, config, seed=seed, kind=kind, ready=ready,
-            sketch=self._sketch(group, p), sign_source=slow, new_stretch=new_stretch,
-        )  # fmt: skip
-
-    def _new_stretch(self, group: dict, p: torch.Tensor, kind: int) -> bool:
-        """Whether the window ending now starts a new stretch of training (output-side test).
-
-        A new stretch moves the error to other output units *and* makes it grow: the window's
-        profile agrees with the previous window's less than ``stretch_threshold`` (cosine) and
-        its gradient energy is at least 1.5 times the previous window's. A drop counts once the
-        previous stretch has held for a window (the first windows of training, and the first after a
-        shift, are transients). Converging training, whose error shrinks while its profile
-        drifts, never starts one. ``end_task`` is always a boundary.
-        """
-        state = self.state[p]
-        if "row_energy" not in state:
-            return kind == codebook.CONSOLIDATED
-        # The window's energy sum_t ||G_t||^2 is the squared norm of its profile.
-        last = state["last_profile"]
-        grew = bool(state["row_energy"].sum() >= _SHIFT_GROWTH * last.square().sum())
-        profile = state["row_energy"].sqrt()
-        state["row_energy"].zero_()
-        agree = codebook.profile_cosine(last, profile) >= group["stretch_threshold"]
-        last.copy_(profile)
-        if kind == codebook.CONSOLIDATED:
-            state["stretch_windows"] = 0
-            return True
-        new = not agree and grew and state["stretch_windows"] >= 1
-        state["stretch_windows"] = state["stretch_windows"] + 1 if agree else 0
-        return new
-
-    def _check_loadable(self, state_dict: dict) -> None:
-        """``ValueError`` if a saved per-parameter state cannot belong to this parameter under
-        the saved group settings (another model, optimizer or memory configuration)."""
-        saved_groups = state_dict.get("param_groups", [])
-        if len(saved_groups) != len(self.param_groups):
-            return  # torch raises its own error
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
-            if len(saved["params"]) != len(group["params"]):
-                return
-            hp = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-            for key, p in zip(saved["params"], group["params"], strict=True):
-                st = state_dict["state"].get(key)
-                if not st:
-                    continue
-                algo = self._algorithm(hp, p)
-                expect = _tensor_shapes(self._new_state(hp, p, 0, "meta"))
-                found = _tensor_shapes({k: v for k, v in st.items() if k != "last_stats"})
-                extra = [name for name in found if name not in expect]
-                for name in [*expect, *extra]:  # what is missing first, then what is left over
-                    if expect.get(name) != found.get(name):
-                        raise ValueError(
-                            f"FOGO.load_state_dict: param group {gi}, parameter {key} "
-                            f"(shape {tuple(p.shape)}, algorithm {algo!r}) needs state "
-                            f"{name!r} of shape {expect.get(name)}, the state dict has "
-                            f"{found.get(name)}; it comes from another model, optimizer or "
-                            "memory configuration"
-                        )
-
+    # ---------------------------------------------------------------------------- loading
     def load_state_dict(self, state_dict: dict) -> None:
         """Load state; codebook tensors keep their own dtypes (bool/int64 metadata, the memory
         dtype of the bases) instead of torch's default cast to the parameter's dtype, and step
@@ -685,47 +396,34 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         ``ValueError`` before anything is changed. The state keys may be torch's integer ids or
         anything else that ``param_groups[i]["params"]`` lists (the parameter names of
         ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict``)."""
-        self._check_loadable(state_dict)
+        _fogo_state.check_loadable(self.param_groups, state_dict)
         saved_ids = [key for g in state_dict.get("param_groups", []) for key in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         by_key = dict(zip(saved_ids, params, strict=False))  # torch checks the lengths
-        kept = {
-            key: {name: value[name] for name in _OWN_DTYPE_STATE if name in value}
-            for key, value in state_dict["state"].items()
-        }
+        kept = _fogo_state.own_dtype_values(state_dict)
         super().load_state_dict(state_dict)
-        for key, extra in kept.items():
-            p = by_key[key]
-            for name, value in extra.items():
-                if isinstance(value, dict):
-                    value = {k: v.to(p.device, copy=True) for k, v in value.items()}
-                else:
-                    value = value.to(p.device, copy=True)
-                self.state[p][name] = value
-        for p in params:
-            state = self.state.get(p)
-            if state and "step" in state:
-                state["step"] = state["step"].to(p.device, torch.float32, copy=True)
-        self._sketch_cache.clear()
-        self._omega_cache.clear()
-        self._step_hint.clear()
+        for key, p in by_key.items():
+            if self.state.get(p):
+                _fogo_state.restore_loaded(self.state[p], p, kept.get(key, {}))
+        self._reset_caches()
+        self._populate_state()  # parameters the state dict has no state for
 
     # --------------------------------------------------------------------- public memory API
     @torch.no_grad()
     def end_task(self) -> None:
         """Consolidate at a task boundary: store the slow momentum's directions as a protected
-        entry and make every stored entry protect from now on. Optional; nothing requires it."""
-        for group in self.param_groups:
-            if not group["memory"]:
-                continue
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state or "memory" not in state:
+        entry and make every stored entry protect from now on. Optional; nothing requires it.
+        Matrices that have not taken a step yet have nothing to consolidate."""
+        for gi in range(len(self.param_groups)):
+            for bucket in self._group_buckets(gi):
+                if bucket.memory is None:
                     continue
-                step = int(state["step"].item())
-                self._write(group, p, step, codebook.CONSOLIDATED)
-                book = state["memory"]
-                book["ready"].clamp_(max=step)
+                for i, state in enumerate(bucket.states):
+                    step = int(state["step"].item())
+                    if step == 0:
+                        continue
+                    bucket.memory.write(i, state["momentum_slow"], step, codebook.CONSOLIDATED)
+                    state["memory"]["ready"].clamp_(max=step)
 
     def memory_stats(self) -> dict[str, float]:
         """Interference diagnostics of the last step, aggregated over protected matrices.
@@ -736,7 +434,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         ``memory_bytes`` (codebook tensors), ``param_bytes`` (of the protected matrices),
         ``memory_fraction`` and ``writes``. Reading it syncs with the device; ``step`` never does.
         """
-        out = defaultdict(float)
+        out: dict[str, float] = defaultdict(float)
         ratios = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -755,10 +453,10 @@ class FOGO(_nonfinite.Guarded, Optimizer):
                         out["memory_bytes"] += extra.numel() * extra.element_size()
                 out["param_bytes"] += p.numel() * p.element_size()
                 out["writes"] += state["writes"]
-                stats = state.get("last_stats")
-                if stats is not None:
-                    out["ready"] += int(stats["ready"])
-                    out["conflicts"] += int(stats["conflicts"])
+                stats = state["last_stats"]
+                out["ready"] += int(stats["ready"])
+                out["conflicts"] += int(stats["conflicts"])
+                if int(state["step"]) > 0:
                     ratios.append(float(stats["correction_ratio"]))
         out["conflict_rate"] = out["conflicts"] / out["ready"] if out["ready"] else 0.0
         out["correction_ratio"] = sum(ratios) / len(ratios) if ratios else 0.0
@@ -769,3 +467,16 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             out["memory_bytes"] / out["param_bytes"] if out["param_bytes"] else 0.0
         )
         return dict(out)
+
+
+class _Bucket:
+    """The FOGO matrices of one param group with the same (shape, dtype, device): their
+    parameters, their state dicts, and their memory (None without)."""
+
+    def __init__(self, group: dict, params: list[torch.Tensor], states: list[dict]):
+        self.params = params
+        self.states = states
+        self.memory = None
+        if group["memory"]:
+            config = _fogo_state.memory_config(group, _fogo_state.matrix_shape(params[0]))
+            self.memory = MemoryBucket(config, states, params[0].device)

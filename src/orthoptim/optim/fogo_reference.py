@@ -7,7 +7,8 @@ a Python loop, and solves the lift from its n x n normal equations
 
     U (I_n + rho V V^T) = O + rho c' V^T.
 
-Codebook writes (rare, host-side) are shared with the fast class and tested on their own.
+Everything else (state, codebook writes: rare, host-side) is shared with the fast class; the
+writes are tested on their own.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from __future__ import annotations
 import torch
 
 from orthoptim.memory.codebook import CodebookConfig
+from orthoptim.ops.geometry import nlerp, rms_scale, slerp
+from orthoptim.ops.newton_schulz import newton_schulz
+from orthoptim.optim._fogo_state import as_matrix, slow_beta
 from orthoptim.optim.fogo import FOGO
 
 
@@ -58,30 +62,73 @@ def reference_correct(
 class FOGOReference(FOGO):
     """FOGO with the per-matrix step written as a plain loop (see module docstring)."""
 
-    def _matrix_step(self, group: dict, params: list[torch.Tensor], guard) -> None:
-        for p in params:
-            directions = self._directions(group, p, guard)
-            ortho = [self._orthogonalize(group, d) for d in directions]
-            fused = self._fuse(group, ortho[0], ortho[1]) if len(ortho) == 2 else ortho[0]
-            self._finish(group, p, fused, guard)
+    def _bucket_step(self, group: dict, bucket, take: list[int], guard) -> None:
+        for i in take:
+            self._matrix_step(group, bucket, i, guard)
 
-    def _correct(self, group: dict, p: torch.Tensor, direction: torch.Tensor, step, guard):
-        state = self.state[p]
-        config = self._codebook_config(group, p)
-        flip = group["side"] == "output"
-        u = direction.mT if flip else direction
+    def _matrix_step(self, group: dict, bucket, i: int, guard) -> None:
+        p, state = bucket.params[i], bucket.states[i]
+        grad = as_matrix(p.grad)
+        # Momentum streams and their directions.
+        names = ("momentum_slow", "momentum_fast") if group["dual_stream"] else ("momentum_slow",)
+        betas = (slow_beta(group), group["beta_fast"])
+        directions = []
+        for name, beta in zip(names, betas[: len(names)], strict=False):
+            buf = state[name]
+            guard.commit_(buf, torch.lerp(buf, grad, 1 - beta))
+            directions.append(grad.lerp(buf, beta) if group["nesterov"] else buf)
+        # Newton-Schulz per stream, then the fusion.
+        ns = (group["ns_steps"], group["ns_coefficients"], group["ns_dtype"], group["eps"])
+        # Each as a batch of one: the batched kernel (baddbmm) of the fast path, whose bits can
+        # differ from a 2-D addmm's.
+        ortho = [newton_schulz(d.unsqueeze(0), *ns)[0] for d in directions]
+        if len(ortho) == 2:
+            interp = slerp if group["fusion"] == "slerp" else nlerp
+            update = interp(ortho[0], ortho[1], group["mix"], group["eps"])
+        else:
+            update = ortho[0]
+        guard.commit_(state["step"], state["step"] + 1)
+        if bucket.memory is not None:
+            update = self._memory(bucket.memory, i, grad, update, guard)
+        # Scale, decay, update.
+        lr, new = group["lr"], p
+        if group["weight_decay"] != 0:
+            new = p.mul(1 - lr * group["weight_decay"])
+        if group["scale"] == "muon":
+            m, n = update.shape
+            new = new.add(update.view_as(p), alpha=-(lr * (group["target_rms"] * max(m, n) ** 0.5)))
+        else:
+            gamma = rms_scale(update, group["target_rms"], group["eps"])
+            new = new.add((update * gamma).view_as(p), alpha=-lr)
+        guard.commit_(p, new)
+
+    def _memory(self, memory, i: int, grad, update, guard):
+        """Window statistics, then the conflict test and the lift, for matrix ``i``."""
+        state, config = memory.states[i], memory.config
+        flip = config.transpose
+        g = grad.mT if flip else grad
+        if "grad_sketch" in state:
+            sketch = state["grad_sketch"]
+            guard.commit_(sketch, sketch + g.mT.float() @ (g.float() @ memory.omegas[i]))
+        if "row_energy" in state:
+            energy = state["row_energy"]
+            guard.commit_(energy, energy + g.float().square().sum(1))
+        u = update.mT if flip else update
+        low = u.dtype in (torch.float16, torch.bfloat16)
+        work = u.float() if low else u
         book = state["memory"]
-        step = int(step)  # the oracle reads on the host
-        corrected, conflicts = reference_correct(u, book, step, config, self._sketch(group, p))
+        step = int(state["step"])  # the oracle reads on the host
+        corrected, conflicts = reference_correct(work, book, step, config.codebook, memory.signs[i])
         if not guard.skipped():
             for entry in conflicts:
                 book["hits"][entry] += 1
         ready = book["used"] & (book["ready"] <= step)
-        old = state.get("last_stats", {})
         new = {
             "ready": ready.sum(),
             "conflicts": torch.tensor(len(conflicts)),
-            "correction_ratio": (corrected - u).norm() / u.norm(),
+            "correction_ratio": (corrected - work).norm() / work.norm(),
         }
-        state["last_stats"] = {k: guard.select(old.get(k), v) for k, v in new.items()}
+        for k, v in new.items():
+            state["last_stats"][k].copy_(guard.select(state["last_stats"][k], v))
+        corrected = corrected.to(u.dtype)
         return corrected.mT if flip else corrected

@@ -1,0 +1,141 @@
+"""FOGO's short-term step as pure functions over a bucket of N same-shape matrices.
+
+Inputs are stacked (N, m, n) tensors or lists of the N per-parameter tensors; every write of
+optimizer state is masked by ``skip`` (a 0-d bool tensor on the device: the step is dropped,
+see :mod:`orthoptim.optim._nonfinite`), so a dropped step changes nothing, without a host sync.
+Element-wise and per-matrix operations only: each matrix's result does not depend on the others
+in its bucket (batched Newton-Schulz and norms reduce per matrix), which is what lets a
+sharded step compute any slice of a bucket and get the bits a replicated step gets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from orthoptim.ops.geometry import nlerp, rms_scale, slerp
+from orthoptim.ops.newton_schulz import newton_schulz
+
+
+def _masked(skip: torch.Tensor | None, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    return new if skip is None else torch.where(skip, old, new)
+
+
+def commit_(
+    targets: list[torch.Tensor],
+    new: torch.Tensor,
+    skip: torch.Tensor | None,
+    old: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``targets[i] <- new[i]`` for the N per-parameter tensors, unless the step is dropped
+    (``old``: ``torch.stack(targets)`` when the caller has it). Returns what was stored."""
+    if skip is not None:
+        new = torch.where(skip, torch.stack(targets) if old is None else old, new)
+    torch._foreach_copy_(targets, list(new.unbind(0)))
+    return new
+
+
+def count_steps_(steps: list[torch.Tensor], skip: torch.Tensor | None) -> torch.Tensor:
+    """Add one to each matrix's step counter (float32 0-d) unless dropped; the counters now."""
+    old = torch.stack(steps)
+    return commit_(steps, old + 1, skip, old)
+
+
+def momentum_(
+    grads: torch.Tensor,
+    buffers: Sequence[list[torch.Tensor]],
+    betas: Sequence[float],
+    nesterov: bool,
+    skip: torch.Tensor | None,
+) -> torch.Tensor:
+    """Update each momentum stream M <- lerp(M, G, 1 - beta) and return the directions.
+
+    Args:
+        grads: G, (N, m, n).
+        buffers: per stream, the N momentum buffers (updated in place unless dropped).
+        betas: per stream, its beta.
+        nesterov: direction G + beta (M - G) instead of M.
+        skip: the step's drop flag (None: never dropped).
+
+    Returns:
+        (N, S, m, n): the direction of every matrix and stream, streams interleaved per matrix.
+    """
+    out = []
+    for bufs, beta in zip(buffers, betas, strict=True):
+        old = torch.stack(bufs)
+        new = commit_(bufs, torch.lerp(old, grads, 1 - beta), skip, old)
+        out.append(grads.lerp(new, beta) if nesterov else new)
+    return torch.stack(out, dim=1)
+
+
+def orthogonalize(
+    directions: torch.Tensor,
+    steps: int,
+    coefficients: str | tuple[float, float, float],
+    dtype: str,
+    eps: float,
+) -> torch.Tensor:
+    """Newton-Schulz polar factors of (N, S, m, n) directions: one batched call for all."""
+    n, s = directions.shape[:2]
+    flat = directions.reshape(n * s, *directions.shape[2:])
+    return newton_schulz(flat, steps, coefficients, dtype, eps).view(directions.shape)
+
+
+def fuse(ortho: torch.Tensor, fusion: str, mix: float, eps: float) -> torch.Tensor:
+    """Fuse the two streams of (N, S, m, n) polar factors (slerp or nlerp; S = 1: the stream)."""
+    if ortho.shape[1] == 1:
+        return ortho[:, 0]
+    interp = slerp if fusion == "slerp" else nlerp
+    return interp(ortho[:, 0], ortho[:, 1], mix, eps)
+
+
+Scalar = float | torch.Tensor
+
+
+def scaled(
+    direction: torch.Tensor, scale: str, target_rms: float, eps: float, lr: Scalar
+) -> tuple[torch.Tensor, Scalar]:
+    """The update sent to the parameters and its coefficient: p <- p (1 - lr wd) + alpha u.
+
+    ``scale="rms"``: u = gamma D with gamma = sigma sqrt(mn) / ||D||_F (RMS of u = sigma),
+    alpha = -lr. ``scale="muon"``: u = D, alpha = -lr sigma sqrt(max(m, n)) (torch's
+    ``match_rms_adamw``). Returns (u, alpha); u is (N, m, n).
+    """
+    if scale == "muon":
+        m, n = direction.shape[-2:]
+        return direction, -(lr * (target_rms * math.sqrt(max(m, n))))
+    return direction * rms_scale(direction, target_rms, eps), -lr
+
+
+def apply_(
+    params: list[torch.Tensor],
+    updates: torch.Tensor,
+    lr: Scalar,
+    weight_decay: float,
+    alpha: Scalar,
+    skip: torch.Tensor | None,
+) -> None:
+    """p <- p (1 - lr wd) + alpha u for every parameter, in place, unless the step is dropped
+    (then p * 1 + alpha * 0: exactly p). ``updates``: (N, m, n), the parameters' matrices.
+
+    With a tensor ``lr`` (``alpha`` a tensor) the update is p + (alpha u): one more rounding
+    than the fused p + alpha u of a Python ``lr``, and no host read."""
+    if skip is not None:
+        updates = torch.where(skip, torch.zeros((), dtype=updates.dtype, device=skip.device),
+                              updates)  # fmt: skip
+    if weight_decay != 0:
+        decay = 1 - lr * weight_decay
+        if skip is not None:  # float64 0-d: p * decay rounds as with a Python float
+            decay = torch.where(
+                skip,
+                torch.ones((), dtype=torch.float64, device=skip.device),
+                torch.as_tensor(decay, dtype=torch.float64, device=skip.device),
+            )
+        torch._foreach_mul_(params, decay)
+    if isinstance(alpha, torch.Tensor):
+        updates = updates * alpha.to(updates.dtype)
+        alpha = 1
+    views = [u.reshape(p.shape) for u, p in zip(updates.unbind(0), params, strict=True)]
+    torch._foreach_add_(params, views, alpha=alpha)
