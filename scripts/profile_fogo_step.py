@@ -1,11 +1,12 @@
 """Where FOGO's step time goes, on a shape set of ``orthoptim speed`` (default: the GPT stack).
 
 FOGO's steady step (no memory write) on fixed gradients, with a timer around each part of the
-step (the optimizer's own methods, wrapped; a device sync before and after each): the
-non-finite check, the momentum streams, Newton-Schulz, the slerp fusion, the memory correction,
-the rest of ``_finish`` (sketch and energy accumulation, RMS scale, decay, the masked parameter
-update), AdamW, and what is left (Python, stacking, the loop). The write step is timed apart, on
-an instance that writes every step. Then the top operators by self time (torch.profiler).
+step (the functions and methods the step calls, wrapped; a device sync before and after each):
+the non-finite check, the momentum streams, Newton-Schulz, the fusion, the step counters, the
+memory's accumulation (sketch and output-energy profile) and correction, the scale and masked
+parameter update, AdamW, and what is left (Python, stacking, the loop). The write step is timed
+apart, on an instance that writes every step. Then the top operators by self time
+(torch.profiler).
 
     python scripts/profile_fogo_step.py --steps 5 --threads 1
     python scripts/profile_fogo_step.py --device cuda --steps 20
@@ -22,11 +23,24 @@ from collections import defaultdict
 import torch
 
 from orthoptim.benchmarks import speed
-from orthoptim.optim import _nonfinite
+from orthoptim.memory.bucket import MemoryBucket
+from orthoptim.optim import _fogo_math, _fogo_state, _nonfinite
 from orthoptim.optim.fogo import FOGO
 from orthoptim.optim.param_groups import param_groups
 
-PARTS = ("begin_step", "_directions", "_orthogonalize", "_fuse", "_correct", "_finish", "_adamw")
+# (where, attribute, label): the step's parts, each timed where the step calls it.
+PARTS = (
+    (_nonfinite, "begin_step", "non-finite check"),
+    (_fogo_math, "momentum_", "momentum streams"),
+    (_fogo_math, "orthogonalize", "Newton-Schulz"),
+    (_fogo_math, "fuse", "fusion (slerp)"),
+    (_fogo_math, "count_steps_", "step counters"),
+    (MemoryBucket, "accumulate", "memory: sketch and energy accumulation"),
+    (MemoryBucket, "correct", "memory: correction"),
+    (FOGO, "_apply", "scale and masked update"),
+    (FOGO, "_adamw", "AdamW"),
+    (FOGO, "_scheduled_writes", "memory writes (schedule and writes)"),
+)
 
 
 def timed(fn, key, spent, device):
@@ -71,12 +85,10 @@ def main() -> None:
         opt = build(**kw)
         for _ in range(2):
             opt.step()
-        spent = defaultdict(float)
-        for name in PARTS[1:]:
-            setattr(opt, name, timed(getattr(opt, name), name, spent, dev))
-        begin, write = _nonfinite.begin_step, opt._write
-        _nonfinite.begin_step = timed(begin, "begin_step", spent, dev)
-        opt._write = timed(write, "_write", spent, dev)
+        spent: dict[str, float] = defaultdict(float)
+        originals = [(owner, name, getattr(owner, name)) for owner, name, _ in PARTS]
+        for owner, name, fn in originals:
+            setattr(owner, name, timed(fn, name, spent, dev))
         rows, totals = defaultdict(list), []
         try:
             for _ in range(args.steps):
@@ -86,26 +98,17 @@ def main() -> None:
                 opt.step()
                 speed._sync(dev)
                 totals.append(time.perf_counter() - t0)
-                parts = dict(spent)
-                parts["_finish"] = spent["_finish"] - spent["_correct"] - spent["_write"]
-                outer = ("begin_step", "_directions", "_orthogonalize", "_fuse", "_finish",
-                         "_adamw")  # fmt: skip
-                parts["other"] = totals[-1] - sum(spent[k] for k in outer)
-                for k, v in parts.items():
-                    rows[k].append(v)
+                for _, name, _ in PARTS:
+                    rows[name].append(spent[name])
+                rows["other"].append(totals[-1] - sum(spent.values()))
         finally:
-            _nonfinite.begin_step = begin
+            for owner, name, fn in originals:
+                setattr(owner, name, fn)
         total = statistics.median(totals)
         print(f"\n{label}: step {1e3 * total:.1f} ms")
-        names = {"begin_step": "non-finite check", "_directions": "momentum streams",
-                 "_orthogonalize": "Newton-Schulz", "_fuse": "slerp fusion",
-                 "_correct": "memory correction", "_write": "memory write",
-                 "_finish": "finish: sketch, energy, scale, masked update", "_adamw": "AdamW",
-                 "other": "other: Python, stacking, loop"}  # fmt: skip
-        for key, name in names.items():
-            if key in rows:
-                t = statistics.median(rows[key])
-                print(f"  {name:48s} {1e3 * t:9.2f} ms  {100 * t / total:5.1f}%")
+        for _, name, title in (*PARTS, (None, "other", "other: Python, stacking, loop")):
+            t = statistics.median(rows[name])
+            print(f"  {title:48s} {1e3 * t:9.2f} ms  {100 * t / total:5.1f}%")
 
     opt = build(write_interval=0)
     for _ in range(2):
@@ -120,8 +123,11 @@ def main() -> None:
     print(f"\ntop operators of {args.steps} steady steps (self time):")
     print(prof.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=40))
     ranks = {
-        tuple(opt._as_matrix(p).shape): opt._codebook_config(g, p).rank
-        for g in opt.param_groups if g["algorithm"] == "fogo" for p in g["params"]
+        _fogo_state.matrix_shape(p): _fogo_state.memory_config(
+            g, _fogo_state.matrix_shape(p)
+        ).codebook.rank
+        for g in opt.param_groups if g["algorithm"] == "fogo" and g["memory"]
+        for p in g["params"]
     }  # fmt: skip
     print(f"memory pool rank R per matrix shape: {ranks}")
 

@@ -271,3 +271,36 @@ def test_consolidation_evicts_window_summaries_before_tasks():
     codebook.write(book, low_rank(10, 12, 2, seed=2), 30, cfg, seed=3, kind=CONSOLIDATED, ready=30)
     kinds = sorted(int(k) for k in book["kind"][book["used"]])
     assert kinds == [CONSOLIDATED, CONSOLIDATED]
+
+
+@pytest.mark.parametrize("gate", ["overlap", "sign"])
+def test_batched_correction_with_cached_lifts_equals_one_matrix_at_a_time(gate):
+    """codebook.correct over a stack of codebooks (FOGO's buckets), with the lift matrices and
+    column maps computed once, equals the per-matrix correction; hits count the same."""
+    from orthoptim.ops.subspace import lift_matrix
+
+    cfg = config(gate=gate, gate_threshold=0.05, rho=3.0, sketch_dim=32)
+    sketch = codebook.sign_sketch(10, cfg, seed=0, device="cpu")
+    books = []
+    for i in range(3):
+        book = codebook.init_codebook(12, cfg, "cpu")
+        for j in range(i + 1):  # 1 to 3 entries
+            codebook.write(book, low_rank(10, 12, 2, seed=10 * i + j), 1, cfg, seed=j,
+                           kind=CONSOLIDATED, ready=1, sketch=sketch)  # fmt: skip
+        books.append(book)
+    gen = torch.Generator().manual_seed(5)
+    updates = torch.randn(3, 10, 12, generator=gen, dtype=torch.float64)
+    updates[1] = -low_rank(10, 12, 2, seed=10)  # opposes a stored direction
+    stacked = {k: torch.stack([b[k] for b in books]) for k in books[0]}
+    lift = lift_matrix(stacked["basis"], cfg.rho)
+    col2entry = codebook.entry_of_columns(stacked, cfg.capacity)
+    signs = sketch.expand(3, *sketch.shape)
+    out, stats = codebook.correct(updates, stacked, torch.full((3,), 2.0), cfg, signs,
+                                  lift=lift, col2entry=col2entry)  # fmt: skip
+    for i, book in enumerate(books):
+        one, one_stats = codebook.correct(updates[i], book, 2, cfg, sketch)
+        assert torch.allclose(out[i], one, atol=1e-12)
+        assert torch.equal(stacked["hits"][i], book["hits"])
+        for k in ("ready", "conflicts"):
+            assert int(stats[k][i]) == int(one_stats[k])
+    assert int(stats["conflicts"].sum()) > 0

@@ -53,10 +53,10 @@ def assert_states_equal(a, b, exact=True):
         if isinstance(va, dict):
             assert_states_equal(va, vb, exact)
         elif isinstance(va, torch.Tensor):
-            if exact:
+            if exact or not va.is_floating_point():  # discrete decisions always agree
                 assert torch.equal(va, vb), k
             else:
-                assert torch.allclose(va.double(), vb.double(), atol=1e-10, rtol=1e-8), k
+                assert torch.allclose(va.double(), vb.double(), atol=1e-8, rtol=1e-6), k
         else:
             assert va == vb, k
 
@@ -107,8 +107,10 @@ def test_fast_path_equals_reference(options, conv):
         train(model, opt, data, end_task_at=(7,))
         runs.append((model, opt))
     (m1, o1), (m2, o2) = runs
+    # The fast lift uses M = (I/rho + V^T V)^-1 cached at write time, the reference solves the
+    # n x n normal equations: float64 rounding apart, amplified through the writes' range finders.
     for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
-        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8)
+        assert torch.allclose(a, b, atol=1e-8, rtol=1e-6)
     assert_states_equal(o1.state_dict()["state"], o2.state_dict()["state"], exact=False)
     assert o1.memory_stats()["writes"] > 0
 

@@ -27,6 +27,7 @@ import torch
 
 from orthoptim.memory import codebook
 from orthoptim.ops.sketch import gaussian_sketch_matrix, nystrom_factor
+from orthoptim.ops.subspace import lift_matrix
 
 # A new stretch raises the window's gradient energy by at least this factor (measured at class
 # shifts on split Fashion-MNIST: 1.3 to 95; converging least squares oscillates by up to 1.2).
@@ -77,49 +78,93 @@ def sign_sketch(config: MemoryConfig, seed: int, device: torch.device | str) -> 
     return codebook.sign_sketch(config.other_dim, config.codebook, seed, device)
 
 
-def _select(skip: torch.Tensor | None, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """``new``, or ``old`` where the step is dropped (``skip``: 0-d bool on the device)."""
-    return new if skip is None else torch.where(skip, old, new)
+def _commit(
+    targets: list[torch.Tensor], old: torch.Tensor, new: torch.Tensor, skip: torch.Tensor | None
+) -> None:
+    """``targets[i] <- new[i]`` (``old`` = their stack), unless the step is dropped."""
+    if skip is not None:
+        new = torch.where(skip, old, new)
+    torch._foreach_copy_(targets, list(new.unbind(0)))
 
 
 class MemoryBucket:
     """The memories of N same-shape matrices (one param group, one device and dtype).
 
+    Keeps, stacked over the bucket, what the per-step work reads and only writes change: the
+    seeded projections, and a copy of each codebook's basis (in the correction's dtype), owners'
+    column-to-entry map, entry flags and lift matrix M (:func:`orthoptim.ops.subspace.lift_matrix`)
+    (refreshed by :meth:`write`, :meth:`consolidate` and :meth:`refresh`).
+
     Args:
         config: the memory settings of the bucket's shape.
         states: the N matrices' state dicts (each holds ``seed``, ``memory``, ...).
         device: where the matrices live.
+        dtype: the correction's dtype (float32 for half-precision parameters).
     """
 
     def __init__(
-        self, config: MemoryConfig, states: Sequence[dict[str, Any]], device: torch.device | str
+        self,
+        config: MemoryConfig,
+        states: Sequence[dict[str, Any]],
+        device: torch.device | str,
+        dtype: torch.dtype,
     ):
         self.config = config
         self.states = list(states)
-        self.omegas: list[torch.Tensor | None] = [
-            omega(config, st["seed"], device) if config.sketch_width else None for st in self.states
-        ]
-        self.signs = [sign_sketch(config, st["seed"], device) for st in self.states]
+        self.dtype = dtype
+        seeds = [st["seed"] for st in self.states]
+        self.omega = (
+            torch.stack([omega(config, s, device) for s in seeds]) if config.sketch_width else None
+        )
+        signs = [sign_sketch(config, s, device) for s in seeds]
+        self.sign = torch.stack(cast(list[torch.Tensor], signs)) if signs[0] is not None else None
+        books = [st["memory"] for st in self.states]
+        self.cache = {
+            name: torch.stack([b[name] for b in books])
+            for name in (
+                "basis",
+                "used",
+                "ready",
+                "owner",
+                *(("sign_dir",) if self.sign is not None else ()),
+            )
+        }
+        self.cache["basis"] = self.cache["basis"].to(dtype)
+        self.col2entry = codebook.entry_of_columns(self.cache, config.codebook.capacity).to(dtype)
+        self.lift = lift_matrix(torch.stack([b["basis"] for b in books]), config.codebook.rho)
+        self.lift = self.lift.to(dtype)
+
+    def refresh(self, i: int) -> None:
+        """Re-read matrix ``i``'s codebook into the stacked copies (after it changed)."""
+        book = self.states[i]["memory"]
+        for name, stacked in self.cache.items():
+            stacked[i].copy_(book[name])
+        self.col2entry[i].copy_(codebook.entry_of_columns(book, self.config.codebook.capacity))
+        self.lift[i].copy_(lift_matrix(book["basis"], self.config.codebook.rho))
 
     def _oriented(self, x: torch.Tensor) -> torch.Tensor:
         """(N, m, n) stored matrices as (N, other, side): the protected side last."""
         return x.mT if self.config.transpose else x
+
+    @staticmethod
+    def _rows(x: torch.Tensor, take: Sequence[int]) -> torch.Tensor:
+        return x if len(take) == x.shape[0] else x[list(take)]
 
     def accumulate(
         self, grads: torch.Tensor, take: Sequence[int], skip: torch.Tensor | None
     ) -> None:
         """Add the gradients (N', m, n) of the matrices ``take`` to their window statistics:
         the sketch Y += G^T (G Omega) and the output-energy profile e += rowsq(G)."""
-        grads = self._oriented(grads)
-        for g, i in zip(grads, take, strict=True):
-            state = self.states[i]
-            if "grad_sketch" in state:
-                sketch = state["grad_sketch"]
-                new = sketch + g.mT.float() @ (g.float() @ cast(torch.Tensor, self.omegas[i]))
-                sketch.copy_(_select(skip, sketch, new))
-            if "row_energy" in state:
-                energy = state["row_energy"]
-                energy.copy_(_select(skip, energy, energy + g.float().square().sum(1)))
+        g = self._oriented(grads).float()
+        states = [self.states[i] for i in take]
+        if self.omega is not None:
+            sketches = [st["grad_sketch"] for st in states]
+            old = torch.stack(sketches)
+            _commit(sketches, old, old + g.mT @ (g @ self._rows(self.omega, take)), skip)
+        if self.config.profile:
+            energies = [st["row_energy"] for st in states]
+            old = torch.stack(energies)
+            _commit(energies, old, old + g.square().sum(-1), skip)
 
     def correct(
         self,
@@ -129,28 +174,42 @@ class MemoryBucket:
         skip: torch.Tensor | None,
     ) -> torch.Tensor:
         """The corrected updates (N', m, n) of the matrices ``take`` at their step counters
-        ``steps`` (N',); counts conflicts and records each matrix's ``last_stats``."""
-        out = []
-        for u, step, i in zip(self._oriented(updates), steps, take, strict=True):
-            state = self.states[i]
-            low = u.dtype in (torch.float16, torch.bfloat16)  # the lift needs >= float32
-            corrected, stats = codebook.correct(
-                u.float() if low else u, state["memory"], step, self.config.codebook,
-                self.signs[i], skip=skip,
-            )  # fmt: skip
-            old = state["last_stats"]
-            for k, v in stats.items():
-                old[k].copy_(_select(skip, old[k], v))
-            corrected = corrected.to(u.dtype)
-            out.append(corrected.mT if self.config.transpose else corrected)
-        return torch.stack(out)  # contiguous in the stored layout
+        ``steps`` (N',): U = O + ((c' - c) M) V^T, gated on the device. Counts conflicts and
+        records each matrix's ``last_stats``."""
+        states = [self.states[i] for i in take]
+        u = self._oriented(updates).to(self.dtype)
+        book = {name: self._rows(t, take) for name, t in self.cache.items()}
+        hits = [st["memory"]["hits"] for st in states]
+        book["hits"] = torch.stack(hits)
+        sign = self._rows(self.sign, take) if self.sign is not None else None
+        corrected, stats = codebook.correct(
+            u, book, steps, self.config.codebook, sign, skip,
+            lift=self._rows(self.lift, take), col2entry=self._rows(self.col2entry, take),
+        )  # fmt: skip
+        torch._foreach_copy_(hits, list(book["hits"].unbind(0)))
+        for name, value in stats.items():
+            targets = [st["last_stats"][name] for st in states]
+            _commit(targets, torch.stack(targets), value, skip)
+        return self._oriented(corrected.to(updates.dtype))
 
     def write(self, i: int, slow: torch.Tensor, step: int, kind: int) -> str:
         """Summarise matrix ``i``'s window into its codebook (eager; reads the device).
 
         ``slow`` is its slow momentum (stored layout): the source with ``write_source="slow"``
         and the sign gate's past direction."""
-        return write(self.states[i], self.config, slow, step, kind, self.omegas[i], self.signs[i])
+        omega_i = self.omega[i] if self.omega is not None else None
+        sign_i = self.sign[i] if self.sign is not None else None
+        out = write(self.states[i], self.config, slow, step, kind, omega_i, sign_i)
+        self.refresh(i)
+        return out
+
+    def consolidate(self, i: int, slow: torch.Tensor, step: int) -> str:
+        """``end_task`` for matrix ``i``: a consolidating write, then every stored entry
+        protects from now on."""
+        out = self.write(i, slow, step, codebook.CONSOLIDATED)
+        self.states[i]["memory"]["ready"].clamp_(max=step)
+        self.refresh(i)
+        return out
 
 
 def new_stretch(state: dict[str, Any], config: MemoryConfig, kind: int) -> bool:

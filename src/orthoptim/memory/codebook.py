@@ -40,17 +40,19 @@ all protection at once.
     overlap gate:  ||c_j||_F / ||O||_F > tau        (any use of the protected subspace)
     sign gate:     cos(S c_j, S A_j) < -tau          (the update undoes the stored direction A_j,
                                                       compared in sketch space S, JL-preserved)
-and the conflicting coordinates are removed by the proximal lift of ``orthoptim.ops.subspace``.
+and the conflicting coordinates are removed by the proximal lift of ``orthoptim.ops.subspace``,
+U = O + ((c' - c) M) V^T, whose R x R matrix M depends on the basis only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
 from orthoptim.ops.sketch import gaussian_sketch_matrix, range_finder
-from orthoptim.ops.subspace import proximal_lift
+from orthoptim.ops.subspace import lift_matrix
 
 SCHEDULED, CONSOLIDATED = 0, 1
 # Offsets that keep the independent random streams of one parameter apart.
@@ -133,9 +135,9 @@ def sign_sketch(m: int, config: CodebookConfig, seed: int, device) -> torch.Tens
 
 
 def entry_of_columns(book: dict[str, torch.Tensor], capacity: int) -> torch.Tensor:
-    """One-hot (R, K) map from columns to entries (free columns map to no entry)."""
+    """One-hot (..., R, K) map from columns to entries (free columns map to no entry)."""
     owner = book["owner"]
-    return (owner.unsqueeze(1) == torch.arange(capacity, device=owner.device)).to(torch.float32)
+    return (owner.unsqueeze(-1) == torch.arange(capacity, device=owner.device)).to(torch.float32)
 
 
 def correct(
@@ -145,40 +147,59 @@ def correct(
     config: CodebookConfig,
     sketch: torch.Tensor | None = None,
     skip: torch.Tensor | None = None,
+    lift: torch.Tensor | None = None,
+    col2entry: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Remove the conflicting protected coordinates of ``update`` (m x n) by the proximal lift.
 
-    Returns the corrected update and per-step statistics (0-d tensors, no host sync): number of
-    ready entries, number in conflict, and ||U* - O||_F / ||O||_F. Also counts hits in place,
-    unless ``skip`` (a 0-d bool tensor: the step is dropped) is True. ``step`` may be a 0-d
-    tensor on the device (the optimizer's counter).
+    U = O + ((c' - c) M) V^T with c = O V, c' = c without the columns of the entries in
+    conflict, and M the lift matrix of the basis (:func:`orthoptim.ops.subspace.lift_matrix`).
+    Batched over leading dimensions: ``update`` (..., m, n) with every codebook tensor stacked
+    the same way (..., n, R) etc., ``step`` 0-d or (...).
+
+    Returns the corrected update and per-step statistics (tensors of the leading shape, no host
+    sync): number of ready entries, number in conflict, and ||U* - O||_F / ||O||_F. Also counts
+    hits in place, unless ``skip`` (a 0-d bool tensor: the step is dropped) is True. ``step``
+    may be a tensor on the device (the optimizer's counter). ``lift`` (M) and ``col2entry``
+    (:func:`entry_of_columns`) may come from the caller's cache; both depend on the basis and
+    owners only, which change only at writes.
     """
-    basis = book["basis"].to(update.dtype)
-    coords = update @ basis  # (m, R)
-    col2entry = entry_of_columns(book, config.capacity).to(update.dtype)  # (R, K)
+    dtype = update.dtype
+    basis = book["basis"].to(dtype)
+    coords = update @ basis  # (..., m, R)
+    if col2entry is None:
+        col2entry = entry_of_columns(book, config.capacity)
+    col2entry = col2entry.to(dtype)  # (..., R, K)
+    if isinstance(step, torch.Tensor) and step.ndim:
+        step = step.unsqueeze(-1)
     ready = book["used"] & (book["ready"] <= step)
+
+    def per_entry(per_column: torch.Tensor) -> torch.Tensor:  # (..., R) -> (..., K)
+        return (per_column.unsqueeze(-2) @ col2entry).squeeze(-2)
+
+    norm = update.norm(dim=(-2, -1)).clamp(min=1e-30)
     if config.gate == "overlap":
-        energy = coords.square().sum(0) @ col2entry  # (K,)
-        score = energy.sqrt() / update.norm().clamp(min=1e-30)
+        score = per_entry(coords.square().sum(-2)).sqrt() / norm.unsqueeze(-1)
         conflict = ready & (score > config.gate_threshold)
     else:
-        projected = sketch.to(update.dtype) @ coords  # (k, R)
-        stored = book["sign_dir"].to(update.dtype)
-        inner = (projected * stored).sum(0) @ col2entry
-        norm_p = projected.square().sum(0) @ col2entry
-        norm_s = stored.square().sum(0) @ col2entry
+        projected = cast(torch.Tensor, sketch).to(dtype) @ coords  # (..., k, R)
+        stored = book["sign_dir"].to(dtype)
+        inner = per_entry((projected * stored).sum(-2))
+        norm_p = per_entry(projected.square().sum(-2))
+        norm_s = per_entry(stored.square().sum(-2))
         cos = inner / (norm_p * norm_s).sqrt().clamp(min=1e-30)
         conflict = ready & (cos < -config.gate_threshold)
-    active_cols = (col2entry @ conflict.to(update.dtype)) > 0
-    target = coords * (~active_cols).to(update.dtype)
-    corrected = proximal_lift(update, basis, target, config.rho)
+    active = (col2entry @ conflict.to(dtype).unsqueeze(-1)).squeeze(-1) > 0  # (..., R)
+    m = lift_matrix(book["basis"], config.rho) if lift is None else lift
+    # c' - c = -c on the active columns, 0 elsewhere.
+    delta = ((coords * -active.to(dtype).unsqueeze(-2)) @ m.to(dtype)) @ basis.mT
     book["hits"] += (conflict if skip is None else conflict & ~skip).to(torch.int64)
     stats = {
-        "ready": ready.sum(),
-        "conflicts": conflict.sum(),
-        "correction_ratio": (corrected - update).norm() / update.norm().clamp(min=1e-30),
+        "ready": ready.sum(-1),
+        "conflicts": conflict.sum(-1),
+        "correction_ratio": delta.norm(dim=(-2, -1)) / norm,
     }
-    return corrected, stats
+    return update + delta, stats
 
 
 def entry_shares(

@@ -22,34 +22,56 @@ from __future__ import annotations
 import torch
 
 
-def proximal_lift(
-    update: torch.Tensor, basis: torch.Tensor, target_coords: torch.Tensor, rho: float
-) -> torch.Tensor:
-    """Closed-form proximal lift (Woodbury form) for any full-column-rank or zero-padded basis.
+def lift_matrix(basis: torch.Tensor, rho: float) -> torch.Tensor:
+    """The R x R matrix M of the lift U* = O + (c' - O V) M V^T: it depends on the basis only,
+    so a caller that keeps V for many steps computes it once (FOGO: at each memory write).
+
+    M = (I / rho + V^T V)^{-1}; for rho = inf, the inverse of V^T V with a unit diagonal on its
+    empty (all-zero) columns, which then drop out (their rows of V^T are zero). For orthonormal
+    V, M = r I with the radius r = rho / (1 + rho) (a per-direction radius would make M diagonal).
+    Computed in float64 (the system is SPD, its eigenvalues 1/rho + those of V^T V) and returned
+    in float64; cast it to the update's dtype.
 
     Args:
-        update: O, shape (..., m, n).
         basis: V, shape (..., n, R); zero columns are allowed and have no effect.
-        target_coords: c', shape (..., m, R).
         rho: proximal weight > 0, or ``float('inf')`` for the hard constraint U V = c'.
-
-    Returns:
-        U*, shape (..., m, n), dtype of ``update``.
     """
-    v = basis.to(update.dtype)
-    coords = update @ v
+    v = basis.double()
     gram = v.mT @ v
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     if rho == float("inf"):
         # Limit rho -> inf of rho (I + rho G)^{-1} = G^+ on the span; zero columns give zero rows
         # of G, which the identity on their diagonal keeps invertible without affecting others.
         empty = gram.diagonal(dim1=-2, dim2=-1) == 0
         system = gram + torch.diag_embed(empty.to(gram.dtype))
     else:
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
         system = eye / rho + gram
-    # solve_ex: the system is SPD by construction, and skipping the error check keeps the step
-    # free of a host sync on accelerators.
-    delta = torch.linalg.solve_ex(system, (target_coords.to(update.dtype) - coords).mT).result.mT
+    return torch.linalg.inv_ex(system).inverse  # no error check: no host sync
+
+
+def proximal_lift(
+    update: torch.Tensor,
+    basis: torch.Tensor,
+    target_coords: torch.Tensor,
+    rho: float,
+    lift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Closed-form proximal lift (Woodbury form) for any full-column-rank or zero-padded basis:
+    U* = O + (c' - O V) M V^T with M = :func:`lift_matrix` (V, rho).
+
+    Args:
+        update: O, shape (..., m, n).
+        basis: V, shape (..., n, R); zero columns are allowed and have no effect.
+        target_coords: c', shape (..., m, R).
+        rho: proximal weight > 0, or ``float('inf')`` for the hard constraint U V = c'.
+        lift: M, when the caller has it (any float dtype; computed otherwise).
+
+    Returns:
+        U*, shape (..., m, n), dtype of ``update``.
+    """
+    v = basis.to(update.dtype)
+    m = lift_matrix(basis, rho) if lift is None else lift
+    delta = (target_coords.to(update.dtype) - update @ v) @ m.to(update.dtype)
     return update + delta @ v.mT
 
 

@@ -422,8 +422,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
                     step = int(state["step"].item())
                     if step == 0:
                         continue
-                    bucket.memory.write(i, state["momentum_slow"], step, codebook.CONSOLIDATED)
-                    state["memory"]["ready"].clamp_(max=step)
+                    bucket.memory.consolidate(i, state["momentum_slow"], step)
 
     def memory_stats(self) -> dict[str, float]:
         """Interference diagnostics of the last step, aggregated over protected matrices.
@@ -479,4 +478,5 @@ class _Bucket:
         self.memory = None
         if group["memory"]:
             config = _fogo_state.memory_config(group, _fogo_state.matrix_shape(params[0]))
-            self.memory = MemoryBucket(config, states, params[0].device)
+            dtype = _fogo_state.stats_dtype(params[0])
+            self.memory = MemoryBucket(config, states, params[0].device, dtype)

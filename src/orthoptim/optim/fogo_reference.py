@@ -109,7 +109,7 @@ class FOGOReference(FOGO):
         g = grad.mT if flip else grad
         if "grad_sketch" in state:
             sketch = state["grad_sketch"]
-            guard.commit_(sketch, sketch + g.mT.float() @ (g.float() @ memory.omegas[i]))
+            guard.commit_(sketch, sketch + g.mT.float() @ (g.float() @ memory.omega[i]))
         if "row_energy" in state:
             energy = state["row_energy"]
             guard.commit_(energy, energy + g.float().square().sum(1))
@@ -118,7 +118,8 @@ class FOGOReference(FOGO):
         work = u.float() if low else u
         book = state["memory"]
         step = int(state["step"])  # the oracle reads on the host
-        corrected, conflicts = reference_correct(work, book, step, config.codebook, memory.signs[i])
+        sign = memory.sign[i] if memory.sign is not None else None
+        corrected, conflicts = reference_correct(work, book, step, config.codebook, sign)
         if not guard.skipped():
             for entry in conflicts:
                 book["hits"][entry] += 1
