@@ -255,7 +255,6 @@ def begin_step(optimizer) -> StepGuard:
     named = _named_grads(optimizer)
     grads = [g for _, g in named]
     counters = optimizer._nonfinite_counters
-    counters.calls += 1
     scale = getattr(optimizer, "grad_scale", None)
     scaler_inf = getattr(optimizer, "found_inf", None)
     inv_scale = None
@@ -283,9 +282,17 @@ def begin_step(optimizer) -> StepGuard:
             _link(optimizer, _Counters(counters.counts.to(found.device)))
             counters = optimizer._nonfinite_counters
         counters.add(found)
-        if counters.calls % CHECK_EVERY == 0:
-            _read_back(optimizer, counters)
+    _tick(optimizer, counters, found is not None)
     return StepGuard(found, inv_scale)
+
+
+@torch.compiler.disable  # type: ignore[untyped-decorator]
+def _tick(optimizer, counters: _Counters, counted: bool) -> None:
+    """Host bookkeeping of a step: the call count, and the periodic read-back of the counters.
+    Eager under ``torch.compile`` (a Python int that changes every step would recompile)."""
+    counters.calls += 1
+    if counted and counters.calls % CHECK_EVERY == 0:
+        _read_back(optimizer, counters)
 
 
 def _read_back(optimizer, counters: _Counters) -> None:

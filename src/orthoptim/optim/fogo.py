@@ -222,7 +222,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         group = self.param_groups[-1]
         if group["ns_dtype"] == "auto":
             group["ns_dtype"] = _fogo_state.ns_dtype_for(group["params"])
-        if hasattr(self, "_buckets"):  # not inside Optimizer.__init__
+        if hasattr(self, "_layouts"):  # not inside Optimizer.__init__
             self._reset_caches()
             self._populate_state()
 
@@ -239,27 +239,13 @@ class FOGO(_nonfinite.Guarded, Optimizer):
 
     def _reset_caches(self) -> None:
         """Forget what is derived from the state (buckets, projections, step hints)."""
-        self._buckets: dict[int, list[_Bucket]] = {}
+        self._layouts: list[_Layout] | None = None
         self._step_hint: dict[int, int] = {}  # host upper bound of each matrix's step counter
 
     def __getstate__(self) -> dict:
         # torch keeps only defaults/state/param_groups, losing the policy, counter and caches
         # (deepcopy / pickle then fail); keep every attribute, drop the derived caches.
-        return {**self.__dict__, "_buckets": {}, "_step_hint": {}}
-
-    def _group_buckets(self, gi: int) -> list[_Bucket]:
-        """The buckets of group ``gi``: its FOGO matrices by (shape, dtype, device), in order."""
-        if gi not in self._buckets:
-            group = self.param_groups[gi]
-            by_key: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-            for p in group["params"]:
-                if _fogo_state.algorithm(group, p) == "fogo" and p.numel() > 0:
-                    by_key[(_fogo_state.matrix_shape(p), p.dtype, p.device)].append(p)
-            self._buckets[gi] = [
-                _Bucket(group, params, [self.state[p] for p in params])
-                for params in by_key.values()
-            ]
-        return self._buckets[gi]
+        return {**self.__dict__, "_layouts": None, "_step_hint": {}}
 
     def _check_momentum(self, group: dict) -> None:
         """A scheduler may have written ``momentum`` since the last step: check it (host only)."""
@@ -290,22 +276,14 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         guard = _nonfinite.begin_step(self)  # also rejects sparse gradients, complex params
+        layouts = self._prepare()
+        self._adamw(layouts, guard)
         stepped: list[tuple[_Bucket, list[int]]] = []
-        for gi, group in enumerate(self.param_groups):
-            self._check_momentum(group)
-            vectors, empty = [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if _fogo_state.algorithm(group, p) == "adamw":
-                    vectors.append(p)
-                elif p.numel() == 0:
-                    empty.append(self.state[p]["step"])
-            if vectors:
-                self._adamw(group, vectors, guard)
+        for group, layout in zip(self.param_groups, layouts, strict=True):
+            empty = [self.state[p]["step"] for p in layout.empty if p.grad is not None]
             if empty:
                 _fogo_math.count_steps_(empty, guard.skip(empty[0].device))
-            for bucket in self._group_buckets(gi):
+            for bucket in layout.buckets:
                 take = [i for i, p in enumerate(bucket.params) if p.grad is not None]
                 if take:
                     self._bucket_step(group, bucket, take, guard)
@@ -313,14 +291,32 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         self._scheduled_writes(stepped, guard)
         return loss
 
-    def _adamw(self, group: dict, params: list[torch.Tensor], guard) -> None:
-        states = [self.state[p] for p in params]
-        _fused.adamw_(
-            params, [cast(torch.Tensor, p.grad) for p in params], [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"],
-            betas=_fogo_state.adamw_betas(group), eps=group["adamw_eps"],
-            weight_decay=group["weight_decay"], found_inf=guard.found_inf,
-        )  # fmt: skip
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
+    def _prepare(self) -> list[_Layout]:
+        """Host checks of the step (a scheduler's ``momentum``) and every group's layout (built
+        once). Eager under ``torch.compile``: the projections come from seeded CPU generators."""
+        for group in self.param_groups:
+            self._check_momentum(group)
+        if self._layouts is None:
+            self._layouts = [_Layout(group, self.state) for group in self.param_groups]
+        return self._layouts
+
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
+    def _adamw(self, layouts: list[_Layout], guard) -> None:
+        """AdamW on every group's non-FOGO parameters: torch's fused kernel, which dynamo does
+        not trace either (eager under ``torch.compile``)."""
+        for group, layout in zip(self.param_groups, layouts, strict=True):
+            params = [p for p in layout.adamw if p.grad is not None]
+            if not params:
+                continue
+            states = [self.state[p] for p in params]
+            _fused.adamw_(
+                params, [cast(torch.Tensor, p.grad) for p in params],
+                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states], lr=group["lr"],
+                betas=_fogo_state.adamw_betas(group), eps=group["adamw_eps"],
+                weight_decay=group["weight_decay"], found_inf=guard.found_inf,
+            )  # fmt: skip
 
     def _bucket_step(self, group: dict, bucket: _Bucket, take: list[int], guard) -> None:
         """One step of the matrices ``take`` of a bucket: momentum, one batched Newton-Schulz
@@ -353,8 +349,10 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         _fogo_math.apply_(params, update, lr, group["weight_decay"], alpha, skip)
 
     # ------------------------------------------------------------------------- memory writes
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
     def _scheduled_writes(self, stepped: list[tuple[_Bucket, list[int]]], guard) -> None:
-        """Scheduled writes due after this step (host logic; a write syncs)."""
+        """Scheduled writes due after this step (host logic; a write syncs). Eager under
+        ``torch.compile``: the host's step bounds change every step."""
         for bucket, take in stepped:
             if bucket.memory is None or not bucket.memory.config.write_interval:
                 continue
@@ -414,8 +412,8 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         """Consolidate at a task boundary: store the slow momentum's directions as a protected
         entry and make every stored entry protect from now on. Optional; nothing requires it.
         Matrices that have not taken a step yet have nothing to consolidate."""
-        for gi in range(len(self.param_groups)):
-            for bucket in self._group_buckets(gi):
+        for layout in self._prepare():
+            for bucket in layout.buckets:
                 if bucket.memory is None:
                     continue
                 for i, state in enumerate(bucket.states):
@@ -466,6 +464,24 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             out["memory_bytes"] / out["param_bytes"] if out["param_bytes"] else 0.0
         )
         return dict(out)
+
+
+class _Layout:
+    """How one param group's parameters are stepped: AdamW tensors, zero-size matrices (they
+    only count steps) and the FOGO matrices by (shape, dtype, device), in order."""
+
+    def __init__(self, group: dict, state: dict):
+        self.adamw: list[torch.Tensor] = []
+        self.empty: list[torch.Tensor] = []
+        by_key: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for p in group["params"]:
+            if _fogo_state.algorithm(group, p) == "adamw":
+                self.adamw.append(p)
+            elif p.numel() == 0:
+                self.empty.append(p)
+            else:
+                by_key[(_fogo_state.matrix_shape(p), p.dtype, p.device)].append(p)
+        self.buckets = [_Bucket(group, ps, [state[p] for p in ps]) for ps in by_key.values()]
 
 
 class _Bucket:
