@@ -94,6 +94,13 @@ def fuse(ortho: torch.Tensor, fusion: str, mix: float, eps: float) -> torch.Tens
 Scalar = float | torch.Tensor
 
 
+def coefficient(scale: str, target_rms: float, lr: Scalar, shape: Sequence[int]) -> Scalar:
+    """alpha of the parameter update p <- p (1 - lr wd) + alpha u (see :func:`scaled`)."""
+    if scale == "muon":
+        return -(lr * (target_rms * math.sqrt(max(shape[-2:]))))
+    return -lr
+
+
 def scaled(
     direction: torch.Tensor, scale: str, target_rms: float, eps: float, lr: Scalar
 ) -> tuple[torch.Tensor, Scalar]:
@@ -103,10 +110,10 @@ def scaled(
     alpha = -lr. ``scale="muon"``: u = D, alpha = -lr sigma sqrt(max(m, n)) (torch's
     ``match_rms_adamw``). Returns (u, alpha); u is (N, m, n).
     """
+    alpha = coefficient(scale, target_rms, lr, direction.shape)
     if scale == "muon":
-        m, n = direction.shape[-2:]
-        return direction, -(lr * (target_rms * math.sqrt(max(m, n))))
-    return direction * rms_scale(direction, target_rms, eps), -lr
+        return direction, alpha
+    return direction * rms_scale(direction, target_rms, eps), alpha
 
 
 def apply_(
@@ -116,24 +123,33 @@ def apply_(
     weight_decay: float,
     alpha: Scalar,
     skip: torch.Tensor | None,
+    stepped: torch.Tensor | None = None,
 ) -> None:
     """p <- p (1 - lr wd) + alpha u for every parameter, in place, unless the step is dropped
     (then p * 1 + alpha * 0: exactly p). ``updates``: (N, m, n), the parameters' matrices.
+    ``stepped``: (N,) bool, which parameters take the update (a sharded step's owners' flags);
+    the others stay exactly as they are.
 
     With a tensor ``lr`` (``alpha`` a tensor) the update is p + (alpha u): one more rounding
     than the fused p + alpha u of a Python ``lr``, and no host read."""
-    if skip is not None:
-        updates = torch.where(skip, torch.zeros((), dtype=updates.dtype, device=skip.device),
+    keep = skip
+    if stepped is not None:
+        keep = ~stepped if skip is None else skip | ~stepped
+        keep = keep.view(-1, 1, 1)
+    if keep is not None:
+        updates = torch.where(keep, torch.zeros((), dtype=updates.dtype, device=keep.device),
                               updates)  # fmt: skip
     if weight_decay != 0:
         decay = 1 - lr * weight_decay
-        if skip is not None:  # float64 0-d: p * decay rounds as with a Python float
-            decay = torch.where(
-                skip,
-                torch.ones((), dtype=torch.float64, device=skip.device),
-                torch.as_tensor(decay, dtype=torch.float64, device=skip.device),
+        factor: Scalar | list[torch.Tensor] = decay
+        if keep is not None:  # float64 0-d: p * decay rounds as with a Python float
+            per = torch.where(
+                keep.view(-1),
+                torch.ones((), dtype=torch.float64, device=keep.device),
+                torch.as_tensor(decay, dtype=torch.float64, device=keep.device),
             )
-        torch._foreach_mul_(params, decay)
+            factor = per[0] if stepped is None else list(per.unbind(0))
+        torch._foreach_mul_(params, factor)
     if isinstance(alpha, torch.Tensor):
         updates = updates * alpha.to(updates.dtype)
         alpha = 1

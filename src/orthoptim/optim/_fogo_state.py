@@ -314,3 +314,13 @@ def ns_dtype_for(params: list[torch.Tensor]) -> str:
             f"{sorted(names)}; set ns_dtype explicitly"
         )
     return names.pop()
+
+
+def buckets_of(group: dict[str, Any]) -> list[list[torch.Tensor]]:
+    """The group's FOGO matrices (non-empty) by (matrix shape, dtype, device), in order: the
+    batches of the step and the units of ownership of a sharded one."""
+    by_key: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+    for p in group["params"]:
+        if algorithm(group, p) == "fogo" and p.numel() > 0:
+            by_key.setdefault((matrix_shape(p), p.dtype, p.device), []).append(p)
+    return list(by_key.values())

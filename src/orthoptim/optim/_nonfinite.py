@@ -52,6 +52,8 @@ import warnings
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from orthoptim.optim._validation import check_choice
 
@@ -203,7 +205,10 @@ def _named_grads(optimizer):
                 raise RuntimeError(f"{cls} does not support sparse gradients (parameter {name})")
             if torch.is_complex(p):
                 raise RuntimeError(f"{cls} does not support complex parameters (parameter {name})")
-            out.append((name, p.grad))
+            grad = p.grad
+            # A sharded (DTensor) gradient: this rank's shard; the ranks' flags are then
+            # combined by begin_step's process_group.
+            out.append((name, grad.to_local() if isinstance(grad, DTensor) else grad))
     return out
 
 
@@ -246,11 +251,13 @@ def _unscale_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: tor
     return found_inf
 
 
-def begin_step(optimizer) -> StepGuard:
+def begin_step(optimizer, process_group: dist.ProcessGroup | None = None) -> StepGuard:
     """Apply the policy (and a GradScaler's protocol) to the current gradients.
 
     Call at the top of ``step()``, before any state is touched. No host sync, except under
     ``nonfinite="raise"`` and once every :data:`CHECK_EVERY` calls (the counters' read-back).
+    ``process_group``: the ranks of a sharded step, which must drop the same steps: the flag
+    is all-reduced (max) over them, every rank taking part (one with no gradient too).
     """
     named = _named_grads(optimizer)
     grads = [g for _, g in named]
@@ -277,6 +284,12 @@ def begin_step(optimizer) -> StepGuard:
                     "nonfinite='raise' (use 'skip' to drop such steps)"
                 )
             found = None  # checked: nothing to drop
+    if process_group is not None and (
+        found is not None or optimizer.nonfinite == "skip" or scaler_inf is not None
+    ):
+        if found is None:  # no gradient on this rank
+            found = torch.zeros((), dtype=torch.float32, device=counters.counts.device)
+        dist.all_reduce(found, op=dist.ReduceOp.MAX, group=process_group)
     if found is not None:
         if counters.counts.device != found.device:  # the model moved after construction
             _link(optimizer, _Counters(counters.counts.to(found.device)))

@@ -33,17 +33,20 @@ docs/fogo.md for what is from the paper, what is ours, and the ablations behind 
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import defaultdict
 from typing import cast
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
+from orthoptim.distributed import megabatch
 from orthoptim.memory import codebook
 from orthoptim.memory.bucket import MemoryBucket
-from orthoptim.optim import _fogo_math, _fogo_state, _fused, _nonfinite
-from orthoptim.optim._validation import check_group_keys, check_range
+from orthoptim.optim import _fogo_math, _fogo_shard, _fogo_state, _fused, _nonfinite
+from orthoptim.optim._validation import check_choice, check_group_keys, check_range
 
 
 class FOGO(_nonfinite.Guarded, Optimizer):
@@ -140,6 +143,18 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             the whole step, parameters and state untouched, counted in ``skipped_steps``),
             ``"raise"`` or ``"proceed"``. See :mod:`orthoptim.optim._nonfinite` and
             docs/reliability.md.
+        shard: with a process group of W >= 2 ranks (data parallel: every rank holds the whole
+            parameters and the same averaged gradients, e.g. under DDP), spread the matrices
+            over the ranks (ZeRO-1): each same-shape bucket is cut into W chunks, the owner of a
+            chunk keeps its momentum streams and memory, orthogonalizes, corrects and writes
+            them, and the updates are all-gathered; the skip decision is all-reduced. ``False``:
+            every rank steps every matrix (replicated; bit for bit the same results). With
+            FSDP2 (``fully_shard``: ``DTensor`` parameters, ``Shard(0)`` on a 1-D mesh) sharding
+            is required: each matrix's gradient is assembled at its owner and the update's rows
+            sent back (``all_to_all``). No effect without a group or with W = 1 (exactly the
+            single-process optimizer). See docs/distributed.md. Default True.
+        process_group: the data-parallel ranks (default: the default group; FSDP2: the
+            parameters' mesh).
     """
 
     def __init__(
@@ -184,6 +199,8 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         sketch_dim: int = 32,
         seed: int = 0,
         nonfinite: str = "skip",
+        shard: bool = True,
+        process_group: dist.ProcessGroup | None = None,
     ):
         defaults = dict(
             lr=lr, weight_decay=weight_decay, algorithm=None, beta_slow=beta_slow,
@@ -206,6 +223,10 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             _fogo_state.validate(group)
         _nonfinite.install(self, nonfinite)
         self._warned_momentum = False
+        check_choice("shard", shard, (True, False))
+        self._sharding = _fogo_shard.sharding_for(self.param_groups, shard, process_group)
+        self._plans: list[list[megabatch.Chunks | None]] = []
+        self._load: list[float] = [0.0] * (self._sharding.world if self._sharding else 1)
         self._reset_caches()
         self._populate_state()
 
@@ -229,13 +250,45 @@ class FOGO(_nonfinite.Guarded, Optimizer):
     def _populate_state(self) -> None:
         """Create the state of every parameter that has none, when the optimizer is built (as
         torch.distributed.checkpoint needs: the same keys whatever had a gradient, and no
-        zero-gradient step to make them); seeds by the parameter's global index."""
+        zero-gradient step to make them); seeds by the parameter's global index. Sharded, a
+        rank holds the state of its own matrices only (and of every AdamW parameter)."""
         index = 0
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
+            owned = self._owned(gi)
             for p in group["params"]:
-                if not self.state.get(p):
+                matrix = _fogo_state.algorithm(group, p) == "fogo" and p.numel() > 0
+                if not self.state.get(p) and (id(p) in owned or not matrix):
                     self.state[p] = _fogo_state.new_state(group, p, index, p.device)
                 index += 1
+
+    def _plan(self, gi: int) -> list[megabatch.Chunks | None]:
+        """Group ``gi``'s ownership, per bucket (None: not sharded). Planned once per group, in
+        order, the balance continuing from the groups before (``self._load``)."""
+        while len(self._plans) <= gi:
+            group = self.param_groups[len(self._plans)]
+            buckets = _fogo_state.buckets_of(group)
+            if self._sharding is None:
+                self._plans.append([None] * len(buckets))
+                continue
+            streams = 2 if group["dual_stream"] else 1
+            costs = [
+                (len(b), _fogo_shard.matrix_cost(_fogo_state.matrix_shape(b[0]), streams))
+                for b in buckets
+            ]
+            self._plans.append(
+                list(megabatch.assign_chunks(costs, self._sharding.world, self._load))
+            )
+        return self._plans[gi]
+
+    def _owned(self, gi: int) -> set[int]:
+        """ids of group ``gi``'s matrices whose state this rank holds (all when not sharded)."""
+        out = set()
+        for params, chunks in zip(
+            _fogo_state.buckets_of(self.param_groups[gi]), self._plan(gi), strict=True
+        ):
+            own = _fogo_shard.owned(chunks, self._sharding, len(params))
+            out.update(id(params[i]) for i in own)
+        return out
 
     def _reset_caches(self) -> None:
         """Forget what is derived from the state (buckets, projections, step hints)."""
@@ -246,6 +299,14 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         # torch keeps only defaults/state/param_groups, losing the policy, counter and caches
         # (deepcopy / pickle then fail); keep every attribute, drop the derived caches.
         return {**self.__dict__, "_layouts": None, "_step_hint": {}}
+
+    def __deepcopy__(self, memo: dict) -> FOGO:
+        # A process group cannot be copied: a copy shares it (and the ownership plan).
+        memo[id(self._sharding)] = self._sharding
+        out = type(self).__new__(type(self))
+        memo[id(self)] = out
+        out.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return out
 
     def _check_momentum(self, group: dict) -> None:
         """A scheduler may have written ``momentum`` since the last step: check it (host only)."""
@@ -275,7 +336,8 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        guard = _nonfinite.begin_step(self)  # also rejects sparse gradients, complex params
+        group_ = self._sharding.group if self._sharding is not None else None
+        guard = _nonfinite.begin_step(self, group_)  # also rejects sparse grads, complex params
         layouts = self._prepare()
         self._adamw(layouts, guard)
         stepped: list[tuple[_Bucket, list[int]]] = []
@@ -284,9 +346,19 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             if empty:
                 _fogo_math.count_steps_(empty, guard.skip(empty[0].device))
             for bucket in layout.buckets:
-                take = [i for i, p in enumerate(bucket.params) if p.grad is not None]
+                take = [i for i, p in enumerate(bucket.owned) if p.grad is not None]
+                if bucket.chunks is None:
+                    if take:
+                        self._bucket_step(group, bucket, take, guard)
+                elif cast(_fogo_shard.Sharding, self._sharding).replicated:
+                    for j in range(bucket.chunks.world):  # chunk by chunk, as sharded
+                        own = bucket.chunks.owned(bucket.chunks.owner[j])
+                        part = [i for i in take if i in own]
+                        if part:
+                            self._bucket_step(group, bucket, part, guard)
+                else:
+                    self._sharded_bucket_step(group, bucket, take, guard)
                 if take:
-                    self._bucket_step(group, bucket, take, guard)
                     stepped.append((bucket, take))
         self._scheduled_writes(stepped, guard)
         return loss
@@ -298,7 +370,10 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         for group in self.param_groups:
             self._check_momentum(group)
         if self._layouts is None:
-            self._layouts = [_Layout(group, self.state) for group in self.param_groups]
+            self._layouts = [
+                _Layout(group, self.state, self._plan(gi), self._sharding)
+                for gi, group in enumerate(self.param_groups)
+            ]
         return self._layouts
 
     @torch.compiler.disable  # type: ignore[untyped-decorator]
@@ -310,21 +385,56 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             if not params:
                 continue
             states = [self.state[p] for p in params]
+            loc = _fogo_shard.local  # FSDP2: this rank's shards (AdamW is element-wise)
             _fused.adamw_(
-                params, [cast(torch.Tensor, p.grad) for p in params],
-                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [loc(p) for p in params], [loc(cast(torch.Tensor, p.grad)) for p in params],
+                [loc(s["exp_avg"]) for s in states], [loc(s["exp_avg_sq"]) for s in states],
                 [s["step"] for s in states], lr=group["lr"],
                 betas=_fogo_state.adamw_betas(group), eps=group["adamw_eps"],
                 weight_decay=group["weight_decay"], found_inf=guard.found_inf,
             )  # fmt: skip
 
     def _bucket_step(self, group: dict, bucket: _Bucket, take: list[int], guard) -> None:
-        """One step of the matrices ``take`` of a bucket: momentum, one batched Newton-Schulz
-        for all matrices and streams, fusion, memory, scale and the masked update."""
-        params = [bucket.params[i] for i in take]
-        states = [bucket.states[i] for i in take]
+        """One step of the matrices ``take`` of a bucket (one process, or replicated)."""
+        params = [bucket.owned[i] for i in take]
         skip = guard.skip(params[0].device)
-        grads = torch.stack([_fogo_state.as_matrix(cast(torch.Tensor, p.grad)) for p in params])
+        update, alpha = self._updates(group, bucket, take, skip)
+        _fogo_math.apply_(params, update, group["lr"], group["weight_decay"], alpha, skip)
+
+    def _sharded_bucket_step(self, group: dict, bucket: _Bucket, take: list[int], guard) -> None:
+        """One sharded step of a bucket: this rank computes its chunk's updates (``take``: the
+        positions in it that have a gradient), every rank receives and applies all of them."""
+        sharding, chunks = cast(_fogo_shard.Sharding, self._sharding), bucket.chunks
+        first = _fogo_shard.local(bucket.params[0])
+        skip = guard.skip(first.device)
+        kind = dict(chunks=chunks, sharding=sharding, shape=bucket.shape, dtype=first.dtype,
+                    device=first.device)  # fmt: skip
+        grads = None
+        if sharding.fsdp:  # the owned matrices' whole gradients, from every rank's rows
+            grads = _fogo_shard.owner_grads(bucket.params, chunks, sharding, bucket.shape)
+            grads = grads[take] if len(take) != grads.shape[0] else grads
+        update = first.new_zeros(0, *bucket.shape)
+        if take:
+            update, _ = self._updates(group, bucket, take, skip, grads)
+        alpha = _fogo_math.coefficient(group["scale"], group["target_rms"], group["lr"],
+                                       bucket.shape)  # fmt: skip
+        exchange = _fogo_shard.scatter_updates if sharding.fsdp else _fogo_shard.gather_updates
+        updates, stepped = exchange(update, take, **kind)
+        params = [_fogo_shard.local(p) for p in bucket.params]
+        _fogo_math.apply_(params, updates, group["lr"], group["weight_decay"], alpha, skip,
+                          stepped)  # fmt: skip
+
+    def _updates(
+        self, group: dict, bucket: _Bucket, take: list[int], skip, grads=None
+    ) -> tuple[torch.Tensor, float | torch.Tensor]:
+        """The scaled updates (N', m, n) of this rank's matrices ``take`` and their coefficient:
+        momentum, one batched Newton-Schulz for all matrices and streams, fusion, memory, scale.
+        ``grads``: their stacked gradients (default: the parameters' own)."""
+        states = [bucket.states[i] for i in take]
+        if grads is None:
+            grads = torch.stack(
+                [_fogo_state.as_matrix(cast(torch.Tensor, bucket.owned[i].grad)) for i in take]
+            )
         names = ("momentum_slow", "momentum_fast") if group["dual_stream"] else ("momentum_slow",)
         betas = (_fogo_state.slow_beta(group), group["beta_fast"])[: len(names)]
         directions = _fogo_math.momentum_(
@@ -339,14 +449,8 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         if bucket.memory is not None:
             bucket.memory.accumulate(grads, take, skip)
             update = bucket.memory.correct(update, steps, take, skip)
-        self._apply(group, params, update, skip)
-
-    def _apply(self, group: dict, params: list[torch.Tensor], update: torch.Tensor, skip):
-        """Scale the (N, m, n) directions and update the parameters."""
-        lr = group["lr"]
-        update, alpha = _fogo_math.scaled(update, group["scale"], group["target_rms"],
-                                          group["eps"], lr)  # fmt: skip
-        _fogo_math.apply_(params, update, lr, group["weight_decay"], alpha, skip)
+        return _fogo_math.scaled(update, group["scale"], group["target_rms"], group["eps"],
+                                 group["lr"])  # fmt: skip
 
     # ------------------------------------------------------------------------- memory writes
     @torch.compiler.disable  # type: ignore[untyped-decorator]
@@ -358,7 +462,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
                 continue
             interval = bucket.memory.config.write_interval
             for i in take:
-                step = self._write_due(bucket.params[i], bucket.states[i], interval, guard)
+                step = self._write_due(bucket.owned[i], bucket.states[i], interval, guard)
                 if step is not None:
                     slow = bucket.states[i]["momentum_slow"]
                     bucket.memory.write(i, slow, step, codebook.SCHEDULED)
@@ -393,7 +497,8 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         counters go to their parameter's device. A state that does not fit a parameter raises
         ``ValueError`` before anything is changed. The state keys may be torch's integer ids or
         anything else that ``param_groups[i]["params"]`` lists (the parameter names of
-        ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict``)."""
+        ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict``). Sharded, a rank keeps
+        the state of its own matrices (a whole checkpoint loads on any number of ranks)."""
         _fogo_state.check_loadable(self.param_groups, state_dict)
         saved_ids = [key for g in state_dict.get("param_groups", []) for key in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -403,6 +508,12 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         for key, p in by_key.items():
             if self.state.get(p):
                 _fogo_state.restore_loaded(self.state[p], p, kept.get(key, {}))
+        for gi, group in enumerate(self.param_groups):  # sharded: other ranks' matrices go
+            owned = self._owned(gi)
+            for bucket in _fogo_state.buckets_of(group):
+                for p in bucket:
+                    if id(p) not in owned:
+                        self.state.pop(p, None)
         self._reset_caches()
         self._populate_state()  # parameters the state dict has no state for
 
@@ -430,9 +541,9 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         ``columns_used``, ``columns_capacity``, ``occupancy`` (columns used / capacity),
         ``memory_bytes`` (codebook tensors), ``param_bytes`` (of the protected matrices),
         ``memory_fraction`` and ``writes``. Reading it syncs with the device; ``step`` never does.
+        Sharded, it sums over the ranks (a collective: call it on every rank).
         """
         out: dict[str, float] = defaultdict(float)
-        ratios = []
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
@@ -454,9 +565,20 @@ class FOGO(_nonfinite.Guarded, Optimizer):
                 out["ready"] += int(stats["ready"])
                 out["conflicts"] += int(stats["conflicts"])
                 if int(state["step"]) > 0:
-                    ratios.append(float(stats["correction_ratio"]))
+                    out["ratio_sum"] += float(stats["correction_ratio"])
+                    out["ratio_count"] += 1
+        sharding = self._sharding
+        if sharding is not None and not sharding.replicated:
+            keys = ("matrices", "entries_used", "columns_used", "columns_capacity",
+                    "memory_bytes", "param_bytes", "writes", "ready", "conflicts", "ratio_sum",
+                    "ratio_count")  # fmt: skip
+            device = _fogo_shard.local(self.param_groups[0]["params"][0]).device
+            sums = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=device)
+            dist.all_reduce(sums, group=sharding.group)
+            out.update(zip(keys, sums.tolist(), strict=True))
+        ratio_sum, ratio_count = out.pop("ratio_sum", 0.0), out.pop("ratio_count", 0.0)
         out["conflict_rate"] = out["conflicts"] / out["ready"] if out["ready"] else 0.0
-        out["correction_ratio"] = sum(ratios) / len(ratios) if ratios else 0.0
+        out["correction_ratio"] = ratio_sum / ratio_count if ratio_count else 0.0
         out["occupancy"] = (
             out["columns_used"] / out["columns_capacity"] if out["columns_capacity"] else 0.0
         )
@@ -470,29 +592,52 @@ class _Layout:
     """How one param group's parameters are stepped: AdamW tensors, zero-size matrices (they
     only count steps) and the FOGO matrices by (shape, dtype, device), in order."""
 
-    def __init__(self, group: dict, state: dict):
-        self.adamw: list[torch.Tensor] = []
-        self.empty: list[torch.Tensor] = []
-        by_key: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-        for p in group["params"]:
-            if _fogo_state.algorithm(group, p) == "adamw":
-                self.adamw.append(p)
-            elif p.numel() == 0:
-                self.empty.append(p)
-            else:
-                by_key[(_fogo_state.matrix_shape(p), p.dtype, p.device)].append(p)
-        self.buckets = [_Bucket(group, ps, [state[p] for p in ps]) for ps in by_key.values()]
+    def __init__(
+        self,
+        group: dict,
+        state: dict,
+        plan: list[megabatch.Chunks | None],
+        sharding: _fogo_shard.Sharding | None,
+    ):
+        self.adamw = [p for p in group["params"] if _fogo_state.algorithm(group, p) == "adamw"]
+        self.empty = [
+            p for p in group["params"]
+            if _fogo_state.algorithm(group, p) == "fogo" and p.numel() == 0
+        ]  # fmt: skip
+        self.buckets = [
+            _Bucket(group, params, chunks, state, sharding)
+            for params, chunks in zip(_fogo_state.buckets_of(group), plan, strict=True)
+        ]
 
 
 class _Bucket:
-    """The FOGO matrices of one param group with the same (shape, dtype, device): their
-    parameters, their state dicts, and their memory (None without)."""
+    """The FOGO matrices of one param group with the same (shape, dtype, device).
 
-    def __init__(self, group: dict, params: list[torch.Tensor], states: list[dict]):
+    Attributes:
+        params: all of them, in order.
+        shape: their matrix shape (m, n).
+        chunks: their ownership over the ranks (None: this rank steps them all).
+        owned: those whose state this rank holds and whose updates it computes.
+        states: the state dicts of ``owned``.
+        memory: the memory of ``owned`` (None without).
+    """
+
+    def __init__(
+        self,
+        group: dict,
+        params: list[torch.Tensor],
+        chunks: megabatch.Chunks | None,
+        state: dict,
+        sharding: _fogo_shard.Sharding | None,
+    ):
         self.params = params
-        self.states = states
+        self.shape = _fogo_state.matrix_shape(params[0])
+        self.chunks = chunks
+        self.owned = [params[i] for i in _fogo_shard.owned(chunks, sharding, len(params))]
+        self.states = [state[p] for p in self.owned]
         self.memory = None
-        if group["memory"]:
-            config = _fogo_state.memory_config(group, _fogo_state.matrix_shape(params[0]))
+        if group["memory"] and self.owned:
+            config = _fogo_state.memory_config(group, self.shape)
             dtype = _fogo_state.stats_dtype(params[0])
-            self.memory = MemoryBucket(config, states, params[0].device, dtype)
+            device = _fogo_shard.local(params[0]).device
+            self.memory = MemoryBucket(config, self.states, device, dtype)

@@ -1,0 +1,252 @@
+"""Sharded FOGO on W gloo ranks (W = 2; W = 4 with ``pytest -m slow``), one spawn per W.
+
+- Every rank holds the same gradients (what DDP's all-reduce leaves): the sharded optimizer
+  (ZeRO-1: each matrix's momentum and memory on its owner) equals the replicated one bit for
+  bit, and the single-process one to float tolerance with the same memory decisions, across
+  memory writes, a dropped NaN step, a missing gradient and ``end_task()``; the state a rank
+  holds is about 1/W of the replicated matrix state; world size 1 is the one-process optimizer.
+- DDP on a model: sharded FOGO equals one process on the global batch to float32 tolerance
+  (Newton-Schulz and memory in float32), the memory's discrete decisions agree.
+- A rank without a gradient where the others have one does not hang, and the replicas stay
+  identical (each update is its owner's).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_utils import one_rank_group, run_scenarios
+from torch import nn
+
+from orthoptim import FOGO
+
+KW = dict(lr=0.02, write_interval=3, min_age=2, memory_budget=0.5, weight_decay=1e-3,
+          ns_dtype="float32", memory_dtype="float32")  # fmt: skip
+# Buckets of 3, 2 and 1 same-shape matrices (uneven over 2 and 4 ranks), a conv kernel, vectors.
+SHAPES = [(10, 12), (8, 10), (10, 12), (4, 2, 3, 3), (8, 10), (10, 12), (6,), (12,)]
+STEPS, NAN_AT, NONE_AT, END_TASK_AT = 12, 4, 6, 7
+
+
+def make_params():
+    g = torch.Generator().manual_seed(0)
+    return [nn.Parameter(torch.randn(s, generator=g) * 0.3) for s in SHAPES]
+
+
+def grads_at(step, params):
+    """The gradients of step ``step``: the same on every rank (seeded), a NaN on one step and
+    no gradient for parameter 1 on another."""
+    g = torch.Generator().manual_seed(100 + step)
+    out = [torch.randn(p.shape, generator=g) for p in params]
+    if step == NAN_AT:
+        out[2][0, 0] = float("nan")
+    if step == NONE_AT:
+        out[1] = None
+    return out
+
+
+def matrix_state_bytes(opt):
+    """Bytes of the FOGO matrices' state this rank holds (momentum streams, memory)."""
+    total = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.ndim < 2:
+                continue
+            for value in opt.state.get(p, {}).values():
+                for t in value.values() if isinstance(value, dict) else [value]:
+                    if isinstance(t, torch.Tensor):
+                        total += t.numel() * t.element_size()
+    return total
+
+
+def train_synthetic(shard, steps=STEPS, params=None, opt=None, start=0):
+    params = make_params() if params is None else params
+    opt = FOGO(params, shard=shard, **KW) if opt is None else opt
+    for step in range(start, steps):
+        for p, g in zip(params, grads_at(step, params), strict=True):
+            p.grad = g
+        opt.step()
+        if step == END_TASK_AT:
+            opt.end_task()
+    return params, opt
+
+
+def _synthetic(rank, world, shard):
+    params, opt = train_synthetic(shard)
+    return {
+        "params": [p.detach().clone() for p in params],
+        "state": {i: opt.state[p] for i, p in enumerate(params) if opt.state.get(p)},
+        "bytes": matrix_state_bytes(opt),
+        "stats": opt.memory_stats(),
+        "skipped": opt.skipped_steps,
+    }
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(),
+                         nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 3))  # fmt: skip
+
+
+def _batches(n=10, size=32):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, 12, generator=g), torch.randint(0, 3, (size,), generator=g))
+            for _ in range(n)]  # fmt: skip
+
+
+def train_model(rank=0, world=1):
+    """DDP when a group exists (each rank its rows of the global batch), else one process."""
+    model = _model()
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = FOGO(model.parameters(), **KW)
+    for i, (x, y) in enumerate(_batches()):
+        b = len(x) // world
+        x, y = x[rank * b : (rank + 1) * b], y[rank * b : (rank + 1) * b]
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        if i == 5:
+            opt.end_task()
+    return model, opt
+
+
+def _ddp(rank, world):
+    model, opt = train_model(rank, world)
+    return {"params": [p.detach().clone() for p in model.parameters()],
+            "state": {i: opt.state[p] for i, p in enumerate(model.parameters())
+                      if opt.state.get(p)}}  # fmt: skip
+
+
+def _missing_grad(rank, world):
+    """Rank 1 has no gradient for a matrix (owned by any rank) on some steps: no hang."""
+    params = make_params()
+    opt = FOGO(params, **KW)
+    for step in range(6):
+        for p, g in zip(params, grads_at(step, params), strict=True):
+            p.grad = g
+        if rank == 1 and step in (2, 3):
+            params[0].grad = params[4].grad = None
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+SCENARIOS = {
+    "sharded": functools.partial(_synthetic, shard=True),
+    "replicated": functools.partial(_synthetic, shard=False),
+    "ddp": _ddp,
+    "missing": _missing_grad,
+}
+
+
+@pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)])
+def ranks(request):
+    return request.param, run_scenarios(request.param, SCENARIOS, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def single():
+    params, opt = train_synthetic(shard=True)  # no process group: one process
+    return params, opt
+
+
+def assert_same(a, b, where=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+DISCRETE = ("owner", "used", "ready", "fresh", "kind", "hits", "open")
+
+
+def test_sharded_equals_replicated_bit_for_bit_and_one_process_to_float_tolerance(ranks, single):
+    """Replicated mode runs each bucket chunk by chunk, as the sharded owners do: bit for bit
+    the same. One process batches whole buckets (other batch sizes may round differently)."""
+    world, results = ranks
+    replicated = results["replicated"][0]
+    for mode in ("sharded", "replicated"):
+        for r, res in enumerate(results[mode]):
+            for i, (a, b) in enumerate(zip(res["params"], replicated["params"], strict=True)):
+                assert torch.equal(a, b), f"{mode} rank {r} param {i}"
+            for i, st in res["state"].items():  # every state a rank holds is the replicated one
+                assert_same(st, replicated["state"][i], f"{mode} rank {r} state {i}")
+            assert res["skipped"] == 1
+    params, opt = single
+    for a, b in zip(replicated["params"], params, strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+    for i, st in replicated["state"].items():
+        for k in DISCRETE if "memory" in st else ():
+            assert torch.equal(st["memory"][k], opt.state[params[i]]["memory"][k]), (i, k)
+    # Sharded: each matrix's state on exactly one rank, the vectors' on every rank.
+    holders = {i: [r for r, res in enumerate(results["sharded"]) if i in res["state"]]
+               for i in range(len(SHAPES))}  # fmt: skip
+    for i, shape in enumerate(SHAPES):
+        assert len(holders[i]) == (1 if len(shape) >= 2 else world), (i, holders[i])
+    assert all(len(res["state"]) == len(SHAPES) for res in results["replicated"])
+
+
+def test_sharded_state_is_about_one_over_w_of_the_replicated(ranks):
+    world, results = ranks
+    replicated = results["replicated"][0]["bytes"]
+    sharded = [res["bytes"] for res in results["sharded"]]
+    assert sum(sharded) == replicated  # ZeRO-1: every matrix's state is held exactly once
+    assert max(sharded) <= 1.6 * replicated / world, (sharded, replicated)
+
+
+def test_memory_stats_are_global_on_every_rank(ranks, single):
+    world, results = ranks
+    expect = single[1].memory_stats()
+    for res in results["sharded"]:
+        assert res["stats"].keys() == expect.keys()
+        for k, v in expect.items():
+            assert res["stats"][k] == pytest.approx(v, rel=1e-4), k
+    assert expect["writes"] > 0 and expect["entries_used"] > 0
+
+
+def test_ddp_sharded_equals_one_process_on_the_global_batch(ranks):
+    world, results = ranks
+    model, opt = train_model()
+    per_rank = results["ddp"]
+    for r, res in enumerate(per_rank):
+        for a, b in zip(res["params"], per_rank[0]["params"], strict=True):
+            assert torch.equal(a, b), f"rank {r} differs from rank 0"
+    # DDP's averaged gradient rounds differently from the global batch's: float32 tolerance.
+    for a, b in zip(per_rank[0]["params"], model.parameters(), strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
+    params = list(model.parameters())
+    decisions = 0
+    for res in per_rank:
+        for i, st in res["state"].items():
+            if "memory" in st:
+                for k in ("owner", "used", "ready", "kind", "hits", "open"):
+                    assert torch.equal(st["memory"][k], opt.state[params[i]]["memory"][k]), k
+                decisions += int(st["memory"]["used"].sum())
+    assert decisions > 0
+
+
+def test_a_rank_without_a_gradient_does_not_hang_and_replicas_agree(ranks):
+    world, results = ranks
+    per_rank = results["missing"]
+    for res in per_rank[1:]:
+        for a, b in zip(res, per_rank[0], strict=True):
+            assert torch.equal(a, b)
+
+
+def test_world_size_one_is_the_one_process_optimizer(tmp_path, single):
+    params, opt = single  # bit for bit: no chunks, no collective
+    with one_rank_group(tmp_path):
+        assert dist.get_world_size() == 1
+        got, got_opt = train_synthetic(shard=True)
+    for a, b in zip(got, params, strict=True):
+        assert torch.equal(a, b)
+    assert_same(got_opt.state_dict(), opt.state_dict())
