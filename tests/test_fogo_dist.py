@@ -132,11 +132,61 @@ def _missing_grad(rank, world):
     return [p.detach().clone() for p in params]
 
 
+def _fsdp(rank, world):
+    """FSDP2 (fully_shard per layer and at the root, 1-D mesh): each rank its rows of the
+    global batch; the full parameters and this rank's matrix states come back."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = FOGO(model.parameters(), **KW)
+    for i, (x, y) in enumerate(_batches()):
+        b = len(x) // world
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[rank * b : (rank + 1) * b]),
+                                    y[rank * b : (rank + 1) * b]).backward()  # fmt: skip
+        opt.step()
+        if i == 5:
+            opt.end_task()
+    return {"params": [p.full_tensor().detach().clone() for p in model.parameters()],
+            "state": {i: opt.state[p] for i, p in enumerate(model.parameters())
+                      if opt.state.get(p) and p.ndim >= 2},
+            "stats": opt.memory_stats()}  # fmt: skip
+
+
+def _refusals(rank, world):
+    """What FOGO cannot shard is refused with a ValueError naming the argument."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = []
+    for placement in (Shard(1), Replicate()):  # tensor parallel, replicated DTensors
+        w = nn.Parameter(distribute_tensor(torch.zeros(8, 6), mesh, [placement]))
+        try:
+            FOGO([w])
+        except ValueError as e:
+            out.append(str(e))
+    w = nn.Parameter(distribute_tensor(torch.zeros(8, 6), mesh, [Shard(0)]))
+    try:
+        FOGO([w], shard=False)
+    except ValueError as e:
+        out.append(str(e))
+    return out
+
+
 SCENARIOS = {
     "sharded": functools.partial(_synthetic, shard=True),
     "replicated": functools.partial(_synthetic, shard=False),
     "ddp": _ddp,
     "missing": _missing_grad,
+    "fsdp": _fsdp,
+    "refusals": _refusals,
 }
 
 
@@ -250,3 +300,35 @@ def test_world_size_one_is_the_one_process_optimizer(tmp_path, single):
     for a, b in zip(got, params, strict=True):
         assert torch.equal(a, b)
     assert_same(got_opt.state_dict(), opt.state_dict())
+
+
+def test_fsdp2_with_memory_equals_one_process_on_the_global_batch(ranks):
+    """fully_shard'ed model (row shards, a rank with an empty shard at W = 4): each matrix's
+    gradient is assembled at its owner, its update's rows sent back; equal to one process to
+    float32 tolerance, the memory's decisions agree, every rank's full parameters identical."""
+    world, results = ranks
+    model, opt = train_model()
+    per_rank = results["fsdp"]
+    for res in per_rank[1:]:
+        for a, b in zip(res["params"], per_rank[0]["params"], strict=True):
+            assert torch.equal(a, b)
+    for a, b in zip(per_rank[0]["params"], model.parameters(), strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
+    params = list(model.parameters())
+    held = 0
+    for res in per_rank:
+        for i, st in res["state"].items():
+            held += 1
+            for k in DISCRETE:
+                assert torch.equal(st["memory"][k], opt.state[params[i]]["memory"][k]), k
+    assert held == sum(p.ndim >= 2 for p in params)  # each matrix's state on one rank
+    assert per_rank[0]["stats"]["writes"] == opt.memory_stats()["writes"] > 0
+
+
+def test_unshardable_parameters_are_refused_clearly(ranks):
+    _, results = ranks
+    for messages in results["refusals"]:
+        assert len(messages) == 3
+        assert all("Invalid" in m for m in messages)
+        assert "tensor-parallel" in messages[0] and "Replicate" in messages[1]
+        assert "shard=True" in messages[2]
