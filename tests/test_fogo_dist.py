@@ -132,20 +132,24 @@ def _missing_grad(rank, world):
     return [p.detach().clone() for p in params]
 
 
-def _fsdp(rank, world):
-    """FSDP2 (fully_shard per layer and at the root, 1-D mesh): each rank its rows of the
-    global batch; the full parameters and this rank's matrix states come back."""
+def _fsdp_model(world, seed=0):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     model = _model()
+    if seed:
+        for p in model.parameters():
+            nn.init.normal_(p, generator=torch.Generator().manual_seed(seed))
     mesh = init_device_mesh("cpu", (world,))
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = FOGO(model.parameters(), **KW)
-    for i, (x, y) in enumerate(_batches()):
+    return model
+
+
+def _fsdp_train(rank, world, model, opt, start, stop):
+    for i, (x, y) in enumerate(_batches()[start:stop], start=start):
         b = len(x) // world
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[rank * b : (rank + 1) * b]),
@@ -153,10 +157,36 @@ def _fsdp(rank, world):
         opt.step()
         if i == 5:
             opt.end_task()
+
+
+def _fsdp_result(model, opt):
     return {"params": [p.full_tensor().detach().clone() for p in model.parameters()],
             "state": {i: opt.state[p] for i, p in enumerate(model.parameters())
                       if opt.state.get(p) and p.ndim >= 2},
             "stats": opt.memory_stats()}  # fmt: skip
+
+
+def _fsdp(rank, world, folder):
+    """FSDP2 (fully_shard per layer and at the root, 1-D mesh): each rank its rows of the
+    global batch. Also a DCP checkpoint at step 4, loaded by a fresh model and FOGO that train
+    on from there."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = _fsdp_model(world)
+    opt = FOGO(model.parameters(), **KW)
+    _fsdp_train(rank, world, model, opt, 0, 4)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=folder)
+    _fsdp_train(rank, world, model, opt, 4, 10)
+    again = _fsdp_model(world, seed=3)
+    opt2 = FOGO(again.parameters(), **KW)
+    msd, osd = get_state_dict(again, opt2)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=folder)
+    set_state_dict(again, opt2, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    _fsdp_train(rank, world, again, opt2, 4, 10)
+    return {"end": _fsdp_result(model, opt), "resumed": _fsdp_result(again, opt2)}
 
 
 def _refusals(rank, world):
@@ -180,19 +210,86 @@ def _refusals(rank, world):
     return out
 
 
+# Every shape once: batches of one matrix in every mode, so one process and W ranks compute the
+# same kernels and a resharded run continues bit for bit.
+DISTINCT = [(10, 12), (8, 10), (6, 7), (4, 2, 3, 3), (5, 9), (6,), (12,)]
+CUT = 5  # the checkpoint: after the NaN step, before the missing gradient and end_task()
+
+
+class Params(nn.Module):
+    """A module holding the parameters (DCP names them by their module path)."""
+
+    def __init__(self, shapes, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        for i, s in enumerate(shapes):
+            self.register_parameter(f"p{i}", nn.Parameter(torch.randn(s, generator=g) * 0.3))
+
+
+def save_and_resume(rank, world, folder, shapes):
+    """Train to CUT, save (DCP), train on; then a fresh model and optimizer load and train on
+    too. Returns both ends (parameters, states, skip counts)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    model = Params(shapes)
+    params, opt = train_synthetic(True, steps=CUT, params=list(model.parameters()))
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=folder)  # fmt: skip
+    train_synthetic(True, params=params, opt=opt, start=CUT)
+    resumed = load_and_resume(folder, shapes)
+    return {"end": _summary(model, opt), "resumed": resumed}
+
+
+def load_and_resume(folder, shapes):
+    """A fresh model (other weights) and FOGO, loaded from the DCP checkpoint, trained on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = Params(shapes, seed=7)
+    opt = FOGO(model.parameters(), **KW)
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=folder)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    train_synthetic(True, params=list(model.parameters()), opt=opt, start=CUT)
+    return _summary(model, opt)
+
+
+def _summary(model, opt):
+    params = list(model.parameters())
+    return {"params": [p.detach().clone() for p in params],
+            "state": {i: opt.state[p] for i, p in enumerate(params) if opt.state.get(p)},
+            "skipped": opt.skipped_steps, "writes": opt.memory_stats()["writes"]}  # fmt: skip
+
+
 SCENARIOS = {
     "sharded": functools.partial(_synthetic, shard=True),
     "replicated": functools.partial(_synthetic, shard=False),
     "ddp": _ddp,
     "missing": _missing_grad,
-    "fsdp": _fsdp,
     "refusals": _refusals,
 }
 
 
 @pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)])
-def ranks(request):
-    return request.param, run_scenarios(request.param, SCENARIOS, timeout=300)
+def ranks(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"fogo{request.param}")
+    dcp_runs = {
+        f"dcp_{name}": functools.partial(save_and_resume, folder=str(folder / name), shapes=sh)
+        for name, sh in (("buckets", SHAPES), ("distinct", DISTINCT))
+    }
+    dcp_runs["fsdp"] = functools.partial(_fsdp, folder=str(folder / "fsdp"))
+    results = run_scenarios(request.param, {**SCENARIOS, **dcp_runs}, timeout=300)
+    return request.param, results, folder
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +319,7 @@ DISCRETE = ("owner", "used", "ready", "fresh", "kind", "hits", "open")
 def test_sharded_equals_replicated_bit_for_bit_and_one_process_to_float_tolerance(ranks, single):
     """Replicated mode runs each bucket chunk by chunk, as the sharded owners do: bit for bit
     the same. One process batches whole buckets (other batch sizes may round differently)."""
-    world, results = ranks
+    world, results, _ = ranks
     replicated = results["replicated"][0]
     for mode in ("sharded", "replicated"):
         for r, res in enumerate(results[mode]):
@@ -246,7 +343,7 @@ def test_sharded_equals_replicated_bit_for_bit_and_one_process_to_float_toleranc
 
 
 def test_sharded_state_is_about_one_over_w_of_the_replicated(ranks):
-    world, results = ranks
+    world, results, _ = ranks
     replicated = results["replicated"][0]["bytes"]
     sharded = [res["bytes"] for res in results["sharded"]]
     assert sum(sharded) == replicated  # ZeRO-1: every matrix's state is held exactly once
@@ -254,7 +351,7 @@ def test_sharded_state_is_about_one_over_w_of_the_replicated(ranks):
 
 
 def test_memory_stats_are_global_on_every_rank(ranks, single):
-    world, results = ranks
+    world, results, _ = ranks
     expect = single[1].memory_stats()
     for res in results["sharded"]:
         assert res["stats"].keys() == expect.keys()
@@ -264,7 +361,7 @@ def test_memory_stats_are_global_on_every_rank(ranks, single):
 
 
 def test_ddp_sharded_equals_one_process_on_the_global_batch(ranks):
-    world, results = ranks
+    world, results, _ = ranks
     model, opt = train_model()
     per_rank = results["ddp"]
     for r, res in enumerate(per_rank):
@@ -285,7 +382,7 @@ def test_ddp_sharded_equals_one_process_on_the_global_batch(ranks):
 
 
 def test_a_rank_without_a_gradient_does_not_hang_and_replicas_agree(ranks):
-    world, results = ranks
+    world, results, _ = ranks
     per_rank = results["missing"]
     for res in per_rank[1:]:
         for a, b in zip(res, per_rank[0], strict=True):
@@ -306,9 +403,9 @@ def test_fsdp2_with_memory_equals_one_process_on_the_global_batch(ranks):
     """fully_shard'ed model (row shards, a rank with an empty shard at W = 4): each matrix's
     gradient is assembled at its owner, its update's rows sent back; equal to one process to
     float32 tolerance, the memory's decisions agree, every rank's full parameters identical."""
-    world, results = ranks
+    world, results, _ = ranks
     model, opt = train_model()
-    per_rank = results["fsdp"]
+    per_rank = [res["end"] for res in results["fsdp"]]
     for res in per_rank[1:]:
         for a, b in zip(res["params"], per_rank[0]["params"], strict=True):
             assert torch.equal(a, b)
@@ -326,9 +423,50 @@ def test_fsdp2_with_memory_equals_one_process_on_the_global_batch(ranks):
 
 
 def test_unshardable_parameters_are_refused_clearly(ranks):
-    _, results = ranks
+    _, results, _ = ranks
     for messages in results["refusals"]:
         assert len(messages) == 3
         assert all("Invalid" in m for m in messages)
         assert "tensor-parallel" in messages[0] and "Replicate" in messages[1]
         assert "shard=True" in messages[2]
+
+
+def test_dcp_round_trip_of_sharded_fogo_continues_bit_for_bit(ranks):
+    """Saved by W sharded ranks (each writes its own matrices' state), loaded by W fresh ones:
+    they continue exactly as the uninterrupted run (skip counters and write counters too)."""
+    _, results, _ = ranks
+    for res in results["dcp_buckets"]:
+        end, resumed = res["end"], res["resumed"]
+        for a, b in zip(end["params"], resumed["params"], strict=True):
+            assert torch.equal(a, b)
+        assert_same(resumed["state"], end["state"])
+        assert resumed["skipped"] == end["skipped"] == 1
+        assert resumed["writes"] == end["writes"] > 0
+
+
+def test_dcp_checkpoint_of_w_ranks_resumes_in_one_process_bit_for_bit(ranks):
+    """Resharding W -> 1: one process loads the checkpoint the W ranks wrote and continues
+    exactly as they did (and as one process that never stopped: one matrix per bucket, so the
+    same kernels everywhere)."""
+    world, results, folder = ranks
+    end = results["dcp_distinct"][0]["end"]
+    one = load_and_resume(str(folder / "distinct"), DISTINCT)
+    uninterrupted = Params(DISTINCT)
+    _, opt = train_synthetic(True, params=list(uninterrupted.parameters()))
+    for a, b, c in zip(one["params"], end["params"], uninterrupted.parameters(), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c.detach())
+    held = {}
+    for res in results["dcp_distinct"]:  # every rank's part of the state, now in one process
+        held.update(res["end"]["state"])
+    assert_same(one["state"], held)
+    assert one["skipped"] == 1 and one["writes"] == end["writes"] == opt.memory_stats()["writes"]
+
+
+def test_dcp_round_trip_of_fsdp2_fogo_continues_bit_for_bit(ranks):
+    _, results, _ = ranks
+    for res in results["fsdp"]:
+        end, resumed = res["end"], res["resumed"]
+        for a, b in zip(end["params"], resumed["params"], strict=True):
+            assert torch.equal(a, b)
+        assert_same(resumed["state"], end["state"])
+        assert resumed["stats"] == end["stats"]

@@ -251,14 +251,18 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         """Create the state of every parameter that has none, when the optimizer is built (as
         torch.distributed.checkpoint needs: the same keys whatever had a gradient, and no
         zero-gradient step to make them); seeds by the parameter's global index. Sharded, a
-        rank holds the state of its own matrices only (and of every AdamW parameter)."""
+        rank holds the state of its own matrices only (and of every AdamW parameter), and an
+        empty entry for the others'."""
         index = 0
         for gi, group in enumerate(self.param_groups):
             owned = self._owned(gi)
             for p in group["params"]:
                 matrix = _fogo_state.algorithm(group, p) == "fogo" and p.numel() > 0
-                if not self.state.get(p) and (id(p) in owned or not matrix):
-                    self.state[p] = _fogo_state.new_state(group, p, index, p.device)
+                if not self.state.get(p):
+                    # Another rank's matrix: an empty entry, so that every rank lists every
+                    # parameter (DCP's set_optimizer_state_dict expects them all).
+                    mine = id(p) in owned or not matrix
+                    self.state[p] = _fogo_state.new_state(group, p, index, p.device) if mine else {}
                 index += 1
 
     def _plan(self, gi: int) -> list[megabatch.Chunks | None]:
@@ -513,7 +517,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             for bucket in _fogo_state.buckets_of(group):
                 for p in bucket:
                     if id(p) not in owned:
-                        self.state.pop(p, None)
+                        self.state[p] = {}
         self._reset_caches()
         self._populate_state()  # parameters the state dict has no state for
 
