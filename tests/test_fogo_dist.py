@@ -120,7 +120,8 @@ def _ddp(rank, world):
 
 
 def _missing_grad(rank, world):
-    """Rank 1 has no gradient for a matrix (owned by any rank) on some steps: no hang."""
+    """Rank 1 has no gradient for two matrices on some steps (no hang), and a NaN that the other
+    ranks do not see on another (every rank drops that step)."""
     params = make_params()
     opt = FOGO(params, **KW)
     for step in range(6):
@@ -128,8 +129,10 @@ def _missing_grad(rank, world):
             p.grad = g
         if rank == 1 and step in (2, 3):
             params[0].grad = params[4].grad = None
+        if rank == 1 and step == 5:
+            params[3].grad[0, 0, 0, 0] = float("nan")
         opt.step()
-    return [p.detach().clone() for p in params]
+    return [p.detach().clone() for p in params], opt.skipped_steps
 
 
 def _fsdp_model(world, seed=0):
@@ -384,9 +387,10 @@ def test_ddp_sharded_equals_one_process_on_the_global_batch(ranks):
 def test_a_rank_without_a_gradient_does_not_hang_and_replicas_agree(ranks):
     world, results, _ = ranks
     per_rank = results["missing"]
-    for res in per_rank[1:]:
-        for a, b in zip(res, per_rank[0], strict=True):
+    for params, skipped in per_rank:
+        for a, b in zip(params, per_rank[0][0], strict=True):
             assert torch.equal(a, b)
+        assert skipped == 2  # the NaN step (all-reduced skip flag) and step 4's NaN
 
 
 def test_world_size_one_is_the_one_process_optimizer(tmp_path, single):

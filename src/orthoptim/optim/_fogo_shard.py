@@ -37,7 +37,7 @@ class Sharding:
     """The ranks FOGO's matrices are spread over.
 
     Attributes:
-        group: the process group (None: the default group).
+        group: the process group.
         rank: this rank's index in it.
         world: number of ranks.
         fsdp: the parameters are FSDP2 ``DTensor`` row shards (else whole, data parallel).
@@ -46,7 +46,7 @@ class Sharding:
             this keeps the two modes bit for bit equal), and nothing is exchanged.
     """
 
-    group: dist.ProcessGroup | None
+    group: dist.ProcessGroup
     rank: int
     world: int
     fsdp: bool
@@ -86,7 +86,9 @@ def sharding_for(
     world = dist.get_world_size(process_group)
     if world == 1:  # world size 1 is exactly the single-process optimizer
         return None
-    return Sharding(process_group, dist.get_rank(process_group), world, False, not shard)
+    group = process_group if process_group is not None else dist.group.WORLD
+    assert group is not None  # a process group is initialised
+    return Sharding(group, dist.get_rank(group), world, False, not shard)
 
 
 def owned(chunks: megabatch.Chunks | None, sharding: Sharding | None, size: int) -> range:
