@@ -20,6 +20,12 @@ per collective per step (payload: the tensor a rank hands to the collective; a r
 sends about ``2 (W - 1) / W`` of it per rank). Also: optimizer state bytes per rank (the tensors of
 ``state_dict()["state"]``) and parameter bytes.
 
+FOGO's modes (docs/distributed.md): ``fogo`` is the registry's FOGO, sharded over the ranks under
+DDP (ZeRO-1: each matrix's momentum and memory on one rank, the updates all-gathered);
+``fogo-replicated`` the same with ``shard=False`` (every rank steps every matrix); ``fogo-fsdp2``
+FOGO on a ``fully_shard``ed model (each transformer block, then the root; the CNN: the root)
+instead of DDP. State bytes count a sharded tensor's local shard.
+
 Models: ``gpt``, the lm-pretrain ``paper`` model (nanoGPT's CPU shakespeare_char GPT: 4 layers,
 4 heads, 128 wide, block 64, vocabulary 65, tied embeddings) on random tokens; ``cnn``, the
 large-batch-cnn ``paper`` model (two conv blocks of 8 and 16 channels, a 64-wide hidden layer) on
@@ -46,6 +52,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from orthoptim.benchmarks import registry
 from orthoptim.benchmarks.ddp import DataParallel
@@ -84,7 +91,28 @@ MODELS = {
 }  # fmt: skip
 
 
+# Contenders that are not registry names: (registry name, hyperparameters, wrapper under W > 1).
+VARIANTS = {
+    "fogo-replicated": ("fogo", {"shard": False}, "ddp"),
+    "fogo-fsdp2": ("fogo", {}, "fsdp2"),
+}
+
+
+def _fully_shard(model: nn.Module, world: int) -> nn.Module:
+    """FSDP2 over a 1-D mesh of the ranks: each transformer block, then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for block in getattr(getattr(model, "transformer", None), "h", []):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def _tensor_bytes(obj) -> int:
+    if isinstance(obj, DTensor):
+        obj = obj.to_local()
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
@@ -100,10 +128,16 @@ def _measure(world: int, args: argparse.Namespace) -> list[dict]:
     spec = MODELS[args.model]
     runs = {}
     for name in args.optimizers:
+        base, hparams, wrapper = VARIANTS.get(name, (name, {}, "ddp"))
         with seeded(0):
             model = spec.build()
-        net = model if parallel is None else parallel.wrap(model)
-        runs[name] = (model, net, registry.make_optimizer(name, model))
+        if parallel is None:
+            net = model
+        elif wrapper == "fsdp2":
+            net = model = _fully_shard(model, world)
+        else:
+            net = parallel.wrap(model)
+        runs[name] = (model, net, registry.make_optimizer(base, model, hparams))
     x, y = spec.batch(args.batch, torch.Generator().manual_seed(0))
     if parallel is not None:
         x, y = parallel.shard(x), parallel.shard(y)
@@ -141,6 +175,9 @@ def _measure(world: int, args: argparse.Namespace) -> list[dict]:
         }
         rows.append({
             "optimizer": name,
+            "matrix_state_bytes": sum(
+                _tensor_bytes(st) for p, st in opt.state.items() if p.ndim >= 2
+            ),
             "step_s": statistics.median(times[name]),
             "opt_step_s": statistics.median(opt_times[name]),
             "traffic": per_step,
@@ -187,6 +224,7 @@ def measure_world(world: int, args: argparse.Namespace) -> list[dict]:
             "opt_step_ms": max(1e3 * r["opt_step_s"] for r in ranks),
             "traffic_per_rank": [r["traffic"] for r in ranks],
             "state_bytes_per_rank": [r["state_bytes"] for r in ranks],
+            "matrix_state_bytes_per_rank": [r["matrix_state_bytes"] for r in ranks],
             "param_bytes": row["param_bytes"],
         })  # fmt: skip
     return out
@@ -213,8 +251,8 @@ def table(rows: list[dict]) -> str:
     lines = [
         "| optimizer | processes | step ms (median, slowest rank) | vs 1 process "
         "| in `opt.step()`, ms | collectives per step (rank 0: calls, payload) "
-        "| optimizer state per rank | parameters |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| optimizer state per rank | of which matrices' | parameters |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for r in sorted(rows, key=lambda r: (r["optimizer"], r["world_size"])):
         ratio = r["step_ms"] / base[r["optimizer"]] if r["optimizer"] in base else float("nan")
@@ -222,7 +260,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['optimizer']} | {r['world_size']} | {r['step_ms']:.1f} | {ratio:.2f} "
             f"| {r['opt_step_ms']:.1f} "
             f"| {_traffic_text(r['traffic_per_rank'][0])} "
-            f"| {_size(max(r['state_bytes_per_rank']))} | {_size(r['param_bytes'])} |"
+            f"| {_size(max(r['state_bytes_per_rank']))} "
+            f"| {_size(max(r['matrix_state_bytes_per_rank']))} | {_size(r['param_bytes'])} |"
         )
     return "\n".join(lines)
 
@@ -250,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         load.append(os.getloadavg()[0])
         print(f"W={w}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     command = "python scripts/dist_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"{command}\ntorch {torch.__version__}, {os.cpu_count()} CPUs, 1-minute load average "
-          f"{' / '.join(f'{x:.1f}' for x in load)} (before, then after each W)\n")
+    print(
+        f"{command}\ntorch {torch.__version__}, {os.cpu_count()} CPUs, 1-minute load average "
+        f"{' / '.join(f'{x:.1f}' for x in load)} (before, then after each W)\n"
+    )
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -3,8 +3,8 @@
 FOGO's steady step (no memory write) on fixed gradients, with a timer around each part of the
 step (the functions and methods the step calls, wrapped; a device sync before and after each):
 the non-finite check, the momentum streams, Newton-Schulz, the fusion, the step counters, the
-memory's accumulation (sketch and output-energy profile) and correction, the scale and masked
-parameter update, AdamW, and what is left (Python, stacking, the loop). The write step is timed
+memory's accumulation (sketch and output-energy profile) and correction, the RMS scale, the
+masked parameter update, AdamW, and what is left (Python, stacking, the loop). The write step is timed
 apart, on an instance that writes every step. Then the top operators by self time
 (torch.profiler).
 
@@ -37,7 +37,8 @@ PARTS = (
     (_fogo_math, "count_steps_", "step counters"),
     (MemoryBucket, "accumulate", "memory: sketch and energy accumulation"),
     (MemoryBucket, "correct", "memory: correction"),
-    (FOGO, "_apply", "scale and masked update"),
+    (_fogo_math, "scaled", "RMS scale"),
+    (_fogo_math, "apply_", "masked parameter update"),
     (FOGO, "_adamw", "AdamW"),
     (FOGO, "_scheduled_writes", "memory writes (schedule and writes)"),
 )
@@ -62,8 +63,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--top", type=int, default=15, help="operators listed by the profiler")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                    help="a FOGO keyword, e.g. --set dual_stream=false --set memory=false")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="a FOGO keyword, e.g. --set dual_stream=false --set memory=false",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -130,6 +136,7 @@ def main() -> None:
         for p in g["params"]
     }  # fmt: skip
     print(f"memory pool rank R per matrix shape: {ranks}")
+
 
 if __name__ == "__main__":
     main()

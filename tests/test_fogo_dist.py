@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from dist_utils import one_rank_group, run_scenarios
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from orthoptim import FOGO
 
@@ -192,6 +193,33 @@ def _fsdp(rank, world, folder):
     return {"end": _fsdp_result(model, opt), "resumed": _fsdp_result(again, opt2)}
 
 
+class _HostReads(TorchDispatchMode):
+    """Counts reads of tensor values on the host (aten ``_local_scalar_dense``: ``item()``,
+    ``bool()``, ``int()``, ``float()``), what syncs with a device."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def _host_reads(rank, world):
+    """A steady sharded step (no memory write due) reads nothing on the host."""
+    params = make_params()
+    opt = FOGO(params, **{**KW, "write_interval": 50})
+    reads = []
+    for step in range(4):
+        for p, g in zip(params, grads_at(step + 20, params), strict=True):
+            p.grad = g
+        with _HostReads() as mode:
+            opt.step()
+        reads.append(mode.count)
+    return reads
+
+
 def _refusals(rank, world):
     """What FOGO cannot shard is refused with a ValueError naming the argument."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -279,6 +307,7 @@ SCENARIOS = {
     "replicated": functools.partial(_synthetic, shard=False),
     "ddp": _ddp,
     "missing": _missing_grad,
+    "host_reads": _host_reads,
     "refusals": _refusals,
 }
 
@@ -474,3 +503,9 @@ def test_dcp_round_trip_of_fsdp2_fogo_continues_bit_for_bit(ranks):
             assert torch.equal(a, b)
         assert_same(resumed["state"], end["state"])
         assert resumed["stats"] == end["stats"]
+
+
+def test_steady_sharded_steps_read_nothing_on_the_host(ranks):
+    _, results, _ = ranks
+    for reads in results["host_reads"]:
+        assert reads[0] > 0 and reads[2:] == [0, 0], reads  # the first step reads the counters
