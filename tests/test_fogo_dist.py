@@ -392,25 +392,31 @@ def test_memory_stats_are_global_on_every_rank(ranks, single):
     assert expect["writes"] > 0 and expect["entries_used"] > 0
 
 
-def test_ddp_sharded_equals_one_process_on_the_global_batch(ranks):
-    world, results, _ = ranks
+def assert_like_one_process(per_rank):
+    """Every rank's full parameters identical, equal to one process on the global batch to
+    float32 tolerance (an averaged gradient rounds differently from the global batch's), each
+    matrix's state on one rank with the one process's memory decisions."""
     model, opt = train_model()
-    per_rank = results["ddp"]
     for r, res in enumerate(per_rank):
         for a, b in zip(res["params"], per_rank[0]["params"], strict=True):
             assert torch.equal(a, b), f"rank {r} differs from rank 0"
-    # DDP's averaged gradient rounds differently from the global batch's: float32 tolerance.
     for a, b in zip(per_rank[0]["params"], model.parameters(), strict=True):
         torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
     params = list(model.parameters())
-    decisions = 0
+    held, decisions = 0, 0
     for res in per_rank:
         for i, st in res["state"].items():
             if "memory" in st:
-                for k in ("owner", "used", "ready", "kind", "hits", "open"):
+                held += 1
+                for k in DISCRETE:
                     assert torch.equal(st["memory"][k], opt.state[params[i]]["memory"][k]), k
                 decisions += int(st["memory"]["used"].sum())
-    assert decisions > 0
+    assert held == sum(p.ndim >= 2 for p in params) and decisions > 0
+    return opt
+
+
+def test_ddp_sharded_equals_one_process_on_the_global_batch(ranks):
+    assert_like_one_process(ranks[1]["ddp"])
 
 
 def test_a_rank_without_a_gradient_does_not_hang_and_replicas_agree(ranks):
@@ -436,22 +442,8 @@ def test_fsdp2_with_memory_equals_one_process_on_the_global_batch(ranks):
     """fully_shard'ed model (row shards, a rank with an empty shard at W = 4): each matrix's
     gradient is assembled at its owner, its update's rows sent back; equal to one process to
     float32 tolerance, the memory's decisions agree, every rank's full parameters identical."""
-    world, results, _ = ranks
-    model, opt = train_model()
-    per_rank = [res["end"] for res in results["fsdp"]]
-    for res in per_rank[1:]:
-        for a, b in zip(res["params"], per_rank[0]["params"], strict=True):
-            assert torch.equal(a, b)
-    for a, b in zip(per_rank[0]["params"], model.parameters(), strict=True):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
-    params = list(model.parameters())
-    held = 0
-    for res in per_rank:
-        for i, st in res["state"].items():
-            held += 1
-            for k in DISCRETE:
-                assert torch.equal(st["memory"][k], opt.state[params[i]]["memory"][k]), k
-    assert held == sum(p.ndim >= 2 for p in params)  # each matrix's state on one rank
+    per_rank = [res["end"] for res in ranks[1]["fsdp"]]
+    opt = assert_like_one_process(per_rank)
     assert per_rank[0]["stats"]["writes"] == opt.memory_stats()["writes"] > 0
 
 
@@ -464,15 +456,21 @@ def test_unshardable_parameters_are_refused_clearly(ranks):
         assert "shard=True" in messages[2]
 
 
+def assert_resumed_equal(res):
+    """The run resumed from the checkpoint ended as the uninterrupted one, bit for bit."""
+    end, resumed = res["end"], res["resumed"]
+    for a, b in zip(end["params"], resumed["params"], strict=True):
+        assert torch.equal(a, b)
+    assert_same(resumed["state"], end["state"])
+    return end, resumed
+
+
 def test_dcp_round_trip_of_sharded_fogo_continues_bit_for_bit(ranks):
     """Saved by W sharded ranks (each writes its own matrices' state), loaded by W fresh ones:
     they continue exactly as the uninterrupted run (skip counters and write counters too)."""
     _, results, _ = ranks
     for res in results["dcp_buckets"]:
-        end, resumed = res["end"], res["resumed"]
-        for a, b in zip(end["params"], resumed["params"], strict=True):
-            assert torch.equal(a, b)
-        assert_same(resumed["state"], end["state"])
+        end, resumed = assert_resumed_equal(res)
         assert resumed["skipped"] == end["skipped"] == 1
         assert resumed["writes"] == end["writes"] > 0
 
@@ -498,10 +496,7 @@ def test_dcp_checkpoint_of_w_ranks_resumes_in_one_process_bit_for_bit(ranks):
 def test_dcp_round_trip_of_fsdp2_fogo_continues_bit_for_bit(ranks):
     _, results, _ = ranks
     for res in results["fsdp"]:
-        end, resumed = res["end"], res["resumed"]
-        for a, b in zip(end["params"], resumed["params"], strict=True):
-            assert torch.equal(a, b)
-        assert_same(resumed["state"], end["state"])
+        end, resumed = assert_resumed_equal(res)
         assert resumed["stats"] == end["stats"]
 
 

@@ -7,7 +7,7 @@ keeps its matrices' momentum streams and memory (ZeRO-1), orthogonalizes them in
 corrects them and writes their memory; every rank then applies every update:
 
 * data parallel (DDP: every rank holds whole parameters and the averaged gradients): the owners'
-  scaled updates are all-gathered, one ``all_gather_single`` per bucket;
+  scaled updates are all-gathered, one ``all_gather_single`` per bucket (:meth:`Exchange.gather`);
 * FSDP2 (``fully_shard``: parameters and gradients are ``Shard(0)`` row blocks on a 1-D mesh):
   the gradient row shards go to each matrix's owner (``all_to_all``), and the updates' row
   shards come back (``all_to_all``), batched per bucket.
@@ -110,77 +110,71 @@ def matrix_cost(shape: Sequence[int], streams: int) -> float:
     return float(streams * min(m, n) ** 2 * max(m, n))
 
 
-def gather_updates(
-    updates: torch.Tensor,
-    take: Sequence[int],
-    chunks: megabatch.Chunks,
-    sharding: Sharding,
-    shape: tuple[int, int],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Data parallel: every owner's updates to every rank.
+@dataclass(frozen=True)
+class Exchange:
+    """What one bucket's sharded step sends: built per step from the bucket.
 
-    Args:
-        updates: (len(take), m, n), this rank's updates of the owned matrices ``take`` (their
-            positions in its chunk).
-        take: positions in the chunk that stepped.
-        chunks, sharding: the bucket's ownership and the ranks.
-        shape, dtype, device: of the bucket's matrices.
-
-    Returns:
-        (N, m, n) updates and (N,) bool flags (the owner stepped the matrix) of the bucket.
+    Attributes:
+        chunks: the bucket's ownership.
+        sharding: the ranks.
+        shape: the matrices' shape (m, n).
+        dtype, device: of the parameters (their local shards).
     """
-    m, n = shape
-    payload = torch.zeros(chunks.chunk, m * n + 1, dtype=dtype, device=device)
-    if take:
-        rows = torch.tensor(list(take), device=device)
-        payload[rows, : m * n] = updates.reshape(len(take), m * n).to(dtype)
-        payload[rows, m * n] = 1
-    full = megabatch.gather_chunks(payload, chunks, sharding.group)
-    return full[:, : m * n].view(-1, m, n), full[:, m * n] > 0
 
+    chunks: megabatch.Chunks
+    sharding: Sharding
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
 
-def owner_grads(
-    params: Sequence[torch.Tensor],
-    chunks: megabatch.Chunks,
-    sharding: Sharding,
-    shape: tuple[int, int],
-) -> torch.Tensor:
-    """FSDP2: the whole gradients (k, m, n) of this rank's chunk, assembled from every rank's
-    row shards (a rank without a gradient sends zeros)."""
-    m, n = shape
-    rows = megabatch.row_sizes(m, sharding.world)
-    mine = rows[sharding.rank]
-    first = local(params[0])
-    shards = torch.zeros(len(params), mine, n, dtype=first.dtype, device=first.device)
-    for i, p in enumerate(params):
-        if p.grad is not None:
-            shards[i] = local(p.grad).reshape(mine, n)
-    return megabatch.rows_to_owners(shards, chunks, rows, sharding.group)
+    def _payload(
+        self, updates: torch.Tensor, take: Sequence[int], shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """(k, *shape) zeros with ``updates`` at the positions ``take`` of this rank's chunk
+        and, in their last column, 1: the owner stepped them."""
+        payload = torch.zeros(self.chunks.chunk, *shape, dtype=self.dtype, device=self.device)
+        if take:
+            at = torch.tensor(list(take), device=self.device)
+            payload[at, ..., :-1] = updates.reshape(len(take), *shape[:-1], -1).to(self.dtype)
+            payload[at, ..., -1] = 1
+        return payload
 
+    def gather(
+        self, updates: torch.Tensor, take: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data parallel: every owner's updates ((len(take), m, n) for the positions ``take``
+        of this rank's chunk) to every rank. Returns the bucket's (N, m, n) updates and (N,)
+        bool flags (the owner stepped the matrix)."""
+        m, n = self.shape
+        full = megabatch.gather_chunks(
+            self._payload(updates, take, (m * n + 1,)), self.chunks, self.sharding.group
+        )
+        return full[:, : m * n].view(-1, m, n), full[:, m * n] > 0
 
-def scatter_updates(
-    updates: torch.Tensor,
-    take: Sequence[int],
-    chunks: megabatch.Chunks,
-    sharding: Sharding,
-    shape: tuple[int, int],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """FSDP2: each owner's updates back to the ranks as row shards.
+    def owner_grads(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """FSDP2: the whole gradients (k, m, n) of this rank's chunk, assembled from every
+        rank's row shards of the bucket's ``params`` (a rank without a gradient sends zeros)."""
+        m, n = self.shape
+        rows = megabatch.row_sizes(m, self.sharding.world)
+        mine = rows[self.sharding.rank]
+        shards = torch.zeros(len(params), mine, n, dtype=self.dtype, device=self.device)
+        for i, p in enumerate(params):
+            if p.grad is not None:
+                shards[i] = local(p.grad).reshape(mine, n)
+        return megabatch.rows_to_owners(shards, self.chunks, rows, self.sharding.group)
 
-    Returns this rank's rows of the bucket's updates (N, rows, n) and the (N,) bool flags
-    (the owner stepped the matrix)."""
-    m, n = shape
-    rows = megabatch.row_sizes(m, sharding.world)
-    payload = torch.zeros(chunks.chunk, m, n + 1, dtype=dtype, device=device)
-    if take:
-        at = torch.tensor(list(take), device=device)
-        payload[at, :, :n] = updates.to(dtype)
-        payload[at, :, n] = 1
-    mine = megabatch.rows_from_owners(payload, chunks, rows, sharding.rank, sharding.group)
-    if rows[sharding.rank] == 0:  # an empty shard: nothing to update
-        return mine[..., :n], torch.zeros(chunks.size, dtype=torch.bool, device=device)
-    return mine[..., :n], mine[:, 0, n] > 0
+    def scatter(
+        self, updates: torch.Tensor, take: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """FSDP2: each owner's updates back to the ranks as row shards. Returns this rank's
+        rows of the bucket's updates (N, rows, n) and the (N,) bool flags."""
+        m, n = self.shape
+        rows = megabatch.row_sizes(m, self.sharding.world)
+        mine = megabatch.rows_from_owners(
+            self._payload(updates, take, (m, n + 1)), self.chunks, rows, self.sharding.rank,
+            self.sharding.group,
+        )  # fmt: skip
+        if rows[self.sharding.rank] == 0:  # an empty shard: nothing to update
+            return mine[..., :n], torch.zeros(self.chunks.size, dtype=torch.bool,
+                                              device=self.device)  # fmt: skip
+        return mine[..., :n], mine[:, 0, n] > 0

@@ -408,22 +408,22 @@ class FOGO(_nonfinite.Guarded, Optimizer):
     def _sharded_bucket_step(self, group: dict, bucket: _Bucket, take: list[int], guard) -> None:
         """One sharded step of a bucket: this rank computes its chunk's updates (``take``: the
         positions in it that have a gradient), every rank receives and applies all of them."""
-        sharding, chunks = cast(_fogo_shard.Sharding, self._sharding), bucket.chunks
+        sharding = cast(_fogo_shard.Sharding, self._sharding)
         first = _fogo_shard.local(bucket.params[0])
         skip = guard.skip(first.device)
-        kind = dict(chunks=chunks, sharding=sharding, shape=bucket.shape, dtype=first.dtype,
-                    device=first.device)  # fmt: skip
+        exchange = _fogo_shard.Exchange(cast(megabatch.Chunks, bucket.chunks), sharding,
+                                        bucket.shape, first.dtype, first.device)  # fmt: skip
         grads = None
         if sharding.fsdp:  # the owned matrices' whole gradients, from every rank's rows
-            grads = _fogo_shard.owner_grads(bucket.params, chunks, sharding, bucket.shape)
+            grads = exchange.owner_grads(bucket.params)
             grads = grads[take] if len(take) != grads.shape[0] else grads
         update = first.new_zeros(0, *bucket.shape)
         if take:
             update, _ = self._updates(group, bucket, take, skip, grads)
         alpha = _fogo_math.coefficient(group["scale"], group["target_rms"], group["lr"],
                                        bucket.shape)  # fmt: skip
-        exchange = _fogo_shard.scatter_updates if sharding.fsdp else _fogo_shard.gather_updates
-        updates, stepped = exchange(update, take, **kind)
+        send = exchange.scatter if sharding.fsdp else exchange.gather
+        updates, stepped = send(update, take)
         params = [_fogo_shard.local(p) for p in bucket.params]
         _fogo_math.apply_(params, updates, group["lr"], group["weight_decay"], alpha, skip,
                           stepped)  # fmt: skip
