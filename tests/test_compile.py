@@ -61,7 +61,8 @@ def compiled_run(**kw):
     "options",
     [
         dict(),
-        dict(gate="sign", side="output", write_source="slow", nesterov=True),
+        pytest.param(dict(gate="sign", side="output", write_source="slow", nesterov=True),
+                     marks=pytest.mark.slow),
         pytest.param(dict(memory=False, dual_stream=False), marks=pytest.mark.slow),
         dict(scheduler=True),
     ],
