@@ -23,6 +23,7 @@ follow ``torch.chunk`` (FSDP2's ``Shard(0)``), padded to a common size for the a
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,6 +65,12 @@ class Chunks:
         """Indices (in the bucket) of the matrices ``rank`` owns."""
         j = self.held_by(rank)
         return range(min(j * self.chunk, self.size), min((j + 1) * self.chunk, self.size))
+
+
+@functools.lru_cache(maxsize=256)
+def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A constant index on ``device``, made once (a step copies nothing to the device)."""
+    return torch.tensor(values, device=device)
 
 
 def assign_chunks(
@@ -110,8 +117,8 @@ def gather_chunks(
     out = torch.empty((w * k, *local.shape[1:]), dtype=local.dtype, device=local.device)
     dist.all_gather_single(out, local.contiguous(), group=group)
     by_rank = out.view(w, k, *local.shape[1:])
-    order = torch.tensor(chunks.owner, device=local.device)
-    return by_rank.index_select(0, order).reshape(w * k, *local.shape[1:])[: chunks.size]
+    by_chunk = by_rank.index_select(0, _index(chunks.owner, local.device))
+    return by_chunk.reshape(w * k, *local.shape[1:])[: chunks.size]
 
 
 def row_sizes(rows: int, world: int) -> list[int]:
@@ -143,7 +150,7 @@ def rows_to_owners(
     send = shards.new_zeros(w * k, pad, n)
     send[: chunks.size, : shards.shape[1]] = shards
     # To rank r goes the chunk it owns.
-    held = torch.tensor([chunks.held_by(r) for r in range(w)], device=shards.device)
+    held = _index(tuple(chunks.held_by(r) for r in range(w)), shards.device)
     send = send.view(w, k, pad, n).index_select(0, held)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)  # recv[r]: rank r's rows of my chunk
@@ -169,6 +176,6 @@ def rows_from_owners(
         start += rows[r]
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)  # recv[r]: my rows of rank r's chunk
-    order = torch.tensor(chunks.owner, device=full.device)  # chunk j came from owner[j]
-    by_chunk = recv.index_select(0, order).reshape(w * k, pad, n)
+    # chunk j came from owner[j]
+    by_chunk = recv.index_select(0, _index(chunks.owner, full.device)).reshape(w * k, pad, n)
     return by_chunk[: chunks.size, : rows[rank]]

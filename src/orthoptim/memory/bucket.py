@@ -78,6 +78,20 @@ def sign_sketch(config: MemoryConfig, seed: int, device: torch.device | str) -> 
     return codebook.sign_sketch(config.other_dim, config.codebook, seed, device)
 
 
+def row_selector(take: Sequence[int], device: torch.device | str) -> slice | torch.Tensor:
+    """What selects the rows ``take`` (increasing) of a stacked tensor: a slice when they are a
+    run of consecutive indices (the usual case: a whole bucket, or one chunk of it), so that a
+    step copies no index tensor to the device; an index tensor otherwise."""
+    if take and take[-1] - take[0] + 1 == len(take):
+        return slice(take[0], take[-1] + 1)
+    return torch.tensor(list(take), dtype=torch.int64, device=device)
+
+
+def rows(x: torch.Tensor, take: Sequence[int]) -> torch.Tensor:
+    """``x[take]`` along dim 0 (a view when ``take`` is consecutive, see :func:`row_selector`)."""
+    return x if len(take) == x.shape[0] else x[row_selector(take, x.device)]
+
+
 def _commit(
     targets: list[torch.Tensor], old: torch.Tensor, new: torch.Tensor, skip: torch.Tensor | None
 ) -> None:
@@ -146,10 +160,6 @@ class MemoryBucket:
         """(N, m, n) stored matrices as (N, other, side): the protected side last."""
         return x.mT if self.config.transpose else x
 
-    @staticmethod
-    def _rows(x: torch.Tensor, take: Sequence[int]) -> torch.Tensor:
-        return x if len(take) == x.shape[0] else x[list(take)]
-
     def accumulate(
         self, grads: torch.Tensor, take: Sequence[int], skip: torch.Tensor | None
     ) -> None:
@@ -160,7 +170,7 @@ class MemoryBucket:
         if self.omega is not None:
             sketches = [st["grad_sketch"] for st in states]
             old = torch.stack(sketches)
-            _commit(sketches, old, old + g.mT @ (g @ self._rows(self.omega, take)), skip)
+            _commit(sketches, old, old + g.mT @ (g @ rows(self.omega, take)), skip)
         if self.config.profile:
             energies = [st["row_energy"] for st in states]
             old = torch.stack(energies)
@@ -178,13 +188,13 @@ class MemoryBucket:
         records each matrix's ``last_stats``."""
         states = [self.states[i] for i in take]
         u = self._oriented(updates).to(self.dtype)
-        book = {name: self._rows(t, take) for name, t in self.cache.items()}
+        book = {name: rows(t, take) for name, t in self.cache.items()}
         hits = [st["memory"]["hits"] for st in states]
         book["hits"] = torch.stack(hits)
-        sign = self._rows(self.sign, take) if self.sign is not None else None
+        sign = rows(self.sign, take) if self.sign is not None else None
         corrected, stats = codebook.correct(
             u, book, steps, self.config.codebook, sign, skip,
-            lift=self._rows(self.lift, take), col2entry=self._rows(self.col2entry, take),
+            lift=rows(self.lift, take), col2entry=rows(self.col2entry, take),
         )  # fmt: skip
         torch._foreach_copy_(hits, list(book["hits"].unbind(0)))
         for name, value in stats.items():

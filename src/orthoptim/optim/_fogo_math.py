@@ -143,11 +143,12 @@ def apply_(
         decay = 1 - lr * weight_decay
         factor: Scalar | list[torch.Tensor] = decay
         if keep is not None:  # float64 0-d: p * decay rounds as with a Python float
-            per = torch.where(
-                keep.view(-1),
-                torch.ones((), dtype=torch.float64, device=keep.device),
-                torch.as_tensor(decay, dtype=torch.float64, device=keep.device),
-            )
+            if isinstance(decay, torch.Tensor):  # a tensor lr
+                value = decay.to(device=keep.device, dtype=torch.float64)
+            else:  # a fill, not a copy to the device
+                value = torch.full((), decay, dtype=torch.float64, device=keep.device)
+            one = torch.ones((), dtype=torch.float64, device=keep.device)
+            per = torch.where(keep.view(-1), one, value)
             factor = per[0] if stepped is None else list(per.unbind(0))
         torch._foreach_mul_(params, factor)
     if isinstance(alpha, torch.Tensor):

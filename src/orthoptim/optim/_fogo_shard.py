@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Shard
 
 from orthoptim.distributed import megabatch
+from orthoptim.memory.bucket import row_selector
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class Exchange:
         and, in their last column, 1: the owner stepped them."""
         payload = torch.zeros(self.chunks.chunk, *shape, dtype=self.dtype, device=self.device)
         if take:
-            at = torch.tensor(list(take), device=self.device)
+            at = row_selector(take, self.device)
             payload[at, ..., :-1] = updates.reshape(len(take), *shape[:-1], -1).to(self.dtype)
             payload[at, ..., -1] = 1
         return payload

@@ -44,7 +44,7 @@ from torch.optim import Optimizer
 
 from orthoptim.distributed import megabatch
 from orthoptim.memory import codebook
-from orthoptim.memory.bucket import MemoryBucket
+from orthoptim.memory.bucket import MemoryBucket, rows
 from orthoptim.optim import _fogo_math, _fogo_shard, _fogo_state, _fused, _nonfinite
 from orthoptim.optim._validation import check_choice, check_group_keys, check_range
 
@@ -416,7 +416,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         grads = None
         if sharding.fsdp:  # the owned matrices' whole gradients, from every rank's rows
             grads = exchange.owner_grads(bucket.params)
-            grads = grads[take] if len(take) != grads.shape[0] else grads
+            grads = rows(grads, take)
         update = first.new_zeros(0, *bucket.shape)
         if take:
             update, _ = self._updates(group, bucket, take, skip, grads)
