@@ -167,3 +167,44 @@ def test_ddp_no_sync_accumulation_equals_the_full_batch(tmp_path):
         assert_same((model.module, opt), train(KFAC, batches, 1))
     finally:
         dist.destroy_process_group()
+
+
+class _PositionModel(nn.Module):
+    """Token and position embeddings; the positions' input (1, T) is broadcast over the batch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok, self.pos, self.out = nn.Embedding(16, 8), nn.Embedding(6, 8), nn.Linear(8, 16)
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1])[None]
+        return self.out(torch.tanh(self.tok(x) + self.pos(positions)))
+
+
+@pytest.mark.parametrize("cls", [KFAC, FOP])
+def test_an_input_broadcast_over_the_batch_is_named_and_accumulation_stays_exact(cls):
+    """The position embedding only sees the sum of the samples' output gradients, so its G would
+    depend on how the batch is cut into micro-batches: it is left to the plain update, by name,
+    and 2 micro-batches then equal the full batch."""
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 16, (8, 6), generator=g) for _ in range(3)]
+
+    def run(k):
+        model = _PositionModel().double()
+        opt = cls(model, **KW)
+        for x in batches:
+            opt.zero_grad()
+            for xs in x.chunk(k):  # each micro-batch's summed loss over the whole batch's count
+                logits = model(xs).flatten(0, 1)
+                (F.cross_entropy(logits, xs.roll(1, 1).flatten(), reduction="sum")
+                 / x.numel()).backward()  # fmt: skip
+            opt.step()
+        return model, opt
+
+    with pytest.warns(UserWarning, match=r"pos\.weight: its input has batch 1") as record:
+        whole = run(1)
+    assert not any("tok.weight" in str(w.message) for w in record)
+    assert [b.name for b in whole[1]._blocks] == ["tok.weight", "out.weight"]
+    with pytest.warns(UserWarning, match=r"pos\.weight"):
+        assert_same(run(2), whole)

@@ -474,3 +474,28 @@ def test_one_pass_split_of_every_block_equals_half_batch_autograd(batch):
             gb = h[ref_params[blk.bias]] if blk.bias is not None else None
             want = blk.grad_matrix(h[ref_params[blk.weight]], gb)
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=blk.name)
+
+
+def test_a_layer_whose_hooks_never_fire_is_named_at_the_first_step():
+    """Model form: the construction warning is already spent when the first step finds a layer
+    used through the functional API; that layer is still named, once."""
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.tanh(F.linear(x, self.a.weight, self.a.bias)))
+
+    torch.manual_seed(0)
+    model = Functional()
+    opt = KFAC(model, lr=0.1, factor_interval=1, inverse_interval=1)
+    for step in range(2):
+        model(torch.randn(8, 4)).square().mean().backward()
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            opt.step()
+        named = [w for w in record if "a.weight: its module's hooks never saw it run" in
+                 str(w.message)]  # fmt: skip
+        assert len(named) == (1 if step == 0 else 0)
+        opt.zero_grad()

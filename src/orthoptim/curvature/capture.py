@@ -24,6 +24,13 @@ forward passes. A block's records know which forward they came from, so:
 Without root calls (a model whose layers are called directly) every layer call counts as part of
 one forward: weight reuse is then handled, accumulation is not.
 
+**Inputs broadcast over the batch.** A block whose input has batch 1 in a forward where other
+blocks see a batch (HF GPT-2's position embedding: ``position_ids`` of shape ``(1, T)``, added to
+every sequence) receives the *sum* of the samples' output gradients: the per-sample gradients the
+factor ``G`` needs are not observable, and ``G`` of a sum depends on how the batch is cut into
+micro-batches. :func:`broadcast_blocks` finds such blocks; the optimizer leaves them to the plain
+update (named in its warning) and :meth:`Capture.drop` stops recording them.
+
 FOP's one-pass split (``split_dtype`` set) is formed during backward, see :mod:`.split`.
 
 Under ``torch.compile`` the hooks are excluded from tracing (``torch.compiler.disable``): each
@@ -105,6 +112,7 @@ class Capture:
         self.paused = False
         self.forward_id = 0
         self.root_calls = 0  # root forwards since the last clear
+        self.dropped: set[Block] = set()  # blocks no longer recorded (see drop)
         self._handles: list[Any] = []
 
     def attach(
@@ -139,7 +147,7 @@ class Capture:
     def forward(self, block: Block, x: torch.Tensor, out: Any) -> Any:
         """Record one call of ``block`` with input ``x`` and output ``out``; returns the output the
         model should use (``out``, or its split wrapper)."""
-        if self.paused or not isinstance(out, torch.Tensor):
+        if self.paused or block in self.dropped or not isinstance(out, torch.Tensor):
             return out
         if not (torch.is_grad_enabled() and out.requires_grad):
             return out
@@ -231,6 +239,11 @@ class Capture:
             return rec.U, rec.b_first, (rec.b_first + 1) // 2
         return rec.U, rec.n_all, rec.n_odd
 
+    def drop(self, block: Block) -> None:
+        """Stop recording ``block`` (its hooks stay installed and pass the output through)."""
+        self.dropped.add(block)
+        self.records[block] = Record()
+
     def saw_forward(self) -> bool:
         """True when the model (or any block) ran since the last ``clear``."""
         return self.root_calls > 0 or any(r.forwards for r in self.records.values())
@@ -246,3 +259,13 @@ class Capture:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def broadcast_blocks(capture: Capture, blocks: list[Block]) -> list[Block]:
+    """The blocks whose input had batch 1 in a forward where another block saw a batch > 1 (an
+    input broadcast over the batch; see the module doc), from the records since the last clear."""
+    wide = {f for b in blocks for f, (batch, _) in capture.records[b].forwards.items() if batch > 1}
+    return [
+        b for b in blocks
+        if any(f in wide and batch == 1 for f, (batch, _) in capture.records[b].forwards.items())
+    ]  # fmt: skip

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from orthoptim.curvature import Block, Capture
+from orthoptim.curvature.capture import broadcast_blocks
 from orthoptim.curvature.discovery import find_blocks, is_matrix
 from orthoptim.curvature.owners import OwnerSearch, compiled_modules, reset_compiled
 
@@ -65,7 +66,8 @@ class LayerCoverage:
         self._blocks: list[Block] = []
         self._plain: dict[str, str] = {}
         self._diagonal: dict[str, str] = {}
-        self._warned = self._checked = False
+        self._warned: set[str] = set()  # names already in a warning
+        self._checked = False
         if model is not None:
             self._attach(model)
             if not self._blocks:
@@ -120,23 +122,24 @@ class LayerCoverage:
 
     def _warn_coverage(self) -> None:
         """The one warning naming the matrix parameters left to the plain update (and the one
-        naming diagonal factors)."""
-        if self._warned:
-            return
-        self._warned = True
+        naming diagonal factors); later calls name only what was found since (at the first
+        step: hooks that never fired, inputs broadcast over the batch)."""
         name = type(self).__name__
-        if self._plain:
-            lines = "\n".join(f"  {n}: {r}" for n, r in self._plain.items())
+        plain = {n: r for n, r in self._plain.items() if n not in self._warned}
+        diagonal = {n: r for n, r in self._diagonal.items() if n not in self._warned}
+        self._warned |= plain.keys() | diagonal.keys()
+        if plain:
+            lines = "\n".join(f"  {n}: {r}" for n, r in plain.items())
             outer = self.param_groups[0]["outer"]
             warnings.warn(
-                f"{name}: {len(self._plain)} matrix parameter(s) get the plain outer update "
+                f"{name}: {len(plain)} matrix parameter(s) get the plain outer update "
                 f"({outer}), not {name}:\n{lines}\nPass exclude=[...] with these names to "
                 "declare it intentional (silences this warning).",
                 PlainUpdateWarning,
                 stacklevel=_user_stacklevel(),
             )
-        if self._diagonal:
-            lines = "\n".join(f"  {n}: {r}" for n, r in self._diagonal.items())
+        if diagonal:
+            lines = "\n".join(f"  {n}: {r}" for n, r in diagonal.items())
             warnings.warn(
                 f"{name}: factors kept diagonal (max_factor_dim):\n{lines}",
                 DiagonalFactorWarning,
@@ -173,7 +176,8 @@ class LayerCoverage:
 
     def _check_hooks(self) -> None:
         """Once, at the first step after the model ran: blocks with a gradient whose hooks saw
-        nothing are named (plain update); if no block saw anything, the hooks are not firing."""
+        nothing are named (plain update); if no block saw anything, the hooks are not firing.
+        Blocks whose input is broadcast over the batch are named and dropped (plain update)."""
         self._checked = True
         recs = self._capture.records
         silent = [b for b in self._blocks if b.weight.grad is not None and not recs[b].forwards]
@@ -191,14 +195,23 @@ class LayerCoverage:
                 "its module's hooks never saw it run (the weight is used through the functional "
                 "API, or by a compiled region): not preconditioned"
             )
+        for b in broadcast_blocks(self._capture, self._blocks):
+            self._plain[b.name] = (
+                "its input has batch 1 where the model's layers see a batch (an input broadcast "
+                "over the batch, e.g. position ids): the per-sample output gradients K-FAC needs "
+                "are not observable; not preconditioned"
+            )
+            self._blocks.remove(b)
+            self._capture.drop(b)
         self._warn_coverage()
 
 
 def _user_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside orthoptim."""
-    root = __file__.rsplit("/optim/", 1)[0]  # the orthoptim package
+    """The ``stacklevel`` that points a warning at the first frame outside orthoptim and torch
+    (``step`` is wrapped by torch's ``no_grad`` and hook machinery)."""
+    roots = (__file__.rsplit("/optim/", 1)[0], torch.__file__.rsplit("/", 1)[0])
     here = inspect.currentframe()
     frame, level = (here.f_back if here is not None else None), 1
-    while frame is not None and frame.f_code.co_filename.startswith(root):
+    while frame is not None and frame.f_code.co_filename.startswith(roots):
         frame, level = frame.f_back, level + 1
     return level
