@@ -88,6 +88,18 @@ def _resume_scenario(rank: int, world: int, folder: str) -> tuple[int, int]:
     return len(first), len(again)
 
 
+def _muon_state_scenario(rank: int, world: int) -> dict:
+    """Which matrices' momentum this rank holds after one step of the registry's ``muon``."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(16, 16) for _ in range(4)]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(16, 4))
+    opt = registry.make_optimizer("muon", model)
+    model(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    held = [n for n, p in model.named_parameters() if "momentum_slow" in opt.state.get(p, {})]
+    return {"kind": type(opt).__name__, "held": held}
+
+
 def _parallel() -> DataParallel:
     return DataParallel.from_process_group("cpu")
 
@@ -99,6 +111,7 @@ def _scenarios(folder: Path) -> dict:
         "large_batch": functools.partial(_run_scenario, plan=LARGE_BATCH),
         "lm": functools.partial(_run_scenario, plan=LM),
         "resume": functools.partial(_resume_scenario, folder=str(folder)),
+        "muon_state": _muon_state_scenario,
     }
 
 
@@ -123,6 +136,20 @@ def _assert_replicas_identical(per_rank: list[dict]) -> None:
     for r, other in enumerate(per_rank[1:], start=1):
         for name, p in per_rank[0]["params"].items():
             assert torch.equal(p, other["params"][name]), f"rank {r} differs at {name}"
+
+
+def test_registry_muon_shards_its_matrices_like_fogo(ranks):
+    """The registry's ``muon`` is FOGO's Muon mode: under a process group each hidden matrix's
+    momentum lives on one rank only."""
+    world, _, results = ranks
+    per_rank = results["muon_state"]
+    assert {r["kind"] for r in per_rank} == {"FOGO"}
+    held = [set(r["held"]) for r in per_rank]
+    assert all(held), "every rank owns some matrices"
+    for a in range(world):
+        for b in range(a + 1, world):
+            assert not held[a] & held[b], f"ranks {a} and {b} both hold {held[a] & held[b]}"
+    assert len(set().union(*held)) >= 3  # the hidden matrices, each on exactly one rank
 
 
 @pytest.mark.parametrize("which", ["sgd", "fogo"])
