@@ -97,7 +97,9 @@ class CodebookConfig:
     overflow: str = "evict"
 
 
-def init_codebook(n: int, config: CodebookConfig, device) -> dict[str, torch.Tensor]:
+def init_codebook(
+    n: int, config: CodebookConfig, device: torch.device | str | None
+) -> dict[str, torch.Tensor]:
     """Empty codebook tensors for a matrix whose protected side has dimension ``n``."""
     r, k = config.rank, config.capacity
     state = {
@@ -127,7 +129,9 @@ def profile_cosine(previous: torch.Tensor, current: torch.Tensor) -> float:
     return float((a @ b) / (a.norm() * b.norm()).clamp(min=1e-300))
 
 
-def sign_sketch(m: int, config: CodebookConfig, seed: int, device) -> torch.Tensor:
+def sign_sketch(
+    m: int, config: CodebookConfig, seed: int, device: torch.device | str | None
+) -> torch.Tensor:
     """The fixed k x m Gaussian sketch S of a matrix's output side (regenerated from its seed)."""
     return gaussian_sketch_matrix(
         config.sketch_dim, m, seed * 7919 + _SIGN_SKETCH_STREAM, device=device
@@ -405,6 +409,8 @@ def write(
         # Share of the written energy each new direction carries (residual energy on v_new).
         book["energy"][free] = ((d @ v_new[:, :need]).square().sum(0) / best).float()
         if "sign_dir" in book:
+            if sketch is None:
+                raise ValueError("Invalid sketch: None; the sign gate needs its sketch S")
             # Sketch of the coordinates of the past direction in the new columns.
             past = d if sign_source is None else sign_source.double()
             book["sign_dir"][:, free] = (sketch.double() @ (past @ v_new[:, :need])).float()

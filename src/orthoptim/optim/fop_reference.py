@@ -6,7 +6,11 @@ A test oracle. ``F`` is the dense undamped K-FAC block, ``Finv`` the dense dampe
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch
+from torch import nn
 
 from orthoptim.optim.kfac_reference import reference_train
 
@@ -19,9 +23,9 @@ def fop_direction_dense(
     *,
     beta: float | None = None,
     eta: float | None = None,
-    beta_clamp=(-0.5, 0.5),
-    eta_clamp=(0.0, 2.0),
-):
+    beta_clamp: tuple[float, float] = (-0.5, 0.5),
+    eta_clamp: tuple[float, float] = (0.0, 2.0),
+) -> tuple[torch.Tensor, float, float]:
     """Return ``(d, beta, eta)`` for one layer, step by step as in the paper."""
     g_avg = (g1 + g2) / 2
     g_diff = g1 - g2
@@ -41,7 +45,9 @@ def fop_direction_dense(
     return eta * (Finv @ g_comb), beta, eta
 
 
-def reference_fop_direction(ls: dict, g, g1, g2, hp: dict) -> torch.Tensor:
+def reference_fop_direction(
+    ls: dict[str, Any], g: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, hp: dict[str, Any]
+) -> torch.Tensor:
     """FOP layer direction for :func:`~orthoptim.optim.kfac_reference.reference_train`."""
     d, _, _ = fop_direction_dense(
         g1, g2, ls["F"], ls["Finv"], beta=hp.get("beta"), eta=hp.get("eta"),
@@ -50,6 +56,11 @@ def reference_fop_direction(ls: dict, g, g1, g2, hp: dict) -> torch.Tensor:
     return d
 
 
-def reference_fop_train(model, batches, loss_fn, hp: dict):
+def reference_fop_train(
+    model: nn.Sequential,
+    batches: Iterable[Any],
+    loss_fn: Callable[..., torch.Tensor],
+    hp: dict[str, Any],
+) -> Any:
     """FOP in plain loops: two half-batch backward passes, dense blocks, SGD-momentum."""
     return reference_train(model, batches, loss_fn, hp, direction=reference_fop_direction)
