@@ -16,7 +16,7 @@ Small pure functions, one concern per module:
 from orthoptim.curvature.adapters import Block, LayerAdapter, LayerOps, register_adapter
 from orthoptim.curvature.capture import Capture
 from orthoptim.curvature.discovery import find_blocks
-from orthoptim.curvature.factors import a_factor, ema, g_factor
+from orthoptim.curvature.factors import a_factor, a_sum, ema, g_factor, g_sum
 from orthoptim.curvature.inverse import (
     compute_preconditioner,
     inverse_mv,
@@ -32,6 +32,7 @@ __all__ = [
     "LayerAdapter",
     "LayerOps",
     "a_factor",
+    "a_sum",
     "avg_diff_",
     "compute_preconditioner",
     "ema",
@@ -41,6 +42,7 @@ __all__ = [
     "fop_dots",
     "fop_terms",
     "g_factor",
+    "g_sum",
     "halves",
     "inverse_mv",
     "kron_mv",

@@ -31,7 +31,13 @@ factor ``G`` needs are not observable, and ``G`` of a sum depends on how the bat
 micro-batches. :func:`broadcast_blocks` finds such blocks; the optimizer leaves them to the plain
 update (named in its warning) and :meth:`Capture.drop` stops recording them.
 
-FOP's one-pass split (``split_dtype`` set) is formed during backward, see :mod:`.split`.
+FOP's one-pass split (``split_dtype`` set) is formed during backward, see :mod:`.split`. Under
+data parallelism FOP's halves are the rank groups, and the hooks form instead each block's *local*
+gradient (``local_sum``): the sum, over this rank's backward passes and calls, of the block's
+weight gradient, taken before ``DistributedDataParallel`` averages it.
+
+:attr:`Capture.ddp_forward` says whether the model ran inside a ``DistributedDataParallel``
+forward since the last step (DDP then averages the gradients, so the optimizer must not).
 
 Under ``torch.compile`` the hooks are excluded from tracing (``torch.compiler.disable``): each
 hooked layer call is a graph break, the layers' own computation stays compiled.
@@ -46,6 +52,7 @@ from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from orthoptim.curvature.adapters import Block, LayerAdapter
 from orthoptim.curvature.adapters.base import Grad
@@ -73,7 +80,8 @@ class Record:
     forwards: dict[int, list[int]] = field(default_factory=dict)  # forward id -> [batch, calls]
     n_backward: int = 0  # backward passes through the block seen by the split
     split_ok: bool = True  # False once a call or backward rules the one-pass split out
-    U: torch.Tensor | None = None  # split buffer: [C_1; S_1] after one backward, [-; S_odd] later
+    # split buffer: [C_1; S_1] after one backward, [-; S_odd] later; [-; local sum] (local_sum)
+    U: torch.Tensor | None = None
     b_first: int | None = None  # batch of the first backward when it could be halved
     n_odd: int = 0  # samples of the odd-numbered backward passes
     n_all: int = 0  # samples of all backward passes
@@ -100,6 +108,10 @@ class Capture:
     as two half-batch products and the split costs nothing extra; other blocks get one extra
     product in the gradient hook. Either way no block input or output gradient is kept until
     ``step()``.
+
+    ``local_sum`` (FOP under data parallelism) changes what the split buffers hold: ``U[1]`` of a
+    block is the sum of its weight gradients (matrix layout) over every call and backward pass of
+    this rank, whatever the calls (:meth:`local_grad`).
     """
 
     def __init__(self) -> None:
@@ -109,6 +121,8 @@ class Capture:
         self.save_inputs = self.save_grads = self.save_outputs = False
         self.split_dtype: torch.dtype | None = None
         self.per_forward_scale = False
+        self.local_sum = False
+        self.ddp_forward = False  # a root forward since the last clear ran inside DDP
         self.paused = False
         self.forward_id = 0
         self.root_calls = 0  # root forwards since the last clear
@@ -132,6 +146,12 @@ class Capture:
 
     def _root_forward(self, module: nn.Module, args: Any) -> None:
         self.new_forward()
+        # DDP sets _active_ddp_module around the wrapped module's forward; a parameter-list
+        # optimizer may have found the wrapper itself as its root
+        if isinstance(module, DistributedDataParallel) or (
+            getattr(DistributedDataParallel, "_active_ddp_module", None) is not None
+        ):
+            self.ddp_forward = True
 
     def new_forward(self) -> None:
         """Start a new forward pass of the model (the root's forward pre-hook calls this)."""
@@ -156,9 +176,10 @@ class Capture:
         entry = rec.forwards.setdefault(self.forward_id, [x.shape[0] if batched else 1, 0])
         entry[1] += 1
         split = self.split_dtype is not None
-        if split and (entry[1] > 1 or not batched or not out.is_floating_point()):
+        plain = entry[1] == 1 and batched and out.is_floating_point()
+        if split and not plain and not self.local_sum:
             rec.split_ok = False  # a reused block or an unbatched input is not split
-        wrap = split and rec.split_ok and block.stock
+        wrap = split and rec.split_ok and block.stock and plain
         if wrap:
             sink = partial(self._split_done, rec, block)
             w, b = block.forward_weight(), block.forward_bias()
@@ -197,7 +218,11 @@ class Capture:
             with torch.no_grad():
                 w = block.forward_weight().detach().to(dt)
                 xc = x.to(dt) if x.is_floating_point() else x
-                first, total = halves(block, xc, grad.to(dt), w)
+                if self.local_sum:  # the whole call's gradient, whatever its shape
+                    dw, db = block.ops.weight_grad(xc, grad.to(dt), w)
+                    first, total = None, (dw, db if block.bias is not None else None)
+                else:
+                    first, total = halves(block, xc, grad.to(dt), w)
             self._split_done(rec, block, first, total, x.shape[0])
 
     def _split_done(
@@ -206,6 +231,12 @@ class Capture:
         """One backward pass through ``block``: keep ``S_1`` of the first and the running sum of
         the odd-numbered passes' contributions (:mod:`.split`)."""
         if self.paused or not rec.split_ok:
+            return
+        if self.local_sum:
+            if rec.U is None:
+                shape = (2, block.d_out, block.d_in)
+                rec.U = torch.zeros(shape, dtype=self.split_dtype, device=block.weight.device)
+            add_joined(total[0], total[1], rec.U[1])
             return
         rec.n_backward += 1
         j = rec.n_backward
@@ -244,6 +275,11 @@ class Capture:
         self.dropped.add(block)
         self.records[block] = Record()
 
+    def local_grad(self, block: Block) -> torch.Tensor | None:
+        """``local_sum`` mode: ``U`` with ``U[1]`` this rank's gradient of ``block`` (matrix
+        layout, the ``split_dtype``); None when the block took no backward pass here."""
+        return self.records[block].U
+
     def saw_forward(self) -> bool:
         """True when the model (or any block) ran since the last ``clear``."""
         return self.root_calls > 0 or any(r.forwards for r in self.records.values())
@@ -253,6 +289,7 @@ class Capture:
         for b in self.records:
             self.records[b] = Record()
         self.root_calls = 0
+        self.ddp_forward = False
 
     def remove(self) -> None:
         """Remove the hooks (and restore replaced forwards)."""

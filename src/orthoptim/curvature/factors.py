@@ -32,10 +32,11 @@ import torch
 from orthoptim.curvature.adapters import Block
 
 
-def a_factor(
+def a_sum(
     block: Block, inputs: list[torch.Tensor], dtype: torch.dtype, approx: str = "expand"
-) -> torch.Tensor:
-    """Batch estimate of ``A`` from one or more recorded inputs (samples pooled)."""
+) -> tuple[torch.Tensor, int]:
+    """``(sum, n)``: the unnormalised ``A`` of one or more recorded inputs and its sample count
+    (``A = sum / n``; data parallelism sums both over the ranks before dividing)."""
     total: torch.Tensor | None = None
     n = 0
     for x in inputs:
@@ -44,7 +45,32 @@ def a_factor(
         n += b
     if total is None:
         raise ValueError("a_factor needs at least one recorded input")
+    return total, n
+
+
+def a_factor(
+    block: Block, inputs: list[torch.Tensor], dtype: torch.dtype, approx: str = "expand"
+) -> torch.Tensor:
+    """Batch estimate of ``A`` from one or more recorded inputs (samples pooled)."""
+    total, n = a_sum(block, inputs, dtype, approx)
     return total.div_(n)
+
+
+def g_sum(
+    block: Block,
+    grads: list[tuple[torch.Tensor, float | torch.Tensor]],
+    dtype: torch.dtype,
+    approx: str = "expand",
+) -> torch.Tensor:
+    """The unnormalised ``G`` of ``(grad, scale)`` records (``G = sum / n`` over ``n``
+    samples); ``scale`` turns a recorded gradient into a per-sample one."""
+    total: torch.Tensor | None = None
+    for g, scale in grads:
+        s, _ = block.ops.g_sum(g, scale, approx, block.diag_g, dtype)
+        total = s if total is None else total.add_(s)
+    if total is None:
+        raise ValueError("g_factor needs at least one recorded gradient")
+    return total
 
 
 def g_factor(
@@ -56,13 +82,7 @@ def g_factor(
 ) -> torch.Tensor:
     """Batch estimate of ``G`` from ``(grad, scale)`` records over ``n`` samples; ``scale``
     turns a recorded gradient into a per-sample one."""
-    total: torch.Tensor | None = None
-    for g, scale in grads:
-        s, _ = block.ops.g_sum(g, scale, approx, block.diag_g, dtype)
-        total = s if total is None else total.add_(s)
-    if total is None:
-        raise ValueError("g_factor needs at least one recorded gradient")
-    return total.div_(n)
+    return g_sum(block, grads, dtype, approx).div_(n)
 
 
 def ema(old: torch.Tensor | None, new: torch.Tensor, weight: float, init: str) -> torch.Tensor:

@@ -4,6 +4,7 @@
 * :func:`process_group_from_env`: the default group of a ``torchrun`` worker (gloo on CPU, NCCL on
   CUDA), destroyed on exit.
 * :class:`count_collectives`: calls and payload bytes of every collective in a block.
+* :mod:`.curvature`: the collectives of data-parallel K-FAC / FOP and KAISA's layer ownership.
 
 Nothing here implements a transport: collectives are ``torch.distributed``'s.
 """

@@ -27,6 +27,15 @@ A block FOP cannot split (called twice in a forward, more backward passes than f
 unaccumulated sample) gets the K-FAC direction of its average gradient; parameters outside
 preconditioned layers get the plain outer update of ``p.grad``, as in K-FAC.
 
+**Data parallelism** (``W`` ranks, ``W`` even): the halves are the rank groups, as in the paper's
+distributed design: :math:`g_1` is the mean of the even ranks' gradients, :math:`g_2` of the odd
+ranks'. The hooks form each rank's own gradient of every block (before DDP averages it); one
+all-reduce per block of :math:`\tfrac{2}{W}(\pm)` those gives :math:`g_1 - g_2`, while
+:math:`g_{avg}` is the averaged ``.grad``. So FOP on ``W`` ranks equals single-process FOP on the
+global batch ordered [even ranks' shards | odd ranks' shards] (one backward; the same under
+``no_sync()`` accumulation: the halves stay the rank groups). An odd ``W > 1`` has no two equal
+rank groups and raises ``ValueError``; ``backward_two_pass`` is single-process only.
+
 Note (derived, see docs/fop.md): with :math:`g_{tot} = g_1 + g_2`, :math:`\eta^* = 2` whenever
 :math:`\beta = 0`, so ``KFAC`` at twice the learning rate is the fair baseline.
 """
@@ -40,9 +49,10 @@ import torch
 from torch import nn
 
 from orthoptim.curvature import Block, avg_diff_, fop_coefficients, fop_dots, inverse_mv, kron_mv
+from orthoptim.distributed.curvature import Pending, all_reduce_sum
 from orthoptim.optim import _nonfinite
 from orthoptim.optim._validation import check_range
-from orthoptim.optim.kfac import _DTYPES, KFAC, Dirs
+from orthoptim.optim.kfac import _DTYPES, KFAC
 
 
 def _check_clamp(name: str, value: Any) -> None:
@@ -74,6 +84,7 @@ class FOP(KFAC):
     """
 
     _EXTRA_KEYS = ("beta", "eta", "beta_clamp", "eta_clamp")
+    _SHARED_KEYS = ("beta", "eta")
 
     def __init__(
         self,
@@ -92,6 +103,15 @@ class FOP(KFAC):
             params, lr, damping=damping, beta=beta, eta=eta, beta_clamp=beta_clamp,
             eta_clamp=eta_clamp, **kfac_kwargs,
         )  # fmt: skip
+        if self._ranks is not None:
+            if self._ranks.world_size % 2:
+                self._capture.remove()
+                raise ValueError(
+                    f"Invalid world size: {self._ranks.world_size}; distributed FOP takes its two "
+                    "half-batch gradients from the even and the odd ranks, so it needs an even "
+                    "number of processes (or one)"
+                )
+            self._capture.local_sum = True  # the hooks form each rank's own block gradients
 
     def _check_args(self, args: dict[str, Any]) -> None:
         super()._check_args(args)
@@ -153,6 +173,11 @@ class FOP(KFAC):
         the Fisher on each half itself. Returns the mean of the two half losses (detached). Not
         combinable with gradient accumulation (each call replaces ``.grad``).
         """
+        if self._ranks is not None:
+            raise ValueError(
+                "backward_two_pass is single-process: under data parallelism the two halves are "
+                "the even and the odd ranks' shards; call loss.backward() (through DDP or not)"
+            )
         model = self._model_for_two_pass()
         xs, ys = inputs.chunk(2), targets.chunk(2)
         if len(xs) != 2 or len(ys) != 2:
@@ -210,20 +235,44 @@ class FOP(KFAC):
             V[1:] = inverse_mv(pre, U)
         return V, fop_dots(U, V)
 
-    def _directions(self, hp: dict[str, Any], guard: _nonfinite.StepGuard) -> Dirs:
-        """FOP directions; the scalar algebra of all blocks is batched (no host sync)."""
-        dirs: Dirs = {}
+    def _prepare(self, ready: list[Block]) -> None:
+        """Data parallelism: ``[g_avg; g_diff]`` of every ready block, on every rank. ``g_avg``
+        is the averaged ``.grad``; ``g_diff = g_1 - g_2`` is the sum over the ranks of
+        ``±(2/W)`` times each rank's own gradient (``+`` on even ranks), one asynchronous
+        all-reduce per block, waited once all are started."""
+        ranks = self._ranks
+        if ranks is None:
+            return
+        sign = (2.0 if ranks.rank % 2 == 0 else -2.0) / ranks.world_size
+        pending = Pending()
+        for b in ready:
+            ls = self.block_state(b)
+            U = self._capture.local_grad(b)
+            if U is None:  # no backward through the block on this rank: its gradient is 0
+                U = torch.zeros((2, b.d_out, b.d_in), dtype=ls["A"].dtype, device=ls["A"].device)
+            if self._inv_scale is not None:  # formed in the scaled backward
+                U[1].mul_(self._inv_scale.to(U.device, U.dtype))
+            U[1].mul_(sign)
+            b.grad_matrix(out=U[0])
+            pending.add(all_reduce_sum(U[1], ranks.group))
+            self._halves[b] = U
+        pending.wait()
+
+    def _block_directions(
+        self, blocks: list[Block], hp: dict[str, Any], guard: _nonfinite.StepGuard
+    ) -> dict[Block, torch.Tensor]:
+        """FOP directions of ``blocks``; the scalar algebra of all of them is batched (no host
+        sync)."""
+        out: dict[Block, torch.Tensor] = {}
         dots: list[torch.Tensor] = []
         todo: list[tuple[dict[str, Any], Block, torch.Tensor]] = []
-        for b in self._blocks:
-            if not self._ready(b):
-                continue
+        for b in blocks:
             ls = self.block_state(b)
             U = self._halves.get(b)
             if U is None:
                 U = self._one_pass_halves(b)
             if U is None:  # not splittable: K-FAC on the mean gradient
-                self._put(dirs, b, self._precondition(ls, b.grad_matrix()))
+                out[b] = self._precondition(ls, b.grad_matrix())
                 continue
             V, d = self._products(ls, U.to(ls["A"].dtype))  # no-op cast unless state was reloaded
             dots.append(d)
@@ -239,5 +288,5 @@ class FOP(KFAC):
                 ls["beta"] = guard.select(ls["beta"], be)  # a dropped step keeps them
                 ls["eta"] = guard.select(ls["eta"], e)
                 D = (c @ V[1:].flatten(1)).view(V.shape[1:])
-                self._put(dirs, b, D.to(b.weight.dtype))
-        return dirs
+                out[b] = D.to(b.weight.dtype)
+        return out

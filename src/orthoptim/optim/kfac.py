@@ -27,6 +27,15 @@ whole weight, ``'q'``/``'k'``/``'v'`` for attention's packed rows), created with
 on the first ``step()``; the step counter ``kfac_step`` lives in the state of the first parameter
 (as ``torch.optim.LBFGS`` keeps its counters); the Monte-Carlo labels are drawn from a generator
 seeded by ``(seed, step, call)``, so no generator state is needed to resume exactly.
+
+**Data parallelism** (a process group of ``W > 1`` ranks, each with its shard of the global
+batch): the Kronecker factors are all-reduced (sums over ranks divided by the global sample count),
+so every rank holds the factors of the global batch; the gradients are averaged by
+``DistributedDataParallel`` when the model runs inside it (detected at the forward), else by the
+optimizer itself (with the model's floating-point buffers, BatchNorm's running statistics); each
+block's inverse is computed by its owner rank or by every rank (``inverse_placement``, see
+:mod:`orthoptim.optim._kfac_dist`). Every rank ends the step with bit-identical parameters and
+state (owned inverses aside); docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -43,12 +52,21 @@ from torch import nn
 from orthoptim.curvature import (
     Block,
     a_factor,
+    a_sum,
     compute_preconditioner,
     ema,
     g_factor,
+    g_sum,
     inverse_mv,
 )
-from orthoptim.optim import _fused, _nonfinite
+from orthoptim.distributed.curvature import (
+    Pending,
+    all_reduce_sum,
+    average_buffers,
+    broadcast,
+    sync_grads,
+)
+from orthoptim.optim import _fused, _kfac_dist, _nonfinite
 from orthoptim.optim._kfac_layers import (  # noqa: F401  (the warnings are part of this API)
     DiagonalFactorWarning,
     LayerCoverage,
@@ -65,7 +83,9 @@ from orthoptim.optim._validation import (
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 Dirs = dict[torch.Tensor, torch.Tensor]  # parameter -> its direction
 _GROUP_META = ("params", "param_names")
-_CONSTRUCTOR_ONLY = ("max_factor_dim", "exclude", "grad_scaler", "nonfinite")
+_CONSTRUCTOR_ONLY = (
+    "max_factor_dim", "exclude", "grad_scaler", "nonfinite", "process_group", "inverse_placement",
+)  # fmt: skip
 
 
 def check_kfac_args(a: dict[str, Any]) -> None:
@@ -156,6 +176,13 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
             the whole step; parameters, factors, inverses, momentum and step counter untouched,
             hook captures discarded; counted in ``skipped_steps``), ``"raise"`` or ``"proceed"``
             (see :mod:`orthoptim.optim._nonfinite`, docs/reliability.md). Constructor only.
+        process_group: the data-parallel group (default None: the default group when
+            ``torch.distributed`` is initialised; a group of one rank is a single process).
+            Constructor only.
+        inverse_placement: ``"owner"`` (default: each block's inverse computed and applied by one
+            rank, balanced by cost, its direction broadcast every step) or ``"replicated"``
+            (every rank inverts every block; no per-step broadcast). Only with ``W > 1`` ranks;
+            see :mod:`orthoptim.optim._kfac_dist`. Constructor only.
 
     **No silent fallbacks.** Every trained matrix parameter that does not get K-FAC (no adapter
     for its layer, a refused option, a tied weight, a layer whose hooks never fire) is named once
@@ -194,6 +221,8 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
         exclude: Any = (),
         grad_scaler: Any = None,
         nonfinite: str = "skip",
+        process_group: Any = None,
+        inverse_placement: str = "owner",
         **extra: Any,
     ) -> None:
         defaults = dict(
@@ -218,7 +247,9 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
         elif isinstance(params, torch.Tensor):
             raise ValueError(f"Invalid params: {type(params).__name__}; expected an nn.Module "
                              "or an iterable of parameters")  # fmt: skip
+        ranks = _kfac_dist.resolve(process_group, inverse_placement)
         super().__init__(params, defaults)
+        self._ranks = ranks
         self._grad_scaler = grad_scaler
         self._inv_scale: torch.Tensor | None = None  # 1 / the scale of this step's captures
         self._mc_calls = 0
@@ -307,10 +338,19 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
         """Create every block's state with its final shapes (a checkpoint loader's template)."""
         anchor = self._anchor_state()
         anchor.setdefault("kfac_step", 0)
+        if self._ranks is not None:
+            self._ranks.assign(self._blocks)
         for b in self._blocks:
             blocks = self.state[b.weight].setdefault("kfac", {})
             if b.key not in blocks:
-                blocks[b.key] = self._new_block_state(b, hp)
+                blocks[b.key] = ls = self._new_block_state(b, hp)
+                if not self._owns(b):  # another rank's inverse: not kept here
+                    del ls["pre"]
+
+    def _owns(self, block: Block) -> bool:
+        """Whether this rank computes ``block``'s inverse and direction (always in one
+        process)."""
+        return self._ranks is None or self._ranks.owns(block)
 
     # -- Monte-Carlo Fisher -------------------------------------------------------------------
     def _mc_generator(self, device: torch.device) -> torch.Generator:
@@ -359,35 +399,87 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
 
     # -- curvature ----------------------------------------------------------------------------
     def _update_factors(self, hp: dict[str, Any]) -> None:
+        w, init = hp["ema_weight"], hp["factor_init"]
+        for b, (A, G) in self._factor_estimates(hp).items():
+            ls = self.block_state(b)
+            first = ls["updates"] == 0
+            ls["A"] = ema(None if first else ls["A"], A, w, init)
+            ls["G"] = ema(None if first else ls["G"], G, w, init)
+            ls["updates"] += 1
+
+    def _grads_of(self, b: Block, mc: bool) -> list[tuple[torch.Tensor, float | torch.Tensor]]:
+        """``(grad, scale)`` records of ``b`` for ``G`` (per-sample once scaled)."""
+        rec = self._capture.records[b]
+        grads: list[tuple[torch.Tensor, float | torch.Tensor]] = []
+        grads += rec.mc_grads if mc else rec.grad_records()
+        if self._inv_scale is not None and not mc:  # captured from the scaled backward
+            grads = [(g, scale * self._inv_scale) for g, scale in grads]
+        if rec.inputs and not grads and mc:
+            raise RuntimeError(
+                "fisher='mc': call opt.sample_fisher(logits) after the forward pass and "
+                "before loss.backward() on factor-update steps"
+            )
+        return grads
+
+    def _factor_estimates(self, hp: dict[str, Any]) -> dict[Block, tuple[torch.Tensor, ...]]:
+        """This step's batch estimates ``(A, G)`` of the blocks that saw data (on any rank)."""
+        if self._ranks is not None:
+            return self._reduced_estimates(hp)
         dtype, approx = _DTYPES[hp["factor_dtype"]], hp["kfac_approx"]
         mc = hp["fisher"] == "mc"
-        w, init = hp["ema_weight"], hp["factor_init"]
+        out: dict[Block, tuple[torch.Tensor, ...]] = {}
         # attention's q/k/v blocks of a self-attention share their input: one A for the three
         a_cache: dict[tuple[Any, ...], torch.Tensor] = {}
         for b in self._blocks:
             rec = self._capture.records[b]
-            grads: list[tuple[torch.Tensor, float | torch.Tensor]] = []
-            grads += rec.mc_grads if mc else rec.grad_records()
-            if self._inv_scale is not None and not mc:  # captured from the scaled backward
-                grads = [(g, scale * self._inv_scale) for g, scale in grads]
-            if not rec.inputs:
-                continue
-            if not grads:
-                if mc:
-                    raise RuntimeError(
-                        "fisher='mc': call opt.sample_fisher(logits) after the forward pass and "
-                        "before loss.backward() on factor-update steps"
-                    )
+            grads = self._grads_of(b, mc)
+            if not rec.inputs or not grads:
                 continue
             key = (type(b.ops), b.bias is not None, b.diag_a, *map(id, rec.inputs))
             if key not in a_cache:
                 a_cache[key] = a_factor(b, rec.inputs, dtype, approx)
-            ls = self.block_state(b)
-            first = ls["updates"] == 0
-            ls["A"] = ema(None if first else ls["A"], a_cache[key], w, init)
-            ls["G"] = ema(None if first else ls["G"], g_factor(b, grads, rec.samples(), dtype,
-                                                               approx), w, init)  # fmt: skip
-            ls["updates"] += 1
+            out[b] = (a_cache[key], g_factor(b, grads, rec.samples(), dtype, approx))
+        return out
+
+    def _reduced_estimates(self, hp: dict[str, Any]) -> dict[Block, tuple[torch.Tensor, ...]]:
+        """Data parallelism: every rank's factor sums and sample counts, summed over the ranks
+        (one asynchronous all-reduce per block, started as soon as its sums are formed, so the
+        next block's sums overlap it), divided by the global counts. A rank without data for a
+        block sends zeros; a block no rank saw is skipped (its counts are read on the host:
+        factor steps sync anyway)."""
+        assert self._ranks is not None
+        dtype, approx = _DTYPES[hp["factor_dtype"]], hp["kfac_approx"]
+        mc = hp["fisher"] == "mc"
+        pending, flats = Pending(), []
+        for b in self._blocks:
+            rec = self._capture.records[b]
+            grads = self._grads_of(b, mc)
+            dev = b.weight.device
+            sa = (b.d_in,) if b.diag_a else (b.d_in, b.d_in)
+            sg = (b.d_out,) if b.diag_g else (b.d_out, b.d_out)
+            if rec.inputs and grads:
+                A, n_a = a_sum(b, rec.inputs, dtype, approx)
+                G, n_g = g_sum(b, grads, dtype, approx), rec.samples()
+            else:
+                A = torch.zeros(sa, dtype=dtype, device=dev)
+                G = torch.zeros(sg, dtype=dtype, device=dev)
+                n_a = n_g = 0
+            counts = torch.tensor([n_a, n_g], dtype=dtype, device=dev)
+            flat = torch.cat([A.reshape(-1), G.reshape(-1), counts])
+            pending.add(all_reduce_sum(flat, self._ranks.group))
+            flats.append((b, flat, sa, sg))
+        pending.wait()
+        if not flats:
+            return {}
+        counts = torch.stack([f[-2:] for _, f, _, _ in flats]).tolist()
+        out: dict[Block, tuple[torch.Tensor, ...]] = {}
+        for (b, flat, sa, sg), (n_a, n_g) in zip(flats, counts, strict=True):
+            if n_a > 0 and n_g > 0:
+                na = int(torch.Size(sa).numel())
+                A = flat[:na].view(sa) / n_a
+                G = flat[na : na + int(torch.Size(sg).numel())].view(sg) / n_g
+                out[b] = (A, G)
+        return out
 
     def update_inverses(self) -> None:
         """Recompute every block's damped inverse from its current factors (done by ``step``)."""
@@ -395,9 +487,10 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
         for b in self._blocks:
             ls = self.block_state(b)
             if ls["updates"] > 0:
-                ls["pre"] = compute_preconditioner(
-                    ls["A"], ls["G"], hp["damping"], hp["damping_type"], hp["inverse_method"]
-                )
+                if self._owns(b):  # another rank's inverse is computed there
+                    ls["pre"] = compute_preconditioner(
+                        ls["A"], ls["G"], hp["damping"], hp["damping_type"], hp["inverse_method"]
+                    )
                 ls["inverses"] += 1
 
     def _precondition(self, ls: dict[str, Any], M: torch.Tensor) -> torch.Tensor:
@@ -428,15 +521,59 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
             full = dirs[block.bias] = torch.zeros_like(block.bias) if g is None else g.clone()
         full[block.bias_rows] = b
 
+    _SHARED_KEYS: tuple[str, ...] = ()  # block-state scalars an owner sends with its direction
+
     def _directions(self, hp: dict[str, Any], guard: _nonfinite.StepGuard) -> Dirs:
         """Preconditioned directions ``{param: tensor}`` of the blocks that have an inverse
-        (``guard``: this step's drop flag, for whatever a subclass keeps from the step)."""
+        (``guard``: this step's drop flag, for whatever a subclass keeps from the step). Under
+        ``inverse_placement="owner"`` each rank computes its own blocks' and broadcasts them."""
+        ready = [b for b in self._blocks if self._ready(b)]
+        self._prepare(ready)
+        out = self._block_directions([b for b in ready if self._owns(b)], hp, guard)
+        if self._ranks is not None and self._ranks.owner_mode:
+            out = self._share(ready, out)
         dirs: Dirs = {}
-        for b in self._blocks:
-            if self._ready(b):
-                M = b.grad_matrix()
-                self._put(dirs, b, self._precondition(self.block_state(b), M))
+        for b in ready:
+            self._put(dirs, b, out[b])
         return dirs
+
+    def _prepare(self, ready: list[Block]) -> None:
+        """What every rank must do for the ready blocks before any direction (FOP: the
+        collective that forms the halves)."""
+
+    def _block_directions(
+        self, blocks: list[Block], hp: dict[str, Any], guard: _nonfinite.StepGuard
+    ) -> dict[Block, torch.Tensor]:
+        """The directions (matrix layout) of ``blocks``: K-FAC's ``F^-1 M``."""
+        return {b: self._precondition(self.block_state(b), b.grad_matrix()) for b in blocks}
+
+    def _share(
+        self, ready: list[Block], out: dict[Block, torch.Tensor]
+    ) -> dict[Block, torch.Tensor]:
+        """Owner placement: broadcast every ready block's direction (and the block-state scalars
+        of :attr:`_SHARED_KEYS`) from its owner; asynchronous, waited once all are started."""
+        ranks = self._ranks
+        assert ranks is not None
+        keys, pending, bufs = self._SHARED_KEYS, Pending(), []
+        for b in ready:
+            ls, n = self.block_state(b), b.d_out * b.d_in
+            dtype = ls["A"].dtype if keys else b.weight.dtype
+            if ranks.owner[b] == ranks.rank:
+                buf = torch.cat([out[b].reshape(-1).to(dtype)]
+                                + [ls[k].reshape(1).to(dtype) for k in keys])  # fmt: skip
+            else:
+                buf = torch.empty(n + len(keys), dtype=dtype, device=b.weight.device)
+            pending.add(broadcast(buf, ranks.owner[b], ranks.group))
+            bufs.append((b, buf, n))
+        pending.wait()
+        shared = {}
+        for b, buf, n in bufs:
+            shared[b] = buf[:n].view(b.d_out, b.d_in).to(b.weight.dtype)
+            if ranks.owner[b] != ranks.rank:
+                ls = self.block_state(b)
+                for i, k in enumerate(keys):
+                    ls[k] = buf[n + i].clone()
+        return shared
 
     def _rescale(self, dirs: Dirs, hp: dict[str, Any]) -> Dirs:
         """KL-clip (preconditioned layers) and global-norm clip (everything), no host sync."""
@@ -501,6 +638,7 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
             with torch.enable_grad():
                 loss = closure()
         self._finish_search()
+        buffers = self._sync_replicas()
         guard = _nonfinite.begin_step(self)
         self._inv_scale = self._capture_scale(guard)
         hp = self.param_groups[0]
@@ -509,6 +647,7 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
             self._correct_clock(skipped)
             if skipped:
                 self._discard_step()
+                buffers.wait()
                 return loss
         self._init_state(hp)
         if not self._checked and self._roots and self._capture.saw_forward():
@@ -523,9 +662,23 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
         finally:
             self._capture.clear()
             self._mc_calls = 0
+            buffers.wait()
         self._anchor_state()["kfac_step"] += 1
         self._arm_capture()
         return loss
+
+    def _sync_replicas(self) -> Pending:
+        """Data parallelism without DDP (no forward since the last step ran inside a
+        ``DistributedDataParallel``): average the gradients now (waited: the step needs them)
+        and start averaging the model's floating-point buffers (returned, waited at the end of
+        the step). Nothing in one process or under DDP, which averages the gradients in backward
+        and broadcasts rank 0's buffers at every forward."""
+        if self._ranks is None or self._capture.ddp_forward:
+            return Pending()
+        r = self._ranks
+        sync_grads(self._trained(), r.world_size, r.group).wait()
+        modules = self._roots or ([self._model] if self._model is not None else [])
+        return average_buffers(modules, r.world_size, r.group)
 
     def _correct_clock(self, skipped: bool) -> None:
         """Take the dropped steps the host has not seen yet off the step clock (reads the
@@ -590,7 +743,28 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
         for p, blocks in kfac.items():
             if p is not None:
                 self.state[p]["kfac"] = _to_device(blocks, p.device)
+        if self._ranks is not None:
+            self._place_inverses()
         self._arm_capture()  # the loaded step decides what the next step needs
+
+    def _place_inverses(self) -> None:
+        """After loading under owner placement: drop the inverses of blocks another rank owns,
+        and recompute an owned one the state dict lacks (a state dict saved by another rank) from
+        the loaded factors (exact when the factors have not changed since the last inverse
+        step; ``torch.distributed.checkpoint`` restores each owner's own inverses exactly)."""
+        assert self._ranks is not None
+        self._ranks.assign(self._blocks)
+        hp = self.param_groups[0]
+        for b in self._blocks:
+            ls = self.state[b.weight].get("kfac", {}).get(b.key)
+            if ls is None:
+                continue
+            if not self._owns(b):
+                ls.pop("pre", None)
+            elif "pre" not in ls and ls["inverses"] > 0:
+                ls["pre"] = compute_preconditioner(
+                    ls["A"], ls["G"], hp["damping"], hp["damping_type"], hp["inverse_method"]
+                )
 
     def _check_names(self, state_dict: dict[str, Any]) -> None:
         for g_saved, g in zip(state_dict["param_groups"], self.param_groups, strict=False):
