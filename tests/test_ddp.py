@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -222,8 +223,8 @@ def _free_port() -> int:
 
 def test_cli_under_torchrun_environment_destroys_its_group(tmp_path, monkeypatch, capsys):
     """A one-process torchrun environment, in this process: the run is recorded, a run that fails
-    is reported (exit 1), a task without data parallelism, K-FAC / FOP and other commands are
-    refused (exit 2), and no process group outlives ``main``."""
+    is reported (exit 1), a task without data parallelism, an optimizer not marked data-parallel
+    and other commands are refused (exit 2), and no process group outlives ``main``."""
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -238,7 +239,9 @@ def test_cli_under_torchrun_environment_destroys_its_group(tmp_path, monkeypatch
     assert "FAILED [rank 0] large-batch adamw seed 0" in capsys.readouterr().err
     assert len(ResultStore(tmp_path).records()) == 1
     assert main(["run", "longtail", "-o", "sgd", "--preset", "tiny"]) == 2
-    assert main([*base, "-o", "fop"]) == 2  # per-rank Kronecker factors: replicas would drift
+    not_parallel = dataclasses.replace(registry.get_optimizer("fop"), data_parallel=False)
+    monkeypatch.setitem(registry.BUILTINS, "fop", not_parallel)
+    assert main([*base, "-o", "fop"]) == 2  # an optimizer not marked data-parallel
     assert main(["list", "tasks"]) == 2
     err = capsys.readouterr().err
     assert "'longtail' does not run under torchrun" in err and "only `run`" in err

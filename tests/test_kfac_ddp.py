@@ -9,12 +9,15 @@
   without DDP;
 - a rank whose layer gets no gradient does not hang the others;
 - ``torch.distributed.checkpoint`` of owned inverses continues bit for bit;
-- world size 1 equals the single process bit for bit.
+- world size 1 equals the single process bit for bit;
+- the large-batch task with K-FAC / FOP under DDP (the ``torchrun`` path) reproduces its
+  single-process record.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import pytest
@@ -23,11 +26,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from dist_utils import one_rank_group, run_scenarios
+from test_ddp import _close, _untimed
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from orthoptim import FOP, KFAC
+from orthoptim.benchmarks.ddp import DataParallel
+from orthoptim.benchmarks.runner import PlannedRun, run_one
 from orthoptim.distributed.curvature import inverse_cost, owners_by_cost
 
 STEPS = 5
@@ -209,6 +215,8 @@ def _scenarios(folder: Path) -> dict:
         "unused-fop": p(_unused_run, which="fop"),
         "dcp-fop": p(_dcp_run, which="fop", folder=str(folder / "fop")),
         "dcp-kfac": p(_dcp_run, which="kfac", folder=str(folder / "kfac")),
+        "task-kfac": p(_task_run, plan=_task("kfac")),
+        "task-fop": p(_task_run, plan=_task("fop")),
     }
     return out
 
@@ -227,6 +235,16 @@ def _unused_run(rank: int, world: int, **kw) -> dict:
 
 def _dcp_run(rank: int, world: int, **kw) -> dict:
     return _checkpoint(**kw)
+
+
+def _task(optimizer: str) -> tuple:
+    hp = {"lr": 0.05, "factor_dtype": "float64"}
+    return ("large-batch", "tiny", optimizer, 0, hp, "test", {"max_steps": 6, "eval_every": 3})
+
+
+def _task_run(rank: int, world: int, plan: tuple) -> dict:
+    return _untimed(run_one(PlannedRun(*plan, world_size=world),
+                            parallel=DataParallel.from_process_group("cpu")))  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)])
@@ -315,3 +333,17 @@ def test_owners_balance_the_inversion_cost():
     assert load[0] == 2 * 64**3
     with pytest.raises(ValueError, match="inverse_placement"):
         KFAC(mlp(), inverse_placement="sharded")
+
+
+@pytest.mark.parametrize("optimizer", ["kfac", "fop"])
+def test_large_batch_task_under_ddp_reproduces_the_single_process_record(ranks, optimizer):
+    world, results = ranks
+    per_rank = results[f"task-{optimizer}"]
+    ref = _untimed(run_one(PlannedRun(*_task(optimizer))))
+    rec = per_rank[0]
+    assert len({json.dumps(r, sort_keys=True) for r in per_rank}) == 1  # NaN: a missed target
+    assert rec["extra"].pop("world_size") == world and rec["extra"].pop("device") == "cpu"
+    for key in ("label", "key"):
+        rec.pop(key), ref.pop(key)
+    assert _close(rec, ref)
+

@@ -104,10 +104,10 @@ class OptimizerEntry:
         kind: ``"builtin"`` or ``"peer"``.
         keys: every hyperparameter name ``build`` accepts.
         data_parallel: whether the optimizer is correct on a DDP-wrapped model (every rank steps
-            with the averaged gradient and reaches the same parameters). False for K-FAC and
-            FOP, whose Kronecker factors come from each rank's own activations: under
-            ``torchrun`` the ranks would precondition differently and drift apart, so the
-            launcher refuses them.
+            and reaches the same parameters); the launcher refuses one that is not under
+            ``torchrun``. Every built-in is: the first-order ones step on DDP's averaged
+            gradient, K-FAC and FOP reduce their factors (and FOP's half-gradient difference)
+            themselves (docs/distributed.md).
     """
 
     name: str
@@ -252,26 +252,23 @@ def _builtins() -> dict[str, OptimizerEntry]:
         ),
         OptimizerEntry(
             "kfac", "K-FAC natural gradient (SGD outer)", _kfac_builder(KFAC), kfac_defaults,
-            keys=kfac_keys, data_parallel=False,
+            keys=kfac_keys,
         ),
         OptimizerEntry(
             "kfac-2x", "K-FAC at 2x lr and half weight decay: FOP's fair baseline",
             _kfac_builder(KFAC, wd_factor=0.5), kfac_defaults, lr_multiplier=2.0, keys=kfac_keys,
-            data_parallel=False,
         ),
         OptimizerEntry(
             "fop", "FOP: Fisher-orthogonal projection on K-FAC", _kfac_builder(FOP),
-            kfac_defaults, keys=fop_keys, data_parallel=False,
+            kfac_defaults, keys=fop_keys,
         ),
         OptimizerEntry(
             "kfac-noattn", "K-FAC with attention left to the plain update (the old coverage)",
             _kfac_builder(KFAC, exclude=_NO_ATTENTION), kfac_defaults, keys=kfac_keys,
-            data_parallel=False,
         ),
         OptimizerEntry(
             "kfac-patch-head", "K-FAC on the layers outside transformer blocks only",
             _kfac_builder(KFAC, exclude=_PATCH_HEAD), kfac_defaults, keys=kfac_keys,
-            data_parallel=False,
         ),
     ]  # fmt: skip
     return {e.name: e for e in entries}

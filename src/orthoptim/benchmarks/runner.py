@@ -187,9 +187,8 @@ def check_data_parallel(task: str, optimizer: str) -> None:
         )
     if not registry.get_optimizer(optimizer).data_parallel:
         raise ValueError(
-            f"Invalid optimizer: {optimizer!r} under torchrun; its Kronecker factors come from "
-            "each rank's own activations, so the ranks would precondition differently and drift "
-            "apart (K-FAC and FOP run in one process for now)"
+            f"Invalid optimizer: {optimizer!r} under torchrun; it is not correct on a "
+            "data-parallel model (its ranks would step differently and drift apart)"
         )
 
 

@@ -221,8 +221,9 @@ def train(
         micro_batches: gradient-accumulation micro-batches per step (see above).
         parallel: data parallelism (:mod:`~orthoptim.benchmarks.ddp`): each step's global batch
             is drawn as without it and this rank keeps its shard; ``model`` is then the
-            ``DistributedDataParallel`` wrapper, and the recorded losses (and the callback's)
-            are averaged over the ranks. None: one process.
+            ``DistributedDataParallel`` wrapper (micro-batches but the last run under its
+            ``no_sync()``: one gradient all-reduce per step), and the recorded losses (and the
+            callback's) are averaged over the ranks. None: one process.
     """
     if (steps is None) == (epochs is None):
         raise ValueError("pass exactly one of steps and epochs")
@@ -248,12 +249,16 @@ def train(
             xb = transform(xb)
         optimizer.zero_grad(set_to_none=True)
         loss = 0.0
-        for xm, ym in zip(xb.chunk(micro_batches), yb.chunk(micro_batches), strict=True):
-            logits = _masked(model(xm), mask)
-            if sample_fisher is not None:
-                sample_fisher(logits)
-            part = loss_fn(logits, ym) / micro_batches
-            part.backward()
+        chunks = list(zip(xb.chunk(micro_batches), yb.chunk(micro_batches), strict=True))
+        for i, (xm, ym) in enumerate(chunks):
+            # under DDP only the last micro-batch's backward averages the accumulated gradients
+            last = i == len(chunks) - 1
+            with contextlib.nullcontext() if parallel is None or last else model.no_sync():
+                logits = _masked(model(xm), mask)
+                if sample_fisher is not None:
+                    sample_fisher(logits)
+                part = loss_fn(logits, ym) / micro_batches
+                part.backward()
             loss = loss + part.detach()
         optimizer.step()
         losses.append(float(loss if parallel is None else parallel.mean(loss)))
