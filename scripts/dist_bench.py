@@ -4,7 +4,12 @@ For each world size W the script spawns W processes (one torch thread each, a ``
 rendezvous); W = 1 is the plain single-process loop, W > 1 wraps the model in
 ``DistributedDataParallel`` and gives each rank its contiguous shard of the same global batch, as
 ``torchrun ... -m orthoptim run`` does (:mod:`orthoptim.benchmarks.ddp`). Every optimizer trains
-its own copy of the model, built from the registry with its default hyperparameters.
+its own copy of the model, built from the registry with its default hyperparameters. K-FAC and
+FOP reduce their own factors (and FOP its half-gradient difference); their factor and inverse
+updates come every ``factor_interval`` / ``inverse_interval`` steps (10 by default), so measure
+them with ``--window`` and ``--count-steps`` multiples of 10: every window then holds one update
+step. ``kfac`` and ``fop`` own each layer's inverse on one rank (``inverse_placement="owner"``);
+``kfac-replicated`` and ``fop-replicated`` invert every layer on every rank.
 
 Time. After ``--warmup`` steps of each optimizer, ``--rounds`` rounds each time a window of
 ``--window`` steps per optimizer, the optimizers' order rotated every round, so the optimizers of
@@ -33,6 +38,9 @@ random 28x28 images. ``--batch`` is the global batch (sequences or images), the 
 
     python scripts/dist_bench.py --model gpt --batch 16 --json gpt.json
     python scripts/dist_bench.py --model cnn --batch 512 --json cnn.json
+    python scripts/dist_bench.py --model cnn --batch 512 --optimizers sgd kfac fop \
+        kfac-replicated fop-replicated --window 10 \
+        --count-steps 10 --rounds 5 --json kfac.json
 """
 
 from __future__ import annotations
@@ -95,6 +103,8 @@ MODELS = {
 VARIANTS = {
     "fogo-replicated": ("fogo", {"shard": False}, "ddp"),
     "fogo-fsdp2": ("fogo", {}, "fsdp2"),
+    "kfac-replicated": ("kfac", {"inverse_placement": "replicated"}, "ddp"),
+    "fop-replicated": ("fop", {"inverse_placement": "replicated"}, "ddp"),
 }
 
 

@@ -28,7 +28,10 @@ import torch.nn.functional as F
 from dist_utils import one_rank_group, run_scenarios
 from test_ddp import _close, _untimed
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from orthoptim import FOP, KFAC
@@ -276,9 +279,8 @@ def test_data_parallel_equals_one_process_on_the_global_batch(ranks, name):
     for r in per_rank[1:]:  # factors, momentum, step counter, FOP's beta / eta
         st0, st = per_rank[0]["state"], r["state"]
         assert st0.keys() == st.keys()
-        for k in st0:
-            same = torch.equal(st0[k], st[k]) if isinstance(st0[k], torch.Tensor) else st0[k] == st[k]
-            assert same, k
+        for k, v in st0.items():
+            assert torch.equal(v, st[k]) if isinstance(v, torch.Tensor) else v == st[k], k
     ref = _reference(name.split("-")[0], world)
     for i, (a, b) in enumerate(zip(per_rank[0]["params"], ref["params"], strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"param {i}")
