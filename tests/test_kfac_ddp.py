@@ -349,3 +349,13 @@ def test_large_batch_task_under_ddp_reproduces_the_single_process_record(ranks, 
         rec.pop(key), ref.pop(key)
     assert _close(rec, ref)
 
+
+
+def test_fsdp2_sharded_parameters_are_refused(tmp_path):
+    from torch.distributed.fsdp import fully_shard
+
+    with one_rank_group(tmp_path):
+        model = mlp()
+        fully_shard(model)
+        with pytest.raises(ValueError, match="DTensor.*DistributedDataParallel"):
+            KFAC(model)

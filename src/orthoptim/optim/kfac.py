@@ -249,6 +249,7 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
                              "or an iterable of parameters")  # fmt: skip
         ranks = _kfac_dist.resolve(process_group, inverse_placement)
         super().__init__(params, defaults)
+        _refuse_dtensors(self.param_groups, type(self).__name__)
         self._ranks = ranks
         self._grad_scaler = grad_scaler
         self._inv_scale: torch.Tensor | None = None  # 1 / the scale of this step's captures
@@ -471,9 +472,9 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
         pending.wait()
         if not flats:
             return {}
-        counts = torch.stack([f[-2:] for _, f, _, _ in flats]).tolist()
+        seen = torch.stack([f[-2:] for _, f, _, _ in flats]).tolist()
         out: dict[Block, tuple[torch.Tensor, ...]] = {}
-        for (b, flat, sa, sg), (n_a, n_g) in zip(flats, counts, strict=True):
+        for (b, flat, sa, sg), (n_a, n_g) in zip(flats, seen, strict=True):
             if n_a > 0 and n_g > 0:
                 na = int(torch.Size(sa).numel())
                 A = flat[:na].view(sa) / n_a
@@ -787,6 +788,23 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
                     f"{type(self).__name__}.load_state_dict: block {b.name} has A of shape "
                     f"{want} but the state dict's is {tuple(saved['A'].shape)}; it comes from a "
                     "different model"
+                )
+
+
+def _refuse_dtensors(groups: list[dict[str, Any]], name: str) -> None:
+    """FSDP2 (``fully_shard``) and tensor parallelism hand the optimizer DTensor shards: a
+    layer's Kronecker factors need its whole weight, input and output gradient, so K-FAC / FOP
+    refuse them (use DistributedDataParallel, docs/distributed.md)."""
+    from torch.distributed.tensor import DTensor
+
+    for g in groups:
+        for i, p in enumerate(g["params"]):
+            if isinstance(p, DTensor):
+                names = g.get("param_names")
+                raise ValueError(
+                    f"Invalid params: {names[i] if names else f'param {i}'} is a DTensor "
+                    f"(FSDP2 fully_shard or tensor parallelism); {name} needs whole layers: wrap "
+                    "the model in DistributedDataParallel instead"
                 )
 
 
