@@ -7,7 +7,8 @@
 - ``no_sync()`` accumulation of two micro-batches per rank equals the full batch;
 - a BatchNorm CNN's replicas (parameters and running statistics) stay bit-identical, with and
   without DDP;
-- a rank whose layer gets no gradient does not hang the others;
+- a rank whose layer gets no gradient does not hang the others; a NaN gradient on one rank drops
+  the step on every rank;
 - ``torch.distributed.checkpoint`` of owned inverses continues bit for bit;
 - world size 1 equals the single process bit for bit;
 - the large-batch task with K-FAC / FOP under DDP (the ``torchrun`` path) reproduces its
@@ -170,6 +171,22 @@ def _unused(which: str) -> dict:
     return {"params": [p.detach().clone() for p in model.parameters()]}
 
 
+def _nan_on_one_rank(which: str) -> dict:
+    """Rank 1's gradient holds a NaN at step 2 (model not in DDP): every rank drops that step."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = mlp()
+    opt = CLASSES[which](model, **KW)
+    for step in range(STEPS):
+        x, y = batch(step)
+        opt.zero_grad()
+        F.cross_entropy(model(shard(x, rank, world)), shard(y, rank, world)).backward()
+        if step == 2 and rank == 1:
+            model[0].weight.grad[0, 0] = float("nan")
+        opt.step()
+    return {"params": [p.detach().clone() for p in model.parameters()],
+            "skipped": opt.skipped_steps}  # fmt: skip
+
+
 def _checkpoint(which: str, folder: str) -> dict:
     """Owned inverses: 3 steps, DCP save, 3 steps; a fresh replica loads and takes the same 3."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -216,6 +233,7 @@ def _scenarios(folder: Path) -> dict:
         "bn-fop-plain": p(_bn_run, which="fop", wrap=False),
         "unused-kfac": p(_unused_run, which="kfac"),
         "unused-fop": p(_unused_run, which="fop"),
+        "nan-fop": p(_nan_run, which="fop"),
         "dcp-fop": p(_dcp_run, which="fop", folder=str(folder / "fop")),
         "dcp-kfac": p(_dcp_run, which="kfac", folder=str(folder / "kfac")),
         "task-kfac": p(_task_run, plan=_task("kfac")),
@@ -234,6 +252,10 @@ def _bn_run(rank: int, world: int, **kw) -> dict:
 
 def _unused_run(rank: int, world: int, **kw) -> dict:
     return _unused(**kw)
+
+
+def _nan_run(rank: int, world: int, **kw) -> dict:
+    return _nan_on_one_rank(**kw)
 
 
 def _dcp_run(rank: int, world: int, **kw) -> dict:
@@ -299,6 +321,14 @@ def test_a_rank_without_a_gradient_does_not_hang(ranks, name):
     _identical(results[name])
     first = TwoHeads()  # the unused-on-rank-1 layer still trained from the other ranks
     assert not torch.equal(results[name][0]["params"][-2], first.extra.weight)
+
+
+def test_a_non_finite_gradient_on_one_rank_drops_the_step_everywhere(ranks):
+    _, results = ranks
+    per_rank = results["nan-fop"]
+    _identical(per_rank)
+    assert [r["skipped"] for r in per_rank] == [1] * len(per_rank)
+    assert all(torch.isfinite(p).all() for p in per_rank[0]["params"])
 
 
 @pytest.mark.parametrize("which", ["kfac", "fop"])

@@ -38,7 +38,8 @@ class Ranks:
     """This rank's place in the data-parallel group of a K-FAC / FOP optimizer.
 
     Attributes:
-        group: the process group (None: the default group).
+        group: the process group (the default group's ``dist.group.WORLD`` when none was
+            given).
         rank, world_size: within ``group``.
         placement: ``inverse_placement``.
         owner: block -> the rank owning its inverse (filled once the blocks are known).
@@ -79,4 +80,5 @@ def resolve(process_group: Any, placement: str) -> Ranks | None:
     world = dist.get_world_size(process_group)
     if world == 1:
         return None
-    return Ranks(process_group, dist.get_rank(process_group), world, placement)
+    group = process_group if process_group is not None else dist.group.WORLD
+    return Ranks(group, dist.get_rank(group), world, placement)

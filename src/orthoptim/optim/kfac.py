@@ -640,7 +640,9 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
                 loss = closure()
         self._finish_search()
         buffers = self._sync_replicas()
-        guard = _nonfinite.begin_step(self)
+        # under data parallelism every rank drops the same steps (the flag is all-reduced; the
+        # gradients are averaged by now, but a GradScaler's unscale_ saw each rank's own)
+        guard = _nonfinite.begin_step(self, None if self._ranks is None else self._ranks.group)
         self._inv_scale = self._capture_scale(guard)
         hp = self.param_groups[0]
         if self._is_factor_step() or self.kfac_step % hp["inverse_interval"] == 0:
