@@ -12,7 +12,7 @@
 - ``torch.distributed.checkpoint`` of owned inverses continues bit for bit;
 - world size 1 equals the single process bit for bit;
 - the large-batch task with K-FAC / FOP under DDP (the ``torchrun`` path) reproduces its
-  single-process record.
+  single-process record (FOP at W = 2, where the rank groups are the batch's contiguous halves).
 """
 
 from __future__ import annotations
@@ -374,6 +374,10 @@ def test_large_batch_task_under_ddp_reproduces_the_single_process_record(ranks, 
     ref = _untimed(run_one(PlannedRun(*_task(optimizer))))
     rec = per_rank[0]
     assert len({json.dumps(r, sort_keys=True) for r in per_rank}) == 1  # NaN: a missed target
+    if optimizer == "fop" and world > 2:
+        # FOP's halves are [ranks 0, 2, ... | ranks 1, 3, ...]; the single-process task splits its
+        # batch in contiguous halves, the rank groups' order only for W = 2
+        return
     assert rec["extra"].pop("world_size") == world and rec["extra"].pop("device") == "cpu"
     for key in ("label", "key"):
         rec.pop(key), ref.pop(key)
