@@ -68,10 +68,11 @@ class FOP(KFAC):
     r"""Fisher-Orthogonal Projection natural gradient; a drop-in ``torch.optim.Optimizer``.
 
     Args:
-        params, lr, damping, and every keyword of :class:`~orthoptim.optim.kfac.KFAC` (outer
-            update, intervals, EMA, damping rule, inverse method, Fisher type, clipping, seed,
-            ``max_factor_dim``, ``exclude``), with the same defaults. ``params`` is the model or
-            its parameters (``FOP(model.parameters(), lr=0.1)``, as the FOP guide writes it).
+        params: the model or its parameters (``FOP(model.parameters(), lr=0.1)``, as the FOP
+            guide writes it). ``lr``, ``damping`` and every keyword of
+            :class:`~orthoptim.optim.kfac.KFAC` (outer update, intervals, EMA, damping rule,
+            inverse method, Fisher type, clipping, seed, ``max_factor_dim``, ``exclude``,
+            ``process_group``, ``inverse_placement``) are K-FAC's, with the same defaults.
         beta: ``None`` (default) for the adaptive :math:`\beta^* = D/E`; a number fixes β
             (used as given).
         eta: ``None`` (default) for the adaptive layer step :math:`\eta^*`; a number fixes it
