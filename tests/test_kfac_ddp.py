@@ -107,14 +107,21 @@ def _state(opt: torch.optim.Optimizer) -> dict:
 
 
 def _train(
-    which: str, wrap: bool, placement: str, accumulate: int = 1, order_world: int = 1
+    which: str,
+    wrap: bool,
+    placement: str,
+    accumulate: int = 1,
+    order_world: int = 1,
+    param_list: bool = False,
 ) -> dict:
     """``STEPS`` steps of the MLP on this rank's shard, or in one process on the whole batch
-    (FOP: in the parity order of ``order_world`` ranks)."""
+    (FOP: in the parity order of ``order_world`` ranks); ``param_list``: the optimizer gets
+    ``model.parameters()`` and finds the model (under DDP: the wrapper) at the first forward."""
     info = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model = mlp()
     net = DDP(model) if wrap else model
-    opt = CLASSES[which](model, **KW, inverse_placement=placement)
+    opt = CLASSES[which](model.parameters() if param_list else model, **KW,
+                         inverse_placement=placement)  # fmt: skip
     for step in range(STEPS):
         x, y = batch(step)
         if info[1] > 1:
@@ -158,14 +165,15 @@ def _bn(which: str, wrap: bool) -> dict:
             "buffers": [b.clone() for b in model.buffers()]}  # fmt: skip
 
 
-def _unused(which: str) -> dict:
+def _unused(which: str, wrap: bool = False) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     model = TwoHeads()
+    net = DDP(model, find_unused_parameters=True) if wrap else model
     opt = CLASSES[which](model, **KW)
     for step in range(STEPS):
         x, y = batch(step)
         opt.zero_grad()
-        out = model(shard(x, rank, world), use_extra=rank != 1)
+        out = net(shard(x, rank, world), use_extra=rank != 1)
         F.cross_entropy(out, shard(y, rank, world)).backward()
         opt.step()
     return {"params": [p.detach().clone() for p in model.parameters()]}
@@ -233,6 +241,8 @@ def _scenarios(folder: Path) -> dict:
         "bn-fop-plain": p(_bn_run, which="fop", wrap=False),
         "unused-kfac": p(_unused_run, which="kfac"),
         "unused-fop": p(_unused_run, which="fop"),
+        "unused-fop-ddp": p(_unused_run, which="fop", wrap=True),
+        "fop-ddp-params": p(_run, which="fop", wrap=True, placement="owner", param_list=True),
         "nan-fop": p(_nan_run, which="fop"),
         "dcp-fop": p(_dcp_run, which="fop", folder=str(folder / "fop")),
         "dcp-kfac": p(_dcp_run, which="kfac", folder=str(folder / "kfac")),
@@ -292,7 +302,7 @@ def _identical(per_rank: list[dict], key: str = "params") -> None:
 @pytest.mark.parametrize(
     "name",
     ["kfac-ddp-owner", "kfac-plain-replicated", "kfac-plain-owner", "fop-ddp-replicated",
-     "fop-plain-owner", "fop-ddp-owner", "kfac-nosync", "fop-nosync"],
+     "fop-plain-owner", "fop-ddp-owner", "kfac-nosync", "fop-nosync", "fop-ddp-params"],
 )  # fmt: skip
 def test_data_parallel_equals_one_process_on_the_global_batch(ranks, name):
     world, results = ranks
@@ -315,7 +325,7 @@ def test_batchnorm_replicas_stay_identical(ranks, name):
     _identical(results[name], "buffers")
 
 
-@pytest.mark.parametrize("name", ["unused-kfac", "unused-fop"])
+@pytest.mark.parametrize("name", ["unused-kfac", "unused-fop", "unused-fop-ddp"])
 def test_a_rank_without_a_gradient_does_not_hang(ranks, name):
     _, results = ranks
     _identical(results[name])
