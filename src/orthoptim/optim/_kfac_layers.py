@@ -180,7 +180,9 @@ class LayerCoverage:
         Blocks whose input is broadcast over the batch are named and dropped (plain update)."""
         self._checked = True
         recs = self._capture.records
-        silent = [b for b in self._blocks if b.weight.grad is not None and not recs[b].forwards]
+        seen = self._seen([bool(recs[b].forwards) for b in self._blocks])
+        silent = [b for b, ok in zip(self._blocks, seen, strict=True)
+                  if b.weight.grad is not None and not ok]  # fmt: skip
         if silent and len(silent) == len([b for b in self._blocks if b.weight.grad is not None]):
             compiled = bool(compiled_modules(self._roots[0])) if self._roots else False
             raise RuntimeError(
@@ -204,6 +206,12 @@ class LayerCoverage:
             self._blocks.remove(b)
             self._capture.drop(b)
         self._warn_coverage()
+
+
+    def _seen(self, local: list[bool]) -> list[bool]:
+        """Whether each block's hooks saw it run (data parallelism: on some rank; a layer a
+        rank's data never reaches is not a hook that never fires)."""
+        return local
 
 
 def _user_stacklevel() -> int:

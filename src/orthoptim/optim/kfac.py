@@ -348,6 +348,13 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
                 if not self._owns(b):  # another rank's inverse: not kept here
                     del ls["pre"]
 
+    def _seen(self, local: list[bool]) -> list[bool]:
+        if self._ranks is None or not local:
+            return local
+        flags = torch.tensor(local, dtype=torch.float32, device=self._blocks[0].weight.device)
+        all_reduce_sum(flags, self._ranks.group).wait()  # once, at the first step
+        return [v > 0 for v in flags.tolist()]
+
     def _owns(self, block: Block) -> bool:
         """Whether this rank computes ``block``'s inverse and direction (always in one
         process)."""
