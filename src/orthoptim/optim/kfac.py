@@ -339,14 +339,12 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
         """Create every block's state with its final shapes (a checkpoint loader's template)."""
         anchor = self._anchor_state()
         anchor.setdefault("kfac_step", 0)
-        if self._ranks is not None:
-            self._ranks.assign(self._blocks)
         for b in self._blocks:
             blocks = self.state[b.weight].setdefault("kfac", {})
             if b.key not in blocks:
-                blocks[b.key] = ls = self._new_block_state(b, hp)
-                if not self._owns(b):  # another rank's inverse: not kept here
-                    del ls["pre"]
+                blocks[b.key] = self._new_block_state(b, hp)
+        if self._ranks is not None:
+            self._place_inverses()
 
     def _seen(self, local: list[bool]) -> list[bool]:
         if self._ranks is None or not local:
@@ -754,14 +752,15 @@ class KFAC(LayerCoverage, _nonfinite.Guarded):
             if p is not None:
                 self.state[p]["kfac"] = _to_device(blocks, p.device)
         if self._ranks is not None:
-            self._place_inverses()
+            self._place_inverses()  # again at the first step for blocks found by its forward
         self._arm_capture()  # the loaded step decides what the next step needs
 
     def _place_inverses(self) -> None:
-        """After loading under owner placement: drop the inverses of blocks another rank owns,
-        and recompute an owned one the state dict lacks (a state dict saved by another rank) from
-        the loaded factors (exact when the factors have not changed since the last inverse
-        step; ``torch.distributed.checkpoint`` restores each owner's own inverses exactly)."""
+        """Owner placement: drop the inverses of blocks another rank owns (a new block's
+        template, or a loaded state dict's), and recompute an owned one that a loaded state dict
+        lacks (saved by another rank) from the loaded factors (exact when the factors have not
+        changed since the last inverse step; ``torch.distributed.checkpoint`` restores each
+        owner's own inverses exactly). Called by ``_init_state`` and after loading."""
         assert self._ranks is not None
         self._ranks.assign(self._blocks)
         hp = self.param_groups[0]
