@@ -175,7 +175,8 @@ def _routed(model: nn.Module, build: Callable[[list], torch.optim.Optimizer]):
 _MEMORY_KEYS = frozenset(
     ("memory_budget", "memory_dtype", "capacity", "write_rank", "write_interval", "min_age",
      "gate", "gate_threshold", "radius", "merge_threshold", "min_energy", "eviction", "side",
-     "write_source", "sketch_dim", "seed")
+     "layout", "write_source", "sketch_dim", "seed", "protection", "kron_strength", "kron_sides",
+     "kron_online")
 )  # fmt: skip
 _DUAL_KEYS = frozenset(("beta_fast", "mix", "fusion"))
 _FOGO_KEYS = _kwargs_of(FOGO.__init__, skip=("params",))

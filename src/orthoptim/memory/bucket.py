@@ -11,6 +11,9 @@ FOGO groups its matrices by shape (a *bucket*) and asks the memory three things:
 * rarely and eagerly (they read the device on the host), :func:`write`: summarise the window
   into one matrix's codebook (scheduled writes and ``end_task`` consolidations).
 
+:class:`KroneckerBucket` answers the same three requests for ``protection="kronecker"``
+(:mod:`orthoptim.memory.kronecker`); :func:`memory_for` picks the one a config asks for.
+
 The persistent tensors live in each parameter's state (``orthoptim.memory.codebook`` for the
 codebook; ``grad_sketch``, ``row_energy``, ``last_profile``, ``last_stats``): the bucket holds
 only what is derived from them (the seeded projections), rebuilt whenever the optimizer rebuilds
@@ -25,7 +28,7 @@ from typing import Any, cast
 
 import torch
 
-from orthoptim.memory import codebook
+from orthoptim.memory import codebook, kronecker
 from orthoptim.ops.sketch import gaussian_sketch_matrix, nystrom_factor
 from orthoptim.ops.subspace import lift_matrix
 
@@ -278,3 +281,85 @@ def write(
         state["memory"], source, step, config.codebook, seed=seed, kind=kind, ready=ready,
         sketch=sign, sign_source=slow, new_stretch=stretch,
     )  # fmt: skip
+
+
+class KroneckerBucket:
+    """The Kronecker-factored protection (:mod:`orthoptim.memory.kronecker`) of N same-shape
+    matrices, behind the same interface as :class:`MemoryBucket`: ``accumulate`` adds the
+    step's gradient Grams, ``correct`` damps the updates on the protected sides, ``write`` is
+    an online consolidation (``online`` > 0), ``consolidate`` folds the task in (``end_task``).
+
+    The state lives in each matrix's ``state["kron"]``; the bucket keeps a stacked copy of the
+    preconditioners (what every step reads), refreshed when a consolidation changes them.
+
+    Args:
+        config: the protection's settings for the bucket's shape.
+        states: the N matrices' state dicts (each holds ``kron``).
+        device: where the matrices live (unused: the state is already there).
+        dtype: the update's dtype (the damping runs in float32).
+    """
+
+    def __init__(
+        self,
+        config: kronecker.KroneckerConfig,
+        states: Sequence[dict[str, Any]],
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ):
+        self.config = config
+        self.states = list(states)
+        self.accs = [f"{side}_acc" for side, _ in config.sides]
+        pres = [f"{side}_pre" for side, _ in config.sides]
+        self.pre = {name: torch.stack([st["kron"][name] for st in self.states]) for name in pres}
+
+    def refresh(self, i: int) -> None:
+        """Re-read matrix ``i``'s preconditioners into the stacked copies."""
+        for name, stacked in self.pre.items():
+            stacked[i].copy_(self.states[i]["kron"][name])
+
+    def accumulate(
+        self, grads: torch.Tensor, take: Sequence[int], skip: torch.Tensor | None
+    ) -> None:
+        """Add the gradients (N', m, n) of the matrices ``take`` to their running Grams."""
+        states = [self.states[i]["kron"] for i in take]
+        accs = {name: torch.stack([st[name] for st in states]) for name in self.accs}
+        for name, new in kronecker.grams(accs, grads).items():
+            _commit([st[name] for st in states], accs[name], new, skip)
+
+    def correct(
+        self,
+        updates: torch.Tensor,
+        steps: torch.Tensor,
+        take: Sequence[int],
+        skip: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The damped updates (N', m, n) of the matrices ``take``:
+        (I + kappa P_out)^-1 U (I + kappa P_in)^-1."""
+        return kronecker.apply({name: rows(t, take) for name, t in self.pre.items()}, updates)
+
+    def write(self, i: int, slow: torch.Tensor, step: int, kind: int) -> str:
+        """A scheduled (online) consolidation of matrix ``i``: precision <- I + gamma P_old +
+        (1 - gamma) kappa hat A_window. Eager (reads the device)."""
+        gamma = self.config.online
+        kronecker.consolidate(self.states[i]["kron"], (1 - gamma) * self.config.kappa, gamma)
+        self.refresh(i)
+        return "consolidate"
+
+    def consolidate(self, i: int, slow: torch.Tensor, step: int) -> str:
+        """``end_task`` for matrix ``i``: fold the task's Grams into its preconditioners."""
+        kronecker.consolidate(self.states[i]["kron"], self.config.kappa)
+        self.refresh(i)
+        return "consolidate"
+
+
+def memory_for(
+    config: MemoryConfig | kronecker.KroneckerConfig,
+    states: Sequence[dict[str, Any]],
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> MemoryBucket | KroneckerBucket:
+    """The memory of a bucket under ``config``: the codebook (``MemoryConfig``, the default
+    ``protection="subspace"``) or the Kronecker protection (``KroneckerConfig``)."""
+    if isinstance(config, kronecker.KroneckerConfig):
+        return KroneckerBucket(config, states, device, dtype)
+    return MemoryBucket(config, states, device, dtype)

@@ -17,6 +17,10 @@ A matrix parameter (``algorithm="fogo"``) holds::
     row_energy, last_profile, stretch_windows   the stretch test's output-energy profiles
     last_stats      0-d diagnostics of the last correction (``memory_stats``)
 
+With ``protection="kronecker"`` (opt-in) a matrix holds ``kron`` instead of the codebook state
+(``orthoptim.memory.kronecker``: running gradient Grams and preconditioners per protected
+side), and so does a 2-D AdamW parameter of a group with the memory on (an embedding or head).
+
 "side" is the protected side of the *layer* (``side="input"``: its inputs), whatever the storage
 ``layout``: ``"out_in"`` (torch: dim 0 is the output) or ``"in_out"`` (HF GPT-2 ``Conv1D``, Flax
 kernels: dim 0 is the input). Everything below works on the stored matrix; :func:`stored_side`
@@ -31,7 +35,7 @@ from typing import Any
 
 import torch
 
-from orthoptim.memory import codebook
+from orthoptim.memory import codebook, kronecker
 from orthoptim.memory.bucket import MemoryConfig
 from orthoptim.ops.newton_schulz import dtype_for_device, resolve_coefficients, resolve_dtype
 from orthoptim.ops.subspace import rho_from_radius
@@ -40,7 +44,10 @@ from orthoptim.optim._validation import check_betas, check_choice, check_int, ch
 ALGORITHMS = ("fogo", "adamw")
 LAYOUTS = ("out_in", "in_out")
 # State that keeps its own dtype on load (torch casts floating state to the parameter's dtype).
-OWN_DTYPE_STATE = ("memory", "last_stats", "grad_sketch", "row_energy", "last_profile")
+OWN_DTYPE_STATE = ("memory", "last_stats", "grad_sketch", "row_energy", "last_profile", "kron")
+PROTECTIONS = ("subspace", "kronecker")
+# Settings added after checkpoints were first saved: a loaded group may lack them.
+_LATER_DEFAULTS = {"layout": "out_in", "protection": "subspace"}
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -91,10 +98,46 @@ _MEMORY_KEYS = (
 )  # fmt: skip
 
 
-def memory_config(group: dict[str, Any], shape: tuple[int, int]) -> MemoryConfig:
-    """The memory settings of a (m, n) matrix under ``group`` (cached per distinct settings)."""
-    settings = tuple((k, group.get(k, "out_in" if k == "layout" else None)) for k in _MEMORY_KEYS)
-    return _memory_config(settings, tuple(shape))
+_KRONECKER_KEYS = ("side", "layout", "kron_strength", "kron_sides", "kron_online", "write_interval")
+
+
+def protection(group: dict[str, Any]) -> str:
+    return group.get("protection", "subspace")
+
+
+def memory_config(
+    group: dict[str, Any], shape: tuple[int, int]
+) -> MemoryConfig | kronecker.KroneckerConfig:
+    """The memory settings of a (m, n) matrix under ``group`` (cached per distinct settings):
+    the codebook's, or with ``protection="kronecker"`` the Kronecker protection's."""
+    kron = protection(group) == "kronecker"
+    keys = _KRONECKER_KEYS if kron else _MEMORY_KEYS
+    settings = tuple((k, group.get(k, _LATER_DEFAULTS.get(k))) for k in keys)
+    return (_kronecker_config if kron else _memory_config)(settings, tuple(shape))
+
+
+@functools.lru_cache(maxsize=1024)
+def _kronecker_config(
+    settings: tuple[tuple[str, Any], ...], shape: tuple[int, int]
+) -> kronecker.KroneckerConfig:
+    g = dict(settings)
+    in_out = g["layout"] == "in_out"
+    out_dim, in_dim = (shape[1], shape[0]) if in_out else shape
+    sides = kronecker.layer_sides(out_dim, in_dim, g["kron_sides"])
+    if in_out:  # the stored rows are the layer's inputs
+        sides = {{"input": "output", "output": "input"}[k]: v for k, v in sides.items()}
+    online = g["kron_online"]
+    return kronecker.KroneckerConfig(
+        sides=tuple(sorted(sides.items())), kappa=g["kron_strength"], online=online,
+        write_interval=g["write_interval"] if online > 0 else 0,
+    )  # fmt: skip
+
+
+def embedding_sides(group: dict[str, Any]) -> dict[str, str]:
+    """The Kronecker protection of a 2-D AdamW parameter (an embedding or a head, stored as
+    (tokens, features)): its features whole, its token rows as a diagonal (a 50k vocabulary
+    fits), or whole with ``kron_sides="both"``."""
+    return {"input": "full", "output": "full" if group["kron_sides"] == "both" else "diagonal"}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -137,6 +180,14 @@ def has_memory(group: dict[str, Any], p: torch.Tensor) -> bool:
     return bool(group["memory"]) and p.numel() > 0 and algorithm(group, p) == "fogo"
 
 
+def has_kronecker_adamw(group: dict[str, Any], p: torch.Tensor) -> bool:
+    """A 2-D AdamW parameter that the Kronecker protection covers (an embedding or head)."""
+    return (
+        bool(group["memory"]) and protection(group) == "kronecker" and p.ndim == 2
+        and p.numel() > 0 and algorithm(group, p) == "adamw"
+    )  # fmt: skip
+
+
 def stats_dtype(p: torch.Tensor) -> torch.dtype:
     """dtype the correction runs in (and its ratio is kept in): >= float32."""
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
@@ -154,6 +205,8 @@ def new_state(
     if algorithm(group, p) == "adamw":
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format, device=device)
         state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        if has_kronecker_adamw(group, p):
+            state["kron"] = kronecker.init(embedding_sides(group), p.shape[0], p.shape[1], device)
         return state
     if group.get("layout", "out_in") == "in_out" and p.ndim != 2:
         raise ValueError(
@@ -166,6 +219,9 @@ def new_state(
     if not has_memory(group, p):  # a zero-size matrix has nothing to protect
         return state
     config = memory_config(group, shape)
+    if isinstance(config, kronecker.KroneckerConfig):
+        state["kron"] = kronecker.init(dict(config.sides), *shape, device)
+        return state
     state["seed"] = group["seed"] * 1_000_003 + index
     state["writes"] = 0
     state["memory"] = codebook.init_codebook(config.side_dim, config.codebook, device)
@@ -297,6 +353,10 @@ def validate(g: dict[str, Any]) -> None:
     check_choice("overflow", g["overflow"], ("compress", "evict"))
     check_choice("side", g["side"], ("input", "output"))
     check_choice("layout", g["layout"], LAYOUTS)
+    check_choice("protection", g["protection"], PROTECTIONS)
+    check_range("kron_strength", g["kron_strength"], 0.0, low_open=True)
+    check_choice("kron_sides", g["kron_sides"], kronecker.SIDE_CHOICES)
+    check_range("kron_online", g["kron_online"], 0.0, 1.0, high_open=True)
     check_choice("write_source", g["write_source"], ("gradients", "slow"))
     check_int("sketch_dim", g["sketch_dim"], 1)
     check_int("seed", g["seed"], 0)

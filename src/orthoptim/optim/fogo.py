@@ -43,8 +43,8 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from orthoptim.distributed import megabatch
-from orthoptim.memory import codebook
-from orthoptim.memory.bucket import MemoryBucket, rows
+from orthoptim.memory import codebook, kronecker
+from orthoptim.memory.bucket import KroneckerBucket, MemoryBucket, memory_for, rows
 from orthoptim.optim import _fogo_math, _fogo_shard, _fogo_state, _fused, _nonfinite
 from orthoptim.optim._validation import check_choice, check_group_keys, check_range
 
@@ -132,6 +132,28 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             conv kernels: dim 0 is the output, default) or ``"in_out"`` (2-D only: HF GPT-2's
             ``Conv1D``, Flax/JAX kernels). Newton-Schulz and the RMS scale do not depend on it;
             the memory protects the layer's ``side`` in either layout.
+        protection: what the memory is: ``"subspace"`` (default: the codebook of protected
+            subspaces above, within ``memory_budget``) or ``"kronecker"`` (opt-in, beyond the
+            budget: each task's Kronecker-factored gradient Grams damp every later update,
+            U = (I + kappa sum_t S_t)^-1 O (I + kappa sum_t A_t)^-1 before the RMS scale, with
+            A_t = sum G^T G and S_t = sum G G^T of task t, each normalised to mean eigenvalue
+            1; see :mod:`orthoptim.memory.kronecker`). Tasks are consolidated by ``end_task``
+            (and, with ``kron_online``, on the write schedule). A 2-D AdamW parameter of a
+            group with the memory on (an embedding or the output head) is protected too, its
+            AdamW step damped the same way. It costs 2 d^2 float32 per whole protected side of
+            dimension d (47.5% of GPT-2 small's parameter bytes by default; docs/fogo.md,
+            section 10). Not supported under data-parallel sharding yet (``ValueError``).
+        kron_strength: kappa of the Kronecker protection. Default 10.
+        kron_sides: sides the Kronecker protection covers on FOGO matrices, in the layer's
+            terms: ``"smaller"`` (default: the smaller side whole, the input side when square:
+            in a transformer block, the residual stream), ``"mixed"`` (the smaller side whole,
+            the other as a diagonal of per-unit energies), ``"both"``, ``"input"`` or
+            ``"output"``. AdamW parameters keep their features whole and their token rows as a
+            diagonal (whole with ``"both"``).
+        kron_online: gamma in [0, 1). With gamma > 0 the Kronecker protection also
+            consolidates every ``write_interval`` steps, precision <- I + gamma P +
+            (1 - gamma) kappa A_window (task-agnostic; it also damps the current task's own
+            directions). Default 0 (``end_task`` only).
         write_source: what a write summarises: ``"gradients"`` (default), a streaming Gaussian
             sketch Y = sum_t G_t^T G_t Omega of the gradients since the last write, read out by
             the Nystrom method; or ``"slow"``, the slow momentum at write time (its last ~1/(1 -
@@ -195,6 +217,10 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         overflow: str = "evict",
         side: str = "input",
         layout: str = "out_in",
+        protection: str = "subspace",
+        kron_strength: float = 10.0,
+        kron_sides: str = "smaller",
+        kron_online: float = 0.0,
         write_source: str = "gradients",
         sketch_dim: int = 32,
         seed: int = 0,
@@ -214,7 +240,9 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             merge_threshold=merge_threshold, stretch_threshold=stretch_threshold,
             min_energy=min_energy, eviction=eviction,
             overflow=overflow,
-            side=side, layout=layout, write_source=write_source, sketch_dim=sketch_dim, seed=seed,
+            side=side, layout=layout, protection=protection, kron_strength=kron_strength,
+            kron_sides=kron_sides, kron_online=kron_online, write_source=write_source,
+            sketch_dim=sketch_dim, seed=seed,
         )  # fmt: skip
         _fogo_state.validate(defaults)
         super().__init__(params, defaults)
@@ -225,6 +253,14 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         self._warned_momentum = False
         check_choice("shard", shard, (True, False))
         self._sharding = _fogo_shard.sharding_for(self.param_groups, shard, process_group)
+        if self._sharding is not None:
+            for group in self.param_groups:
+                if group["memory"] and group["protection"] == "kronecker":
+                    raise ValueError(
+                        "Invalid protection: 'kronecker' with data-parallel sharding (a process "
+                        f"group of {self._sharding.world} ranks or FSDP2) is not supported yet; "
+                        "use protection='subspace' or one process"
+                    )
         self._plans: list[list[megabatch.Chunks | None]] = []
         self._load: list[float] = [0.0] * (self._sharding.world if self._sharding else 1)
         self._reset_caches()
@@ -389,6 +425,11 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             if not params:
                 continue
             states = [self.state[p] for p in params]
+            protected = [
+                (p, st, p.detach().clone())
+                for p, st in zip(params, states, strict=True)
+                if "kron" in st
+            ]
             loc = _fogo_shard.local  # FSDP2: this rank's shards (AdamW is element-wise)
             _fused.adamw_(
                 [loc(p) for p in params], [loc(cast(torch.Tensor, p.grad)) for p in params],
@@ -397,6 +438,20 @@ class FOGO(_nonfinite.Guarded, Optimizer):
                 betas=_fogo_state.adamw_betas(group), eps=group["adamw_eps"],
                 weight_decay=group["weight_decay"], found_inf=guard.found_inf,
             )  # fmt: skip
+            for p, state, before in protected:
+                self._protect_adamw(group, p, state, before, guard)
+
+    def _protect_adamw(self, group: dict, p: torch.Tensor, state: dict, before, guard) -> None:
+        """The Kronecker protection of a 2-D AdamW parameter (embedding, head): its Grams take
+        this step's gradient and its AdamW step is damped, W <- W_0 + (I + kappa P_out)^-1
+        (W - W_0) (I + kappa P_in)^-1, with an online consolidation when one is due."""
+        kron = state["kron"]
+        for name, new in kronecker.grams(kron, cast(torch.Tensor, p.grad)).items():
+            guard.commit_(kron[name], new)
+        p.copy_(before + kronecker.apply(kron, p - before))
+        gamma, interval = group["kron_online"], group["write_interval"]
+        if gamma > 0 and interval and self._write_due(p, state, interval, guard) is not None:
+            kronecker.consolidate(kron, (1 - gamma) * group["kron_strength"], gamma)
 
     def _bucket_step(self, group: dict, bucket: _Bucket, take: list[int], guard) -> None:
         """One step of the matrices ``take`` of a bucket (one process, or replicated)."""
@@ -525,9 +580,14 @@ class FOGO(_nonfinite.Guarded, Optimizer):
     @torch.no_grad()
     def end_task(self) -> None:
         """Consolidate at a task boundary: store the slow momentum's directions as a protected
-        entry and make every stored entry protect from now on. Optional; nothing requires it.
+        entry and make every stored entry protect from now on (``protection="kronecker"``: fold
+        the task's gradient Grams into the preconditioners). Optional; nothing requires it.
         Matrices that have not taken a step yet have nothing to consolidate."""
-        for layout in self._prepare():
+        for group, layout in zip(self.param_groups, self._prepare(), strict=True):
+            for p in layout.adamw:
+                kron = self.state[p].get("kron")
+                if kron is not None:
+                    kronecker.consolidate(kron, group["kron_strength"])
             for bucket in layout.buckets:
                 if bucket.memory is None:
                     continue
@@ -543,7 +603,9 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         Returns a dict with: ``matrices`` (with memory), ``conflict_rate`` (entries in conflict /
         ready entries), ``correction_ratio`` (mean ||U* - O||_F / ||O||_F), ``entries_used``,
         ``columns_used``, ``columns_capacity``, ``occupancy`` (columns used / capacity),
-        ``memory_bytes`` (codebook tensors), ``param_bytes`` (of the protected matrices),
+        ``memory_bytes`` (codebook tensors; with ``protection="kronecker"`` the Grams and
+        preconditioners, AdamW-routed embeddings and heads included), ``param_bytes`` (of the
+        protected parameters),
         ``memory_fraction`` and ``writes``. Reading it syncs with the device; ``step`` never does.
         Sharded, it sums over the ranks (a collective: call it on every rank).
         """
@@ -551,6 +613,13 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
+                if state and "kron" in state:  # protection="kronecker": Grams, preconditioners
+                    out["matrices"] += 1
+                    out["memory_bytes"] += sum(
+                        t.numel() * t.element_size() for t in state["kron"].values()
+                    )
+                    out["param_bytes"] += p.numel() * p.element_size()
+                    continue
                 if not state or "memory" not in state:
                     continue
                 book = state["memory"]
@@ -639,9 +708,9 @@ class _Bucket:
         self.chunks = chunks
         self.owned = [params[i] for i in _fogo_shard.owned(chunks, sharding, len(params))]
         self.states = [state[p] for p in self.owned]
-        self.memory = None
+        self.memory: MemoryBucket | KroneckerBucket | None = None
         if group["memory"] and self.owned:
             config = _fogo_state.memory_config(group, self.shape)
             dtype = _fogo_state.stats_dtype(params[0])
             device = _fogo_shard.local(params[0]).device
-            self.memory = MemoryBucket(config, self.states, device, dtype)
+            self.memory = memory_for(config, self.states, device, dtype)

@@ -7,14 +7,18 @@ a Python loop, and solves the lift from its n x n normal equations
 
     U (I_n + rho V V^T) = O + rho c' V^T.
 
-Everything else (state, codebook writes: rare, host-side) is shared with the fast class; the
-writes are tested on their own.
+With ``protection="kronecker"`` it accumulates each matrix's Grams and multiplies its update by
+each side's preconditioner one side at a time (the fast class: one batched product per bucket).
+
+Everything else (state, codebook writes and Kronecker consolidations: rare, host-side; the
+AdamW step) is shared with the fast class; the writes are tested on their own.
 """
 
 from __future__ import annotations
 
 import torch
 
+from orthoptim.memory.bucket import KroneckerBucket
 from orthoptim.memory.codebook import CodebookConfig
 from orthoptim.ops.geometry import nlerp, rms_scale, slerp
 from orthoptim.ops.newton_schulz import newton_schulz
@@ -88,7 +92,9 @@ class FOGOReference(FOGO):
         else:
             update = ortho[0]
         guard.commit_(state["step"], state["step"] + 1)
-        if bucket.memory is not None:
+        if isinstance(bucket.memory, KroneckerBucket):
+            update = self._kronecker(bucket.memory, i, grad, update, guard)
+        elif bucket.memory is not None:
             update = self._memory(bucket.memory, i, grad, update, guard)
         # Scale, decay, update.
         lr, new = group["lr"], p
@@ -133,3 +139,25 @@ class FOGOReference(FOGO):
             state["last_stats"][k].copy_(guard.select(state["last_stats"][k], v))
         corrected = corrected.to(u.dtype)
         return corrected.mT if flip else corrected
+
+    def _kronecker(self, memory: KroneckerBucket, i: int, grad, update, guard):
+        """``protection="kronecker"`` for matrix ``i``, side by side: the running Grams take
+        this step's G^T G (input side) or G G^T (output side), or their diagonals, then the
+        update is multiplied by each side's preconditioner (I + kappa P)^-1."""
+        kron = memory.states[i]["kron"]
+        g = grad.float()
+        for side, form in memory.config.sides:
+            acc = kron[f"{side}_acc"]
+            if form == "full":
+                gram = g.mT @ g if side == "input" else g @ g.mT
+            else:
+                gram = g.square().sum(0) if side == "input" else g.square().sum(1)
+            guard.commit_(acc, acc + gram)
+        u = update.to(torch.promote_types(update.dtype, torch.float32))
+        for side, form in memory.config.sides:
+            pre = kron[f"{side}_pre"].to(u.dtype)
+            if form == "diagonal":
+                u = u * (pre if side == "input" else pre[:, None])
+            else:
+                u = u @ pre if side == "input" else pre @ u
+        return u.to(update.dtype)

@@ -1,0 +1,285 @@
+"""Kronecker-factored protection (``protection="kronecker"``): the pure functions against brute
+force, FOGO's batched path against the per-matrix reference, the whole step against a hand-made
+one, the storage layouts, checkpoints and the memory-bytes report."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from orthoptim import FOGO, FOGOReference
+from orthoptim.memory import kronecker
+
+F64 = dict(ns_dtype="float64", memory_dtype="float64")
+
+
+def add_grams(state, g):
+    for name, new in kronecker.grams(state, g).items():
+        state[name].copy_(new)
+
+
+def test_consolidate_folds_normalised_grams_into_the_preconditioner():
+    gen = torch.Generator().manual_seed(0)
+    state = kronecker.init({"input": "full", "output": "full"}, 5, 4, "cpu")
+    grams = {
+        "input": torch.zeros(4, 4, dtype=torch.float64),
+        "output": torch.zeros(5, 5, dtype=torch.float64),
+    }
+    precision = {
+        "input": torch.eye(4, dtype=torch.float64),
+        "output": torch.eye(5, dtype=torch.float64),
+    }
+    for task in range(2):
+        for _ in range(3):
+            g = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+            add_grams(state, g.float())
+            grams["input"] += g.mT @ g
+            grams["output"] += g @ g.mT
+        kronecker.consolidate(state, kappa=3.0)
+        for side, gram in grams.items():
+            precision[side] += 3.0 * gram / (torch.trace(gram) / gram.shape[0])
+            gram.zero_()
+            expect = torch.linalg.inv(precision[side])
+            assert torch.allclose(state[f"{side}_pre"].double(), expect, atol=1e-5), (task, side)
+            assert not bool(state[f"{side}_acc"].any())
+    u = torch.randn(5, 4, generator=gen)
+    out = kronecker.apply(state, u)
+    assert torch.allclose(out, state["output_pre"] @ u @ state["input_pre"], atol=1e-6)
+
+
+def test_online_consolidation_is_a_forgetting_sum():
+    gen = torch.Generator().manual_seed(1)
+    state = kronecker.init({"input": "full"}, 3, 4, "cpu")
+    precision = torch.eye(4, dtype=torch.float64)
+    for _ in range(3):
+        g = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+        add_grams(state, g.float())
+        kronecker.consolidate(state, kappa=0.5 * 10, decay=0.5)
+        gram = g.mT @ g
+        eye = torch.eye(4, dtype=torch.float64)
+        precision = eye + 0.5 * (precision - eye) + 5 * gram / (torch.trace(gram) / 4)
+        assert torch.allclose(state["input_pre"].double(), torch.linalg.inv(precision), atol=1e-5)
+
+
+def test_batched_grams_and_apply_equal_one_matrix_at_a_time():
+    gen = torch.Generator().manual_seed(2)
+    sides = {"input": "full", "output": "diagonal"}
+    g = torch.randn(3, 5, 4, generator=gen)
+    one = [kronecker.init(sides, 5, 4, "cpu") for _ in range(3)]
+    stacked = {k: torch.stack([s[k] for s in one]) for k in one[0]}
+    new = kronecker.grams(stacked, g)
+    for i, state in enumerate(one):
+        add_grams(state, g[i])
+        kronecker.consolidate(state, kappa=2.0)
+        for name in ("input_acc", "output_acc"):
+            assert torch.allclose(new[name][i], kronecker.grams(
+                kronecker.init(sides, 5, 4, "cpu"), g[i])[name])  # fmt: skip
+    pre = {k: torch.stack([s[k] for s in one]) for k in ("input_pre", "output_pre")}
+    out = kronecker.apply(pre, g)
+    for i, state in enumerate(one):
+        assert torch.allclose(out[i], kronecker.apply(state, g[i]), atol=1e-6)
+
+
+def test_layer_sides():
+    assert kronecker.layer_sides(384, 128, "smaller") == {"input": "full"}
+    assert kronecker.layer_sides(128, 512, "smaller") == {"output": "full"}
+    assert kronecker.layer_sides(64, 64, "smaller") == {"input": "full"}
+    assert kronecker.layer_sides(3, 4, "both") == {"input": "full", "output": "full"}
+    assert kronecker.layer_sides(384, 128, "mixed") == {"input": "full", "output": "diagonal"}
+
+
+def test_a_diagonal_side_damps_each_unit_by_its_normalised_energy():
+    state = kronecker.init({"output": "diagonal"}, 3, 2, "cpu")
+    add_grams(state, torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]))
+    kronecker.consolidate(state, kappa=2.0)
+    rows = torch.tensor([1.0, 4.0, 0.0])
+    expect = 1 / (1 + 2.0 * rows / rows.mean())
+    assert torch.allclose(state["output_pre"], expect)
+    u = torch.ones(3, 2)
+    assert torch.allclose(kronecker.apply(state, u), expect[:, None] * u)
+
+
+class Net(nn.Module):
+    """A token embedding (AdamW), two hidden matrices of different shapes (FOGO) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.fc1 = nn.Linear(6, 9)
+        self.fc2 = nn.Linear(9, 9)
+        self.fc3 = nn.Linear(9, 5)
+
+    def forward(self, x):
+        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(self.embed(x))))))
+
+
+def groups(model):
+    return [
+        {"params": [model.fc1.weight, model.fc2.weight, model.fc3.weight]},
+        {"params": [model.embed.weight, model.fc1.bias, model.fc2.bias, model.fc3.bias],
+         "algorithm": "adamw"},
+    ]  # fmt: skip
+
+
+def data(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randint(0, 11, (24,), generator=gen), torch.randint(0, 5, (24,), generator=gen))
+        for _ in range(n)
+    ]
+
+
+def train(model, opt, batches, end_task_at=()):
+    for i, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if i in end_task_at:
+            opt.end_task()
+
+
+@pytest.mark.parametrize(
+    "options", [dict(kron_sides="mixed"), dict(kron_sides="both", kron_online=0.5)]
+)
+def test_fogo_kronecker_equals_the_per_matrix_reference(options):
+    runs = []
+    for cls in (FOGO, FOGOReference):
+        torch.manual_seed(0)
+        model = Net().double()
+        opt = cls(groups(model), lr=0.05, protection="kronecker", write_interval=3,
+                  **F64, **options)  # fmt: skip
+        train(model, opt, data(10), end_task_at=(4,))
+        runs.append(model)
+    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_fogo_kronecker_step_equals_the_hand_made_one():
+    """Before ``end_task`` the preconditioners are the identity: plain FOGO. After
+    it they are (I + kappa hat Gram)^-1 of the task's own gradients (collected here), and the
+    next step is plain FOGO's direction damped by them and rescaled (matrices), or AdamW's step
+    damped by them (the embedding)."""
+    torch.manual_seed(0)
+    plain, protected = Net().double(), Net().double()
+    protected.load_state_dict(plain.state_dict())
+    opt_plain = FOGO(groups(plain), lr=0.05, memory=False, **F64)
+    opt = FOGO(groups(protected), lr=0.05, protection="kronecker", kron_sides="both", **F64)
+    grads = {name: [] for name, _ in protected.named_parameters()}
+    for x, y in data(4):
+        for model, o in ((plain, opt_plain), (protected, opt)):
+            o.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            o.step()
+        for name, p in protected.named_parameters():
+            grads[name].append(p.grad.clone())
+        for a, b in zip(plain.parameters(), protected.parameters(), strict=True):
+            assert torch.allclose(a, b, rtol=0, atol=1e-15)  # AdamW's W_0 + (W - W_0) rounds
+    opt.end_task()
+    pres = {}
+    for name, p in protected.named_parameters():
+        if p.ndim < 2:
+            continue
+        a = sum(g.mT @ g for g in grads[name])
+        s = sum(g @ g.mT for g in grads[name])
+        a, s = a / (torch.trace(a) / a.shape[0]), s / (torch.trace(s) / s.shape[0])
+        pres[name] = (torch.linalg.inv(torch.eye(len(s), dtype=s.dtype) + 10 * s),
+                      torch.linalg.inv(torch.eye(len(a), dtype=a.dtype) + 10 * a))  # fmt: skip
+        state = opt.state[p]["kron"]
+        assert torch.allclose(state["output_pre"].double(), pres[name][0], atol=1e-6)
+        assert torch.allclose(state["input_pre"].double(), pres[name][1], atol=1e-6)
+    before = {name: p.detach().clone() for name, p in protected.named_parameters()}
+    x, y = data(1, seed=1)[0]
+    for model, o in ((plain, opt_plain), (protected, opt)):
+        o.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        o.step()
+    for (name, p), q in zip(protected.named_parameters(), plain.parameters(), strict=True):
+        step = q.detach() - before[name]  # plain FOGO's (or AdamW's) step from the same point
+        if name in pres:
+            out_pre, in_pre = (t.float().double() for t in pres[name])
+            damped = out_pre @ step @ in_pre
+            if name != "embed.weight":  # FOGO: the RMS scale restores the step's size
+                damped = damped * step.norm() / damped.norm()
+            step = damped
+        assert torch.allclose(p.detach() - before[name], step, atol=1e-6, rtol=1e-4), name
+
+
+class Conv1D(nn.Module):
+    """HF transformers' GPT-2 ``Conv1D``: y = x @ W + b with W stored as (in, out)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=torch.float64) * 0.3)
+        self.bias = nn.Parameter(torch.zeros(nf, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+@pytest.mark.parametrize("kron_sides", ["smaller", "mixed", "input"])
+def test_in_out_layout_protects_the_same_sides_as_nn_linear(kron_sides):
+    """With layout="in_out" a Conv1D stack follows the transposed nn.Linear stack (the
+    "smaller" side is the layer's smaller side, whatever the storage)."""
+    torch.manual_seed(0)
+    convs = nn.Sequential(Conv1D(16, 5), nn.Tanh(), Conv1D(3, 16))
+    linears = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    with torch.no_grad():
+        for conv, lin in ((convs[0], linears[0]), (convs[2], linears[2])):
+            lin.weight.copy_(conv.weight.mT)
+            lin.bias.copy_(conv.bias)
+    hp = dict(lr=0.05, protection="kronecker", kron_sides=kron_sides, **F64)
+    opt_conv = FOGO([{"params": [convs[0].weight, convs[2].weight], "layout": "in_out"},
+                     {"params": [convs[0].bias, convs[2].bias]}], **hp)  # fmt: skip
+    opt_lin = FOGO(linears.parameters(), **hp)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(8):
+        x = torch.randn(16, 5, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (16,), generator=gen)
+        for model, o in ((convs, opt_conv), (linears, opt_lin)):
+            o.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            o.step()
+            if i == 3:
+                o.end_task()
+    for conv, lin in ((convs[0], linears[0]), (convs[2], linears[2])):
+        assert torch.allclose(conv.weight.mT, lin.weight, atol=1e-10)
+    small = opt_conv.state[convs[0].weight]["kron"]
+    if kron_sides == "smaller":  # the layer's 5 inputs, stored as rows
+        assert set(small) == {"output_acc", "output_pre"} and small["output_pre"].shape == (5, 5)
+
+
+def test_checkpoint_round_trip_and_memory_bytes():
+    torch.manual_seed(0)
+    model = Net().double()
+    hp = dict(lr=0.05, protection="kronecker", kron_sides="mixed", **F64)
+    opt = FOGO(groups(model), **hp)
+    train(model, opt, data(5), end_task_at=(2,))
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = copy.deepcopy(opt.state_dict())
+    kron = [opt.state[p]["kron"] for p in model.parameters() if p.ndim == 2]
+    assert len(kron) == 4 and all(t.dtype == torch.float32 for k in kron for t in k.values())
+    stats = opt.memory_stats()
+    assert stats["matrices"] == 4
+    assert stats["memory_bytes"] == sum(t.numel() * 4 for k in kron for t in k.values())
+    train(model, opt, data(3, seed=2))
+    twin = Net().double()
+    twin.load_state_dict(saved_model)
+    opt_twin = FOGO(groups(twin), **hp)
+    opt_twin.load_state_dict(saved)
+    assert opt_twin.state[twin.fc1.weight]["kron"]["input_pre"].dtype == torch.float32
+    train(twin, opt_twin, data(3, seed=2))
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_invalid_kronecker_settings_raise():
+    w = nn.Parameter(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="protection"):
+        FOGO([w], protection="fisher")
+    with pytest.raises(ValueError, match="kron_sides"):
+        FOGO([w], protection="kronecker", kron_sides="left")
+    with pytest.raises(ValueError, match="kron_online"):
+        FOGO([w], protection="kronecker", kron_online=1.0)
+    with pytest.raises(ValueError, match="kron_strength"):
+        FOGO([w], protection="kronecker", kron_strength=0.0)
