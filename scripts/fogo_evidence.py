@@ -55,6 +55,16 @@ CONFIGS: dict[str, tuple[str, dict, bool]] = {
     "fogo_aware_b95": ("fogo", dict(beta_slow=0.95, beta_fast=0.8), True),
     "fogo_nomem_b95": ("fogo", dict(memory=False, beta_slow=0.95, beta_fast=0.8), False),
 }
+# protection="kronecker" (opt-in, issue 15): smaller / mixed / both sides, task-aware; online
+# consolidation (task-agnostic).
+for _sides in ("smaller", "mixed", "both"):
+    CONFIGS[f"fogo_aware_kron_{_sides}"] = (
+        "fogo", dict(protection="kronecker", kron_sides=_sides), True
+    )  # fmt: skip
+for _gamma in (0.5, 0.9):
+    CONFIGS[f"fogo_agnostic_kron_online{_gamma}"] = (
+        "fogo", dict(protection="kronecker", kron_online=_gamma), False
+    )  # fmt: skip
 for budget in (0.01, 0.02, 0.05, 0.1, 0.2, 0.4):
     CONFIGS[f"fogo_aware_b{budget}"] = ("fogo", dict(memory_budget=budget), True)
     CONFIGS[f"fogo_agnostic_b{budget}"] = ("fogo", dict(memory_budget=budget), False)

@@ -39,12 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import orthoptim.optim.fogo as fogo_module
 from orthoptim import FOGO, param_groups
 from orthoptim.benchmarks import hparams as hparams_module
 from orthoptim.benchmarks.gpt import GPT
 from orthoptim.benchmarks.tasks import lm
 from orthoptim.benchmarks.train import seeded
+from orthoptim.memory import bucket as memory_bucket
+from orthoptim.memory import codebook, kronecker
+from orthoptim.optim import _fogo_math
 
 KINDS = {
     "attn.c_attn": "qkv",
@@ -176,18 +178,10 @@ for _share in (0.75, 0.9):
     CONFIGS[f"oracle_xg{_share}"] = dict(
         fogo=dict(memory=False), oracle=dict(rank=_share, source={"input": "gtg"})
     )
-# Prototype (issue 15): stretch summaries (Frequent Directions merges, end_task consolidates
-# the whole stretch), optionally soft protection and larger budgets.
-for _b in (0.05, 0.2, 0.5):
-    for _aware in (True, False):
-        for _kappa in (float("inf"), 10.0):
-            _name = ("aware" if _aware else "agnostic") + f"_v8_b{_b}"
-            _name += "" if _kappa == float("inf") else f"_k{_kappa:g}"
-            CONFIGS[_name] = dict(
-                fogo=dict(summary="stretch", memory_budget=_b, strength=_kappa), aware=_aware
-            )
-# Prototype (issue 15): Kronecker-factored soft protection from the optimizer's own gradient
-# Grams (smaller side of every block matrix, both sides of the tied embedding / head).
+# (The stretch-summary prototype configs aware_v8_* / agnostic_v8_* were measured at commit
+# 9de448b of branch memory-prototype; that prototype is not in the library.)
+# protection="kronecker" (issue 15): Kronecker-factored soft protection from the optimizer's own
+# gradient Grams (smaller side of every block matrix, features of the tied embedding / head).
 for _kappa in (3.0, 10.0, 30.0):
     for _sides in ("smaller", "mixed", "both"):
         CONFIGS[f"aware_kron_{_sides}_k{_kappa:g}"] = dict(
@@ -195,8 +189,9 @@ for _kappa in (3.0, 10.0, 30.0):
             aware=True,
         )
 for _rank in (16, 32, 64):
+    # what a memory of d x f numbers per side would hold (kronecker.keep_free at consolidation)
     CONFIGS[f"aware_kron_smaller_k10_free{_rank}"] = dict(
-        fogo=dict(protection="kronecker", kron_rank=_rank), aware=True
+        fogo=dict(protection="kronecker"), aware=True, kron_rank=_rank
     )
 for _gamma in (0.5, 0.9):
     CONFIGS[f"agnostic_kron_smaller_online{_gamma}"] = dict(
@@ -386,32 +381,39 @@ class Probe:
             self.ratios[(self.stage, kind)].append(float(stats["correction_ratio"]))
 
     def _wrap_fogo(self):
+        """Log every codebook write (outcome) and stretch test (signals, new stretches)."""
         probe = self
-        write, new_stretch = FOGO._write, FOGO._new_stretch
+        write, new_stretch = memory_bucket.MemoryBucket.write, memory_bucket.new_stretch
 
-        def logged_write(opt, group, p, step, kind):
-            out = write(opt, group, p, step, kind)
-            probe.writes[(probe.stage, kind_of(probe.names.get(id(p), "")), out)] += 1
+        def name_of(state) -> str:
+            for p, st in probe.opt.state.items():
+                if st is state:
+                    return probe.names.get(id(p), "")
+            return ""
+
+        def logged_write(bucket, i, slow, step, kind):
+            out = write(bucket, i, slow, step, kind)
+            probe.writes[(probe.stage, kind_of(name_of(bucket.states[i])), out)] += 1
             return out
 
-        def logged_new_stretch(opt, group, p, kind):
-            state = opt.state[p]
+        def logged_new_stretch(state, config, kind):
+            kind_name = kind_of(name_of(state))
             if "row_energy" in state:
                 last, energy = state["last_profile"], state["row_energy"]
-                cosine = fogo_module.codebook.profile_cosine(last, energy.sqrt())
+                cosine = codebook.profile_cosine(last, energy.sqrt())
                 growth = float(energy.sum() / last.square().sum().clamp(min=1e-30))
-                probe.signals.append((probe.stage, kind_of(probe.names.get(id(p), "")),
-                                      int(state["step"]), cosine, growth))  # fmt: skip
-            new = new_stretch(opt, group, p, kind)
-            if new and kind == fogo_module.codebook.SCHEDULED:
-                probe.stretches[(probe.stage, kind_of(probe.names.get(id(p), "")))] += 1
+                probe.signals.append((probe.stage, kind_name, int(state["step"]), cosine, growth))
+            new = new_stretch(state, config, kind)
+            if new and kind == codebook.SCHEDULED:
+                probe.stretches[(probe.stage, kind_name)] += 1
             return new
 
         self._restore = (write, new_stretch)
-        FOGO._write, FOGO._new_stretch = logged_write, logged_new_stretch
+        memory_bucket.MemoryBucket.write = logged_write
+        memory_bucket.new_stretch = logged_new_stretch
 
     def close(self):
-        FOGO._write, FOGO._new_stretch = self._restore
+        memory_bucket.MemoryBucket.write, memory_bucket.new_stretch = self._restore
 
     def memory(self, stage: int) -> dict:
         """Per matrix: pool rank, rank held, captured energy of this stage's covariances."""
@@ -446,7 +448,8 @@ class Oracle:
     ``spec``: rank (directions per stage and matrix), side ("input" or "output", or a dict per
     kind), source (covariance: "x"/"gtg" input side, "d"/"ggt" output side; per side default
     "x"/"d"), kinds (matrices protected), stages (how many first stages are protected).
-    Applied to FOGO's orthogonalized direction before scaling (FOGO._finish), memory off.
+    Applied to FOGO's fused, orthogonalized direction before the RMS scale (``_fogo_math.scaled``
+    inside ``FOGO._updates``), and to the AdamW step of the head, memory off.
     """
 
     def __init__(self, opt: FOGO, probe: Probe, spec: dict):
@@ -454,40 +457,56 @@ class Oracle:
         self.bases: dict[int, tuple[str, torch.Tensor]] = {}
         self.soft: dict[int, dict[str, torch.Tensor]] = {}  # id -> side -> (I + kappa C)^-1
         self.kron: dict[int, torch.Tensor] = {}  # id -> kappa sum_t s_t a_t^T (m x n)
-        finish = FOGO._finish
+        updates, scaled, adamw = FOGO._updates, _fogo_math.scaled, FOGO._adamw
         oracle = self
+        self.current: list[torch.Tensor] = []  # the matrices of the bucket being stepped
 
-        def protected_finish(o, group, p, direction):
-            if id(p) in oracle.bases:
-                side, v = oracle.bases[id(p)]
-                v = v.to(direction.dtype)
-                if side == "input":
-                    direction = direction - (direction @ v) @ v.mT
-                else:
-                    direction = direction - v @ (v.mT @ direction)
-            for side, pre in oracle.soft.get(id(p), {}).items():
-                direction = direction @ pre if side == "input" else pre @ direction
-            if id(p) in oracle.kron:  # elementwise proximal lift of a diagonal Kronecker penalty
-                direction = direction / (1 + oracle.kron[id(p)].to(direction.dtype))
-            return finish(o, group, p, direction)
+        def tracked_updates(o, group, bucket, take, skip, grads=None):
+            oracle.current = [bucket.owned[i] for i in take]
+            try:
+                return updates(o, group, bucket, take, skip, grads)
+            finally:
+                oracle.current = []
 
-        adamw = FOGO._adamw
+        def protected_scaled(update, *args, **kwargs):
+            if oracle.current:
+                update = torch.stack(
+                    [oracle.protect(p, u) for p, u in zip(oracle.current, update, strict=True)]
+                )
+            return scaled(update, *args, **kwargs)
 
-        def protected_adamw(o, group, p):
-            if id(p) not in oracle.bases and id(p) not in oracle.soft:
-                return adamw(o, group, p)
-            before = p.detach().clone()
-            adamw(o, group, p)
-            delta = p.detach() - before
-            if id(p) in oracle.bases:
-                _, v = oracle.bases[id(p)]
-                delta = delta - (delta @ v) @ v.mT
-            for side, pre in oracle.soft.get(id(p), {}).items():
-                delta = delta @ pre if side == "input" else pre @ delta
-            p.copy_(before + delta)
+        def protected_adamw(o, layouts, guard):
+            params = [p for g in o.param_groups for p in g["params"] if p.grad is not None
+                      and (id(p) in oracle.bases or id(p) in oracle.soft)]  # fmt: skip
+            before = [p.detach().clone() for p in params]
+            adamw(o, layouts, guard)
+            for p, b in zip(params, before, strict=True):
+                delta = p.detach() - b
+                if id(p) in oracle.bases:
+                    _, v = oracle.bases[id(p)]
+                    delta = delta - (delta @ v) @ v.mT
+                for side, pre in oracle.soft.get(id(p), {}).items():
+                    delta = delta @ pre if side == "input" else pre @ delta
+                p.copy_(b + delta)
 
-        self._finish, self._adamw = finish, adamw
-        FOGO._finish, FOGO._adamw = protected_finish, protected_adamw
+        self._restore = (updates, scaled, adamw)
+        FOGO._updates, FOGO._adamw = tracked_updates, protected_adamw
+        _fogo_math.scaled = protected_scaled
+
+    def protect(self, p: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        """The oracle's protection of one matrix's direction (m x n)."""
+        if id(p) in self.bases:
+            side, v = self.bases[id(p)]
+            v = v.to(direction.dtype)
+            if side == "input":
+                direction = direction - (direction @ v) @ v.mT
+            else:
+                direction = direction - v @ (v.mT @ direction)
+        for side, pre in self.soft.get(id(p), {}).items():
+            direction = direction @ pre if side == "input" else pre @ direction
+        if id(p) in self.kron:  # elementwise proximal lift of a diagonal Kronecker penalty
+            direction = direction / (1 + self.kron[id(p)].to(direction.dtype))
+        return direction
 
     def side(self, kind: str) -> str:
         side = self.spec.get("side", "input")
@@ -567,7 +586,7 @@ class Oracle:
             self.soft[id(weight)][side] = torch.linalg.inv(prec).float()
 
     def close(self):
-        FOGO._finish, FOGO._adamw = self._finish, self._adamw
+        FOGO._updates, _fogo_math.scaled, FOGO._adamw = self._restore
 
 
 def run(args, name: str, seed: int) -> dict:
@@ -581,10 +600,23 @@ def run(args, name: str, seed: int) -> dict:
     names = lm._corpus_names(s["corpora"])
     steps = [s["pretrain_steps"]] + [s["finetune_steps"]] * (len(names) - 1)
     vocab, data = lm._load(names, args.data_dir, s["eval_split"], s["block_size"])
-    S = len(names)
-    L = np.zeros((S, S))
     record = dict(config=name, seed=seed, spec=config)
     start = time.time()
+    consolidate = kronecker.consolidate
+    if "kron_rank" in config:  # every consolidation keeps only the f least-damped directions
+        rank = config["kron_rank"]
+        kronecker.consolidate = lambda st, kappa, decay=1.0, rank_=0: consolidate(
+            st, kappa, decay, rank
+        )
+    try:
+        return _run(args, name, seed, config, s, names, steps, vocab, data, record, start)
+    finally:
+        kronecker.consolidate = consolidate
+
+
+def _run(args, name, seed, config, s, names, steps, vocab, data, record, start) -> dict:
+    S = len(names)
+    L = np.zeros((S, S))
     with seeded(seed, "cpu"):
         model = GPT(lm._model_config(s, len(vocab)))
         opt = build_optimizer(model, config)

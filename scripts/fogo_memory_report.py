@@ -7,6 +7,11 @@ with zero gradients (ns_steps=0, so it is fast) and prints the memory per matrix
 total, next to AdamW's state.
 
     python scripts/fogo_memory_report.py [--budget 0.05]
+    python scripts/fogo_memory_report.py --protection kronecker [--kron-sides smaller]
+
+With ``--protection kronecker`` the embeddings are in the protected AdamW group (as
+``param_groups`` routes them), so their Kronecker state counts too; the bytes are
+``memory_stats()``'s.
 """
 
 from __future__ import annotations
@@ -31,15 +36,42 @@ def gpt2_small_params(d: int = 768, layers: int = 12, vocab: int = 50257, ctx: i
     return matrices, vectors + embeddings
 
 
+def kronecker_report(opt: FOGO, params: list, n_matrices: int, sides: str) -> None:
+    """Bytes of the Kronecker protection per parameter shape and in all (``memory_stats``)."""
+    by_shape: Counter = Counter()
+    on_matrices = 0
+    for i, p in enumerate(params):
+        if "kron" in opt.state[p]:
+            mem = sum(t.numel() * t.element_size() for t in opt.state[p]["kron"].values())
+            by_shape[tuple(p.shape), mem] += 1
+            on_matrices += mem if i < n_matrices else 0
+    print(f"{'shape':>14s} {'count':>5s} {'memory bytes':>13s} {'% of weight':>11s}")
+    for (shape, mem), count in sorted(by_shape.items()):
+        frac = mem / (shape[0] * shape[1] * 4)
+        print(f"{str(shape):>14s} {count:5d} {mem:13,d} {100 * frac:10.2f}%")
+    stats = opt.memory_stats()
+    total = sum(p.numel() for p in params) * 4
+    matrix_bytes = sum(p.numel() for p in params[:n_matrices]) * 4
+    print(f"Kronecker memory ({sides}): {stats['memory_bytes'] / 2**20:.1f} MiB = "
+          f"{100 * stats['memory_bytes'] / total:.1f}% of all parameter bytes; "
+          f"{on_matrices / 2**20:.1f} MiB on the {n_matrices} FOGO matrices "
+          f"({100 * on_matrices / matrix_bytes:.1f}% of their bytes), "
+          f"{(stats['memory_bytes'] - on_matrices) / 2**20:.1f} MiB on the embeddings "
+          "(running Grams and preconditioners, float32)")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--budget", type=float, default=0.05)
+    ap.add_argument("--protection", default="subspace", choices=("subspace", "kronecker"))
+    ap.add_argument("--kron-sides", default="smaller")
     args = ap.parse_args()
     matrices, others = gpt2_small_params()
     params = [torch.nn.Parameter(t) for t in matrices + others]
     opt = FOGO(
         [{"params": params[: len(matrices)]}, {"params": params[len(matrices):], "algorithm": "adamw"}],
-        ns_steps=0, memory_budget=args.budget,
+        ns_steps=0, memory_budget=args.budget, protection=args.protection,
+        kron_sides=args.kron_sides,
     )  # fmt: skip
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -47,6 +79,9 @@ def main() -> None:
     total_params = sum(p.numel() for p in params)
     print(f"GPT-2 small shapes: {total_params / 1e6:.1f}M parameters "
           f"({len(matrices)} FOGO matrices, {sum(m.numel() for m in matrices) / 1e6:.1f}M)")  # fmt: skip
+    if args.protection == "kronecker":
+        kronecker_report(opt, params, len(matrices), args.kron_sides)
+        return
     by_shape = Counter()
     for p in params[: len(matrices)]:
         st = opt.state[p]
