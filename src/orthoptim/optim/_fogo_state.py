@@ -98,7 +98,7 @@ _MEMORY_KEYS = (
 )  # fmt: skip
 
 
-_KRONECKER_KEYS = ("side", "layout", "kron_strength", "kron_sides", "kron_online", "write_interval")
+_KRONECKER_KEYS = ("layout", "kron_strength", "kron_sides", "kron_online", "write_interval")
 
 
 def protection(group: dict[str, Any]) -> str:

@@ -18,6 +18,9 @@ V is the codebook memory of protected input subspaces (``orthoptim.memory.codebo
 every ``write_interval`` steps from a sketch of the gradients since the last write (task-agnostic;
 an entry protects ``min_age`` steps after its last write within its stretch of training, a
 stretch ending when the output-energy profile of the gradients changes) and at ``end_task()``.
+With ``protection="kronecker"`` (opt-in, beyond the memory budget) the memory is instead
+Kronecker-factored soft protection, U = (I + kappa S)^-1 O (I + kappa A)^-1 from each past
+task's gradient Grams (``orthoptim.memory.kronecker``; docs/fogo.md, section 10).
 (The EMA form of the momentum differs from the paper's sum form M = beta M + G only by a scale
 that Newton-Schulz removes.) Every other parameter (ndim < 2, or a group with
 ``algorithm="adamw"``) is updated by AdamW with the group's lr and weight decay.
