@@ -735,20 +735,28 @@ def summarize(paths: list[Path], configs: list[str] | None) -> None:
         by[r["config"]][r["seed"]] = r
     base = by.get("nomem", {})
     print("| config | seeds | forgetting | learning loss | avg final loss | forgetting vs nomem "
-          "(paired, per seed) | L[2,0] Shakespeare final |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+          "(paired, per seed) | learning loss − nomem's | avg final loss − nomem's | "
+          "L[2,0] Shakespeare final |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, runs in by.items():
         if configs and name not in configs:
             continue
         seeds = sorted(runs)
         m = lambda key, runs=runs, seeds=seeds: [runs[sd]["metrics"][key] for sd in seeds]  # noqa: E731
+        paired = [sd for sd in seeds if sd in base]
+
+        def diff(key, runs=runs, paired=paired):
+            return ", ".join(
+                f"{runs[sd]['metrics'][key] - base[sd]['metrics'][key]:+.3f}" for sd in paired
+            )
+
         rel = [
             f"{100 * (runs[sd]['metrics']['forgetting'] / base[sd]['metrics']['forgetting'] - 1):+.0f}%"
-            for sd in seeds if sd in base
+            for sd in paired
         ]  # fmt: skip
         print(f"| {name} | {seeds} | {_ms(m('forgetting'))} | {_ms(m('learning_loss'))} | "
-              f"{_ms(m('avg_final_loss'))} | {', '.join(rel)} | "
-              f"{_ms([runs[sd]['L'][-1][0] for sd in seeds])} |")  # fmt: skip
+              f"{_ms(m('avg_final_loss'))} | {', '.join(rel)} | {diff('learning_loss')} | "
+              f"{diff('avg_final_loss')} | {_ms([runs[sd]['L'][-1][0] for sd in seeds])} |")  # fmt: skip
     for name, runs in by.items():
         if configs and name not in configs:
             continue

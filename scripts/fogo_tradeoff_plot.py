@@ -5,11 +5,10 @@
 
 Uses the permuted-MNIST records of `fogo_evidence.py` (main and `_budget` files): mean BWT over
 the seeds that every budget shares, against the measured memory bytes of the two hidden layers.
-With ``--lm``: the ``lm-continual`` records of ``fogo_lm_diagnosis.py`` (``diagnosis``, ``kron`` and
-``control.jsonl`` in that folder, seed 0): forgetting against learning loss for the lr curves
-of FOGO without memory
-and AdamW (the control: a lower lr also forgets less) and for the protections, printed as a
-table too.
+With ``--lm``: the ``lm-continual`` records of ``fogo_lm_diagnosis.py`` (``diagnosis``,
+``kron``, ``control`` and ``final.jsonl`` in that folder, seed 0): forgetting against learning
+loss for the lr curves of FOGO without memory and AdamW (the control: a lower lr also forgets
+less) and for the protections, printed as a table too.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ BUDGETS = {"aware": ["fogo_nomem", "fogo_aware_b0.01", "fogo_aware", "fogo_aware
            "agnostic": ["fogo_nomem", "fogo_agnostic", "fogo_agnostic_b0.2"]}  # fmt: skip
 
 
-LM_FILES = ("diagnosis", "kron", "control")  # later files win for the same config and seed
+LM_FILES = ("diagnosis", "kron", "control", "final")  # later files win (config, seed)
 # (label, marker style, configs in order); lr curves are lines, the rest points.
 LM_CURVES = [
     ("FOGO no memory, lr 0.002-0.014", "o-",
