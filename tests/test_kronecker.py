@@ -283,3 +283,33 @@ def test_invalid_kronecker_settings_raise():
         FOGO([w], protection="kronecker", kron_online=1.0)
     with pytest.raises(ValueError, match="kron_strength"):
         FOGO([w], protection="kronecker", kron_strength=0.0)
+
+
+def test_a_dropped_step_leaves_the_kronecker_state_and_parameters_untouched():
+    torch.manual_seed(0)
+    model = Net().double()
+    opt = FOGO(groups(model), lr=0.05, protection="kronecker", kron_sides="mixed", **F64)
+    train(model, opt, data(3), end_task_at=(1,))
+    before = copy.deepcopy(opt.state_dict()["state"])
+    params = [p.detach().clone() for p in model.parameters()]
+    x, y = data(1, seed=3)[0]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    model.fc2.weight.grad[0, 0] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 1
+    for a, b in zip(params, model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    after = opt.state_dict()["state"]
+    for key, state in before.items():
+        for name, t in state.get("kron", {}).items():
+            assert torch.equal(t, after[key]["kron"][name]), (key, name)
+
+
+def test_kronecker_is_refused_under_data_parallel_sharding(monkeypatch):
+    from orthoptim.optim import _fogo_shard
+
+    fake = _fogo_shard.Sharding(None, 0, 2, False, False)
+    monkeypatch.setattr(_fogo_shard, "sharding_for", lambda *args: fake)
+    with pytest.raises(ValueError, match="Invalid protection: 'kronecker' with data-parallel"):
+        FOGO([nn.Parameter(torch.zeros(3, 4))], protection="kronecker")
