@@ -110,11 +110,13 @@ def load_corpus(name: str, data_dir: str | os.PathLike | None = None) -> TextDat
     raise ValueError(f"Invalid corpus: {name!r}; expected one of {CORPORA}")
 
 
-def shared_vocab(datasets: list[TextDataset]) -> tuple[str, list[TextDataset]]:
-    """Re-encode ``datasets`` onto the sorted union of their vocabularies.
+def shared_vocab(datasets: list[TextDataset], extra: str = "") -> tuple[str, list[TextDataset]]:
+    """Re-encode ``datasets`` onto the sorted union of their vocabularies (and ``extra``).
 
     Args:
         datasets: character datasets, each with its own vocabulary.
+        extra: characters the vocabulary must hold besides the datasets' own (text that is
+            encoded later, e.g. the synthetic skills of ``lm-skills``).
 
     Returns:
         ``(vocab, remapped)``: the union vocabulary and the datasets with ids into it (same
@@ -122,7 +124,7 @@ def shared_vocab(datasets: list[TextDataset]) -> tuple[str, list[TextDataset]]:
     """
     if not datasets:
         raise ValueError("Invalid datasets: empty; need at least one corpus")
-    vocab = "".join(sorted(set().union(*(d.vocab for d in datasets))))
+    vocab = "".join(sorted(set(extra).union(*(d.vocab for d in datasets))))
     stoi = {ch: i for i, ch in enumerate(vocab)}
     out = []
     for d in datasets:

@@ -3,6 +3,7 @@
 - :mod:`.classification`: long-tailed classification, continual learning (domain-IL permuted and
   rotated, task-IL and class-IL split) and large-batch time-to-accuracy.
 - :mod:`.lm`: char-level GPT pretraining and continual language-model fine-tuning.
+- :mod:`.lm_skills`: the GPT pretrained on a corpus, then fine-tuned on synthetic skills in turn.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from .base import TaskSpec
 
 __all__ = ["all_tasks", "get_task", "TaskSpec"]
 
-_MODULES = ("classification", "lm")
+_MODULES = ("classification", "lm", "lm_skills")
 
 
 def all_tasks() -> dict[str, TaskSpec]:

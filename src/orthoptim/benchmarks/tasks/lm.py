@@ -48,10 +48,12 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from .. import corpora
@@ -60,7 +62,10 @@ from ..gpt import GPT, GPTConfig
 from ..train import seeded, task_seed
 from .base import Metric, NullProgress, RunOutput, TaskSpec
 
-__all__ = ["TASKS", "LM_PRETRAIN", "LM_CONTINUAL", "loss_matrix_metrics", "lr_multiplier"]
+__all__ = [
+    "TASKS", "LM_PRETRAIN", "LM_CONTINUAL", "Text", "loss_matrix_metrics", "lr_multiplier",
+    "train_in_turn",
+]
 
 VAL_FRAC = 0.1  # fraction of the training ids cut off as the tuning ("val") evaluation set
 _CPU = torch.device("cpu")
@@ -167,8 +172,9 @@ def _check_parallel(parallel: DataParallel | None, s: dict, cfg: GPTConfig) -> N
 # --------------------------------------------------------------------------------------- data
 
 
-def _load(names: list[str], data_dir, eval_split: str, block_size: int):
-    """Datasets whose ``train`` / ``val`` are the ids to train on / evaluate on, in one vocab."""
+def _load(names: list[str], data_dir, eval_split: str, block_size: int, extra: str = ""):
+    """Datasets whose ``train`` / ``val`` are the ids to train on / evaluate on, in one vocab
+    (their characters and ``extra``)."""
     split = []
     for name in names:
         ds = corpora.load_corpus(name, data_dir)
@@ -179,7 +185,7 @@ def _load(names: list[str], data_dir, eval_split: str, block_size: int):
                 train=ds.train[:-n_val], val=ds.train[-n_val:], vocab=ds.vocab, name=ds.name
             )
         split.append(ds)
-    vocab, out = corpora.shared_vocab(split)
+    vocab, out = corpora.shared_vocab(split, extra)
     for ds in out:
         if min(len(ds.train), len(ds.val)) < block_size + 1:
             raise ValueError(
@@ -189,42 +195,132 @@ def _load(names: list[str], data_dir, eval_split: str, block_size: int):
     return vocab, out
 
 
+@dataclass(frozen=True)
+class Text:
+    """Token ids to train or evaluate on, optionally cut into examples with scored characters.
+
+    Attributes:
+        ids: 1-D int64 token ids.
+        scored: bool per id, whether the character counts as a target (its loss is averaged,
+            the others are context only); None: every character counts.
+        example: int64 per id, the index of the example the character belongs to (examples are
+            contiguous); windows then start only at an example's first character, so every
+            scored character sees its whole prompt. None: one unbroken text, windows start
+            anywhere.
+    """
+
+    ids: torch.Tensor
+    scored: torch.Tensor | None = None
+    example: torch.Tensor | None = None
+
+    def window_starts(self, T: int) -> torch.Tensor | None:
+        """The positions a ``T``-token window (plus its next-token target) may start at; None:
+        any of ``[0, len(ids) - T - 1]``."""
+        if self.example is None:
+            return None
+        first = torch.ones(len(self.ids), dtype=torch.bool)
+        first[1:] = self.example[1:] != self.example[:-1]
+        pos = first.nonzero().squeeze(1)
+        return pos[pos <= len(self.ids) - T - 1]
+
+    def last_of_example(self) -> torch.Tensor:
+        """bool per id: the character ends its example (requires ``example``)."""
+        if self.example is None:
+            raise ValueError("Invalid text: no examples; last_of_example needs example ids")
+        last = torch.ones(len(self.ids), dtype=torch.bool)
+        last[:-1] = self.example[1:] != self.example[:-1]
+        return last
+
+
 def _windows(ids: torch.Tensor, starts: torch.Tensor, T: int):
     idx = starts[:, None] + torch.arange(T + 1)
     w = ids[idx]
     return w[:, :-1], w[:, 1:]
 
 
+def _target_view(per_id: torch.Tensor, starts: torch.Tensor, T: int) -> torch.Tensor:
+    """``per_id`` at the target positions of the windows at ``starts``, shape ``(B, T)``."""
+    return per_id[starts[:, None] + torch.arange(1, T + 1)]
+
+
+def _scored_loss(logits: torch.Tensor, y: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the scored targets (sum over them / their count)."""
+    ce = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), reduction="none")
+    w = scored.reshape(-1).to(ce.dtype)
+    return (ce * w).sum() / w.sum().clamp_min(1.0)
+
+
+def _even_starts(text: Text, T: int, n: int) -> torch.Tensor:
+    """``n`` window starts evenly spaced over the allowed starts of ``text``."""
+    allowed = text.window_starts(T)
+    if allowed is None:
+        return torch.linspace(0, len(text.ids) - T - 1, n).round().long()
+    return allowed[torch.linspace(0, len(allowed) - 1, n).round().long()]
+
+
 @torch.no_grad()
-def _eval_loss(model: GPT, ids: torch.Tensor, batches: int, batch_size: int) -> float:
-    """Mean loss over ``batches * batch_size`` evenly spaced windows of ``ids`` (eval mode)."""
+def _evaluate(model: GPT, text: Text, batches: int, batch_size: int) -> tuple[float, float]:
+    """Loss and exact match of ``model`` (eval mode) on ``batches * batch_size`` fixed windows.
+
+    The loss is the mean over the windows' scored targets (every target when ``text.scored`` is
+    None). Exact match, for a text of examples: the fraction of the examples completed inside a
+    window whose scored characters are all the argmax of the teacher-forced logits, which is
+    exactly "greedy decoding from the prompt reproduces the answer"; NaN without examples.
+    """
     T = model.config.block_size
     device = next(model.parameters()).device
-    starts = torch.linspace(0, len(ids) - T - 1, batches * batch_size).round().long()
+    starts = _even_starts(text, T, batches * batch_size)
+    last = text.last_of_example() if text.example is not None else None
     was = model.training
     model.eval()
-    total = 0.0
+    loss_sum, weight, exact, complete = 0.0, 0.0, 0, 0
     for chunk in starts.split(batch_size):
-        _, loss = model(*(w.to(device) for w in _windows(ids, chunk, T)))
-        total += float(loss) * len(chunk)
+        x, y = (w.to(device) for w in _windows(text.ids, chunk, T))
+        if text.scored is None:
+            _, loss = model(x, y)
+            loss_sum, weight = loss_sum + float(loss) * len(chunk), weight + len(chunk)
+            continue
+        logits, _ = model(x)
+        scored = _target_view(text.scored, chunk, T).to(device)
+        n = float(scored.sum())
+        loss_sum, weight = loss_sum + float(_scored_loss(logits, y, scored)) * n, weight + n
+        if last is None or text.example is None:
+            continue
+        ex = _target_view(text.example, chunk, T).to(device)
+        # one key per (window, example inside it); an example counts once its last character
+        # is a target of the window, i.e. its whole answer is
+        key = (torch.arange(len(chunk), device=device)[:, None] * (T + 1) + ex - ex[:, :1]).flatten()
+        wrong = (scored & (logits.argmax(-1) != y)).flatten().to(torch.float64)
+        ends = _target_view(last, chunk, T).to(device).flatten().to(torch.float64)
+        size = len(chunk) * (T + 1)
+        done = torch.bincount(key, weights=ends, minlength=size) > 0
+        right = torch.bincount(key, weights=wrong, minlength=size) == 0
+        exact += int((done & right).sum())
+        complete += int(done.sum())
     model.train(was)
-    return total / len(starts)
+    return loss_sum / weight, (exact / complete if complete else math.nan)
+
+
+def _eval_loss(model: GPT, text: Text, batches: int, batch_size: int) -> float:
+    """The loss of :func:`_evaluate`."""
+    return _evaluate(model, text, batches, batch_size)[0]
 
 
 class _Stage:
-    """Train ``model`` for ``steps`` steps on ``ids`` (batches from ``task_seed(seed, stage)``);
+    """Train ``model`` for ``steps`` steps on ``text`` (batches from ``task_seed(seed, stage)``);
     under data parallelism the forward runs through ``net`` (the DDP wrapper) on this rank's
     share of each batch."""
 
     def __init__(
-        self, model, optimizer, s: dict, ids: torch.Tensor, steps: int, seed: int, stage: int,
+        self, model, optimizer, s: dict, text: Text, steps: int, seed: int, stage: int,
         net=None, parallel: DataParallel | None = None,
     ):  # fmt: skip
-        self.model, self.opt, self.ids, self.steps = model, optimizer, ids, steps
+        self.model, self.opt, self.text, self.steps = model, optimizer, text, steps
         self.net = net if net is not None else model
         self.parallel = parallel
         self.device = next(model.parameters()).device
         self.B, self.T, self.clip = s["batch_size"], model.config.block_size, s["grad_clip"]
+        self.allowed = text.window_starts(self.T)
         self.gen = torch.Generator().manual_seed(task_seed(seed, stage))
         warmup, floor = s["warmup"], s["lr_min_ratio"]
         # a fresh LambdaLR per stage; initial_lr (set by the first one) is the base lr
@@ -234,14 +330,24 @@ class _Stage:
         self.sched = LambdaLR(optimizer, lambda k: lr_multiplier(k, steps, warmup, floor))
         self.seconds = 0.0
 
+    def _starts(self) -> torch.Tensor:
+        if self.allowed is None:
+            return torch.randint(len(self.text.ids) - self.T, (self.B,), generator=self.gen)
+        return self.allowed[torch.randint(len(self.allowed), (self.B,), generator=self.gen)]
+
     def step(self) -> float:
         t0 = time.perf_counter()
-        starts = torch.randint(len(self.ids) - self.T, (self.B,), generator=self.gen)
+        starts = self._starts()
         if self.parallel is not None:
             starts = self.parallel.shard(starts)
-        x, y = (w.to(self.device) for w in _windows(self.ids, starts, self.T))
+        x, y = (w.to(self.device) for w in _windows(self.text.ids, starts, self.T))
         self.opt.zero_grad(set_to_none=True)
-        _, loss = self.net(x, y)
+        if self.text.scored is None:
+            _, loss = self.net(x, y)
+        else:
+            logits, _ = self.net(x)
+            scored = _target_view(self.text.scored, starts, self.T).to(self.device)
+            loss = _scored_loss(logits, y, scored)
         loss.backward()  # under DDP the gradients are the global-batch mean from here on
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
@@ -262,6 +368,52 @@ def _curve(x, y, xlabel: str, ylabel: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------ runners
+
+
+def train_in_turn(
+    make_optimizer, s: dict, cfg: GPTConfig, texts: list[Text], stage_steps: list[int],
+    seed: int, after_stage, progress, parallel: DataParallel | None = None,
+) -> tuple[GPT, list[float], int, float]:  # fmt: skip
+    """Train one GPT on ``texts[0]``, then ``texts[1]``, ... (the continual protocol).
+
+    Stage ``i`` runs ``stage_steps[i]`` steps with a fresh lr schedule and batches from
+    ``task_seed(seed, i)``; after it, the optimizer's ``end_task()`` runs when
+    ``s["task_aware"]`` (and the optimizer has one), then ``after_stage(i, model)`` (the
+    evaluations, not timed). Model and optimizer are built under :func:`..train.seeded`.
+
+    Args:
+        make_optimizer: ``(model, lr_scale=1.0) -> Optimizer``.
+        s: the task's settings (checked by the caller).
+        cfg: the model.
+        texts: one training text per stage.
+        stage_steps: optimizer steps per stage.
+        seed: run seed.
+        after_stage: ``(stage index, model) -> None``.
+        progress: advanced once per step (started by the caller).
+        parallel: data parallelism under ``torchrun``; None: one process.
+
+    Returns:
+        ``(model, per-step training losses, end_task calls, training seconds)``.
+    """
+    losses: list[float] = []
+    calls, train_s = 0, 0.0
+    with seeded(seed, _CPU):
+        model = GPT(cfg)
+        net = None if parallel is None else parallel.wrap(model)
+        optimizer = make_optimizer(model)
+        end_task = getattr(optimizer, "end_task", None) if s["task_aware"] else None
+        for i, text in enumerate(texts):
+            stage = _Stage(model, optimizer, s, text, stage_steps[i], seed, i, net, parallel)
+            for _ in range(stage_steps[i]):
+                losses.append(stage.step())
+                progress.advance()
+            t0 = time.perf_counter()
+            if callable(end_task):
+                end_task()
+                calls += 1
+            train_s += stage.seconds + time.perf_counter() - t0
+            after_stage(i, model)
+    return model, losses, calls, train_s
 
 
 def run_pretrain(
@@ -295,13 +447,17 @@ def run_pretrain(
     with seeded(seed, _CPU):
         model = GPT(cfg)
         net = None if parallel is None else parallel.wrap(model)
-        stage = _Stage(model, make_optimizer(model), s, ds.train, steps, seed, 0, net, parallel)
+        stage = _Stage(
+            model, make_optimizer(model), s, Text(ds.train), steps, seed, 0, net, parallel
+        )
         for k in range(1, steps + 1):
             train_losses.append(stage.step())
             progress.advance()
             if k % interval == 0 or k == steps:
                 eval_steps.append(k)
-                evaluate = partial(_eval_loss, model, ds.val, s["eval_batches"], s["batch_size"])
+                evaluate = partial(
+                    _eval_loss, model, Text(ds.val), s["eval_batches"], s["batch_size"]
+                )
                 eval_losses.append(once(parallel, evaluate))
     hit = next((k for k, v in zip(eval_steps, eval_losses, strict=True) if v <= target), None)
     finite = [v for v in eval_losses if math.isfinite(v)]
@@ -358,27 +514,18 @@ def run_continual(
     _check_parallel(parallel, s, cfg)
     S = len(names)
     L = np.zeros((S, S))
-    losses: list[float] = []
-    calls, train_s = 0, 0.0
+    evals = [Text(d.val) for d in data]
+
+    def after_stage(i: int, model: GPT) -> None:
+        for j, text in enumerate(evals):
+            evaluate = partial(_eval_loss, model, text, s["eval_batches"], s["batch_size"])
+            L[i, j] = once(parallel, evaluate)
+
     progress.start(sum(stage_steps), desc="lm-continual")
-    with seeded(seed, _CPU):
-        model = GPT(cfg)
-        net = None if parallel is None else parallel.wrap(model)
-        optimizer = make_optimizer(model)
-        end_task = getattr(optimizer, "end_task", None) if s["task_aware"] else None
-        for i, ds in enumerate(data):
-            stage = _Stage(model, optimizer, s, ds.train, stage_steps[i], seed, i, net, parallel)
-            for _ in range(stage_steps[i]):
-                losses.append(stage.step())
-                progress.advance()
-            t0 = time.perf_counter()
-            if callable(end_task):
-                end_task()
-                calls += 1
-            train_s += stage.seconds + time.perf_counter() - t0
-            for j, dj in enumerate(data):
-                evaluate = partial(_eval_loss, model, dj.val, s["eval_batches"], s["batch_size"])
-                L[i, j] = once(parallel, evaluate)
+    model, losses, calls, train_s = train_in_turn(
+        make_optimizer, s, cfg, [Text(d.train) for d in data], stage_steps, seed, after_stage,
+        progress, parallel,
+    )  # fmt: skip
     bounds = np.cumsum(stage_steps).tolist()
     return RunOutput(
         metrics=loss_matrix_metrics(L),
