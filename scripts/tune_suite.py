@@ -24,7 +24,7 @@ from orthoptim.benchmarks.tasks import get_task
 
 # tuned task -> (preset to tune on, tasks that reuse its lr)
 TUNED = {
-    "lm-pretrain": ("paper", ("lm-continual",)),  # longest runs first: better packing
+    "lm-pretrain": ("paper", ("lm-continual", "lm-skills")),  # longest runs first: packing
     "longtail": ("paper", ()),
     "continual-permuted": ("paper", ("continual-rotated",)),
     "continual-split-task": ("paper", ("continual-split-class",)),

@@ -29,8 +29,8 @@ import numpy as np
 __all__ = ["SKILLS", "SKILL_CHARS", "SkillExample", "is_test_prompt", "skill_examples"]
 
 SKILLS = ("rev", "sort", "add")
-MIN_LEN, MAX_LEN = 3, 8
-ADD_DIGITS = 3
+MIN_LEN, MAX_LEN = 2, 5
+ADD_DIGITS = 2
 TEST_MOD = 10
 _LETTERS = np.array(list(string.ascii_lowercase))
 SKILL_CHARS = "".join(sorted(set(string.ascii_lowercase + string.digits + ":=+\n")))

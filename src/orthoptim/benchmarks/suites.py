@@ -78,6 +78,11 @@ def _items(preset: str) -> tuple[SuiteItem, ...]:
         ]
     items = longtail + [SuiteItem(t, FOGO_SET) for t in _CONTINUAL]
     items += [SuiteItem("lm-pretrain", LM_SET), SuiteItem("lm-continual", LM_SET)]
+    # lm-skills also runs FOGO task-agnostic (end_task() never called: only scheduled writes)
+    items += [
+        SuiteItem("lm-skills", LM_SET),
+        SuiteItem("lm-skills", ("fogo",), "lm-skills/task-agnostic", {"task_aware": False}),
+    ]
     return tuple(items + large)
 
 

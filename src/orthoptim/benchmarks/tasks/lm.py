@@ -28,6 +28,8 @@ Shared protocol (identical for every optimizer):
   tuning never reads the held-out ids.
 - Batches: ``batch_size`` windows with start positions drawn uniformly by a local
   ``torch.Generator`` seeded with ``task_seed(seed, stage)``; windows lie inside the training ids.
+  (A :class:`Text` cut into examples, as ``lm-skills``' skills are, starts windows only at an
+  example's first character and scores only its marked characters.)
 - Evaluation: the mean loss over ``eval_batches * batch_size`` fixed windows evenly spaced over the
   evaluation ids (no sampling noise, the same windows for every optimizer and every evaluation).
 - Learning rate: one ``torch.optim.lr_scheduler.LambdaLR`` scales every group's lr by

@@ -228,7 +228,7 @@ LM_SKILLS = TaskSpec(
             **_OPT,
             batch_size=12,
             pretrain_steps=300,
-            finetune_steps=100,
+            finetune_steps=150,
             warmup=20,
             eval_batches=16,
             skill_train_examples=20000,
