@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from orthoptim.benchmarks import skills
 from orthoptim.benchmarks.gpt import GPT
 from orthoptim.benchmarks.suites import get_suite
-from orthoptim.benchmarks.tasks import get_task
-from orthoptim.benchmarks.tasks import lm_skills
+from orthoptim.benchmarks.tasks import get_task, lm_skills
 from orthoptim.benchmarks.tasks.lm import Text, _evaluate
 from orthoptim.benchmarks.tasks.lm_skills import LM_SKILLS, encode_examples, skills_metrics
 
@@ -182,7 +181,8 @@ def test_val_split_never_reads_held_out_examples(monkeypatch):
         lm_skills, "skill_examples", lambda *a: (real(*a)[0], _Poison())
     )  # fmt: skip
     small = dict(pretrain_steps=4, finetune_steps=2)
-    out = LM_SKILLS.run(_adamw, seed=0, settings=LM_SKILLS.settings("tiny", eval_split="val", **small))
+    val = LM_SKILLS.settings("tiny", eval_split="val", **small)
+    out = LM_SKILLS.run(_adamw, seed=0, settings=val)
     assert math.isfinite(out.metrics["avg_final_loss"])
     with pytest.raises(AssertionError, match="held-out"):
         LM_SKILLS.run(_adamw, seed=0, settings=LM_SKILLS.settings("tiny", **small))

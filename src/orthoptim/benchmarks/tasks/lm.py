@@ -65,7 +65,12 @@ from ..train import seeded, task_seed
 from .base import Metric, NullProgress, RunOutput, TaskSpec
 
 __all__ = [
-    "TASKS", "LM_PRETRAIN", "LM_CONTINUAL", "Text", "loss_matrix_metrics", "lr_multiplier",
+    "TASKS",
+    "LM_PRETRAIN",
+    "LM_CONTINUAL",
+    "Text",
+    "loss_matrix_metrics",
+    "lr_multiplier",
     "train_in_turn",
 ]
 
@@ -291,7 +296,8 @@ def _evaluate(model: GPT, text: Text, batches: int, batch_size: int) -> tuple[fl
         ex = _target_view(text.example, chunk, T).to(device)
         # one key per (window, example inside it); an example counts once its last character
         # is a target of the window, i.e. its whole answer is
-        key = (torch.arange(len(chunk), device=device)[:, None] * (T + 1) + ex - ex[:, :1]).flatten()
+        row = torch.arange(len(chunk), device=device)[:, None] * (T + 1)
+        key = (row + ex - ex[:, :1]).flatten()
         wrong = (scored & (logits.argmax(-1) != y)).flatten().to(torch.float64)
         ends = _target_view(last, chunk, T).to(device).flatten().to(torch.float64)
         size = len(chunk) * (T + 1)

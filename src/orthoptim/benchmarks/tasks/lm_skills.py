@@ -41,9 +41,22 @@ import torch
 from ..skills import SKILL_CHARS, SKILLS, SkillExample, skill_examples
 from .base import Metric, NullProgress, RunOutput, TaskSpec
 from .lm import (
-    _MODEL_PAPER, _MODEL_QUICK, _MODEL_TINY, _OPT, VAL_FRAC, Text, _check_common, _corpus_names,
-    _curve, _evaluate, _load, _model_config, _pos_int, loss_matrix_metrics, train_in_turn,
-)  # fmt: skip
+    _MODEL_PAPER,
+    _MODEL_QUICK,
+    _MODEL_TINY,
+    _OPT,
+    VAL_FRAC,
+    Text,
+    _check_common,
+    _corpus_names,
+    _curve,
+    _evaluate,
+    _load,
+    _model_config,
+    _pos_int,
+    loss_matrix_metrics,
+    train_in_turn,
+)
 
 __all__ = ["TASKS", "LM_SKILLS", "skills_metrics", "encode_examples"]
 
