@@ -19,7 +19,15 @@ KEY_METRICS = {
     "longtail": ["balanced_accuracy", "head_accuracy", "mid_accuracy", "tail_accuracy"],
     "continual": ["acc", "bwt", "forgetting", "learning_accuracy"],
     "lm": ["val_loss", "steps_to_target", "tokens_per_second"],
-    "lm-continual": ["avg_final_loss", "forgetting", "learning_loss"],
+    # lm-skills adds the base corpus' share and greedy exact match (absent from lm-continual)
+    "lm-continual": [
+        "avg_final_loss",
+        "forgetting",
+        "learning_loss",
+        "base_forgetting",
+        "exact_match",
+        "exact_match_forgetting",
+    ],
     "large-batch": ["steps_to_target", "epochs_to_target", "seconds_to_target", "final_accuracy"],
 }
 PERCENT = {"balanced_accuracy", "head_accuracy", "mid_accuracy", "tail_accuracy", "acc", "bwt",
