@@ -52,6 +52,7 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -562,6 +563,22 @@ _MODEL_QUICK = dict(block_size=64, n_layer=2, n_head=2, n_embd=64, dropout=0.0, 
 # batch 12, dropout 0), at a quarter of its 2000 iterations
 _MODEL_PAPER = dict(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, tie_weights=True)
 _OPT = dict(grad_clip=1.0, lr_min_ratio=0.1)
+# The continual protocol per preset (model, schedule, evaluation), shared by lm-continual and
+# lm-skills; each adds its streams
+CONTINUAL: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        **_MODEL_TINY, **_OPT, batch_size=8, pretrain_steps=30, finetune_steps=15, warmup=3,
+        eval_batches=2, task_aware=True,
+    ),
+    "quick": dict(
+        **_MODEL_QUICK, **_OPT, batch_size=12, pretrain_steps=80, finetune_steps=40, warmup=10,
+        eval_batches=6, task_aware=True,
+    ),
+    "paper": dict(
+        **_MODEL_PAPER, **_OPT, batch_size=12, pretrain_steps=300, finetune_steps=100,
+        warmup=20, eval_batches=16, task_aware=True,
+    ),
+}  # fmt: skip
 
 LM_PRETRAIN = TaskSpec(
     name="lm-pretrain",
@@ -625,39 +642,9 @@ LM_CONTINUAL = TaskSpec(
         Metric("learning_loss", "min", "mean val loss on each corpus right after training it"),
     ),
     presets={
-        "tiny": dict(
-            corpora=["pydoc", "stdlib", "unicode"],
-            **_MODEL_TINY,
-            **_OPT,
-            batch_size=8,
-            pretrain_steps=30,
-            finetune_steps=15,
-            warmup=3,
-            eval_batches=2,
-            task_aware=True,
-        ),
-        "quick": dict(
-            corpora=["pydoc", "stdlib", "unicode"],
-            **_MODEL_QUICK,
-            **_OPT,
-            batch_size=12,
-            pretrain_steps=80,
-            finetune_steps=40,
-            warmup=10,
-            eval_batches=6,
-            task_aware=True,
-        ),
-        "paper": dict(
-            corpora=["tinyshakespeare", "stdlib", "pydoc"],
-            **_MODEL_PAPER,
-            **_OPT,
-            batch_size=12,
-            pretrain_steps=300,
-            finetune_steps=100,
-            warmup=20,
-            eval_batches=16,
-            task_aware=True,
-        ),
+        "tiny": dict(corpora=["pydoc", "stdlib", "unicode"], **CONTINUAL["tiny"]),
+        "quick": dict(corpora=["pydoc", "stdlib", "unicode"], **CONTINUAL["quick"]),
+        "paper": dict(corpora=["tinyshakespeare", "stdlib", "pydoc"], **CONTINUAL["paper"]),
     },
     run=run_continual,
     datasets=("tinyshakespeare",),
