@@ -3,10 +3,11 @@ groups (e.g. FOGO task-aware and task-agnostic, stored under two labels, against
 memory):
 
     python scripts/paired_seeds.py runs/skills --task lm-skills --base fogo-nomem \\
-        --metrics forgetting learning_loss base_forgetting exact_match
+        --metrics forgetting learning_loss base_forgetting exact_match --matrix A
 
 A configuration is ``optimizer`` in the task's default group, ``optimizer@label`` in another.
-Numbers come only from the stored records (``<out>/results.jsonl``); the test is the report's
+``--matrix NAME`` also prints each configuration's seed-mean of the matrix ``extra[NAME]`` (the
+loss matrix ``L``, ``lm-skills``' exact-match matrix ``A``). Numbers come only from the stored records (``<out>/results.jsonl``); the test is the report's
 (:func:`orthoptim.benchmarks.report.compare`: paired t over the seeds both ran).
 """
 
@@ -36,14 +37,18 @@ def main() -> None:
     ap.add_argument("--task", required=True)
     ap.add_argument("--base", required=True, help="the configuration the others are paired with")
     ap.add_argument("--metrics", nargs="+", required=True)
+    ap.add_argument("--matrix", default=None, help="also print the seed-mean of extra[MATRIX]")
     args = ap.parse_args()
     values: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    matrices: dict[str, list[np.ndarray]] = defaultdict(list)
     for r in ResultStore(args.out).records():
         if r["task"] != args.task:
             continue
         name = r["optimizer"] if r["label"] == args.task else f"{r['optimizer']}@{r['label']}"
         for m in args.metrics:
             values[name][m][int(r["seed"])] = float(r["metrics"][m])
+        if args.matrix:
+            matrices[name].append(np.asarray(r["extra"][args.matrix], dtype=float))
     if args.base not in values:
         raise SystemExit(f"no runs of {args.base!r}; configurations: {sorted(values)}")
     print("| configuration | " + " | ".join(args.metrics) + " |")
@@ -67,6 +72,9 @@ def main() -> None:
                 f"- {name} - {args.base}, {m}: {d}; mean {fmt(c.diff)} ({rel:+.1%} of the "
                 f"base), CI {ci}, p={p} ({c.test}{', ' + c.note if c.note else ''})"
             )
+    for name, ms in matrices.items():
+        rows = np.mean(ms, axis=0).round(3).tolist()
+        print(f"\n{args.matrix}, {name}, mean over {len(ms)} seeds (row = after stage i): {rows}")
 
 
 if __name__ == "__main__":
