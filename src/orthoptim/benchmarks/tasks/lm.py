@@ -69,6 +69,7 @@ __all__ = [
     "TASKS",
     "LM_PRETRAIN",
     "LM_CONTINUAL",
+    "CONTINUAL",
     "Text",
     "loss_matrix_metrics",
     "lr_multiplier",
