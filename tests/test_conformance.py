@@ -164,23 +164,28 @@ def test_skipped_steps_counter_is_saved_and_restored(info):
         info.make(tiny_model()).load_state_dict(bad)
 
 
-def test_finiteness_check_is_one_reduction_per_dtype_and_no_host_sync(monkeypatch):
+def test_finiteness_check_is_one_pass_per_tensor_and_no_host_sync(monkeypatch):
     params = [torch.nn.Parameter(torch.randn(3, 3)) for _ in range(6)]
     params += [torch.nn.Parameter(torch.randn(4, dtype=torch.float64)) for _ in range(3)]
     for p in params:
         p.grad = torch.randn_like(p)
     opt = torch.optim.SGD(params, lr=0.1)
     _nonfinite.install(opt, "skip")
-    norm = torch._foreach_norm
+    aminmax = torch.aminmax
     calls = []
-    monkeypatch.setattr(torch, "_foreach_norm", lambda *a, **k: calls.append(1) or norm(*a, **k))
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: calls.append(1) or aminmax(*a, **k))
     with HostReads() as reads:
         guard = _nonfinite.begin_step(opt)
-    assert len(calls) == 2 and reads.count == 0  # two dtype groups, nothing read on the host
+    assert len(calls) == 9 and reads.count == 0  # one pass per gradient, nothing read on the host
     assert guard.found_inf.dtype == torch.float32 and float(guard.found_inf) == 0.0
-    params[4].grad[0, 0] = float("nan")
-    assert float(_nonfinite.begin_step(opt).found_inf) == 1.0
-    assert opt._nonfinite_counters.total() == 1
+    for value in (float("nan"), float("inf"), -float("inf")):
+        for i in (4, 7):  # a float32 and a float64 gradient
+            before = params[i].grad[0].clone()
+            params[i].grad[0] = value
+            assert float(_nonfinite.begin_step(opt).found_inf) == 1.0, (value, i)
+            params[i].grad[0] = before
+    assert float(_nonfinite.begin_step(opt).found_inf) == 0.0
+    assert opt._nonfinite_counters.total() == 6
 
 
 class HostReads(TorchDispatchMode):

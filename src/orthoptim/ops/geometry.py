@@ -14,6 +14,30 @@ def frobenius_norm(x: torch.Tensor) -> torch.Tensor:
     return x.norm(dim=(-2, -1), keepdim=True)
 
 
+def _gram(a: torch.Tensor, b: torch.Tensor, eps: float):
+    """||a||, ||b||, the same clamped at ``eps``, and cos = <a, b> / (||a|| ||b||) (clamped
+    norms) of every trailing matrix: three reductions, keepdim."""
+    ra, rb = frobenius_norm(a), frobenius_norm(b)
+    na, nb = ra.clamp(min=eps), rb.clamp(min=eps)
+    dot = (a * b).sum(dim=(-2, -1), keepdim=True)
+    return ra, rb, na, nb, dot / (na * nb)
+
+
+def _combine(
+    a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, na, nb, r
+) -> torch.Tensor:
+    """r (wa a/||a|| + wb b/||b||) as ka a + kb b: the per-matrix coefficients are folded first,
+    so the matrices are read once more and written once."""
+    return torch.addcmul(a * (r * wa / na), b, r * wb / nb)
+
+
+def _lerp_norm(ha: torch.Tensor, hb: torch.Tensor, cos: torch.Tensor, t: float) -> torch.Tensor:
+    """||(1-t) a_hat + t b_hat|| from ||a_hat|| = ha, ||b_hat|| = hb (1, or 0 for a zero input)
+    and their cosine, without forming the sum."""
+    sq = ((1 - t) * ha).square() + (t * hb).square() + 2 * t * (1 - t) * ha * hb * cos
+    return sq.clamp(min=0).sqrt()
+
+
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torch.Tensor:
     """Spherical interpolation between the directions of ``a`` and ``b``.
 
@@ -27,32 +51,35 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torc
     Where sin(omega) < eps (parallel or antipodal inputs, where the arc is undefined), it falls
     back to linear interpolation of the unit directions, rescaled to r(t) when that is non-zero.
 
+    Computed as k_a a + k_b b with per-matrix coefficients from three reductions (the norms and
+    <a, b>): the matrices are read three times and combined in one pass, never normalised
+    element by element.
+
     Args:
         a, b: tensors of the same shape (..., m, n).
         t: interpolation weight in [0, 1] (towards ``b``).
         eps: guard for the norms and for sin(omega).
     """
-    na, nb = frobenius_norm(a), frobenius_norm(b)
-    a_hat = a / na.clamp(min=eps)
-    b_hat = b / nb.clamp(min=eps)
-    cos = (a_hat * b_hat).sum(dim=(-2, -1), keepdim=True).clamp(-1.0, 1.0)
-    omega = torch.acos(cos)
+    ra, rb, na, nb, cos = _gram(a, b, eps)
+    r = torch.lerp(ra, rb, t)
+    omega = torch.acos(cos.clamp(-1.0, 1.0))
     sin = torch.sin(omega)
-    arc = (torch.sin((1 - t) * omega) * a_hat + torch.sin(t * omega) * b_hat) / sin.clamp(min=eps)
-    lin = torch.lerp(a_hat, b_hat, t)
-    lin = lin / frobenius_norm(lin).clamp(min=eps)
-    direction = torch.where(sin > eps, arc, lin)
-    return direction * torch.lerp(na, nb, t)
+    arc = sin > eps
+    lin = _lerp_norm(ra / na, rb / nb, cos, t).clamp(min=eps)
+    wa = torch.where(arc, torch.sin((1 - t) * omega) / sin.clamp(min=eps), (1 - t) / lin)
+    wb = torch.where(arc, torch.sin(t * omega) / sin.clamp(min=eps), t / lin)
+    return _combine(a, b, wa, wb, na, nb, r)
 
 
 def nlerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torch.Tensor:
     """Normalized linear interpolation of the directions (the ablation partner of ``slerp``).
 
-    Returns lerp(a_hat, b_hat; t) rescaled to the norm r(t) = (1-t)||a|| + t||b||.
+    Returns lerp(a_hat, b_hat; t) rescaled to the norm r(t) = (1-t)||a|| + t||b|| (computed,
+    like :func:`slerp`, as k_a a + k_b b).
     """
-    na, nb = frobenius_norm(a), frobenius_norm(b)
-    lin = torch.lerp(a / na.clamp(min=eps), b / nb.clamp(min=eps), t)
-    return lin / frobenius_norm(lin).clamp(min=eps) * torch.lerp(na, nb, t)
+    ra, rb, na, nb, cos = _gram(a, b, eps)
+    lin = _lerp_norm(ra / na, rb / nb, cos, t).clamp(min=eps)
+    return _combine(a, b, (1 - t) / lin, t / lin, na, nb, torch.lerp(ra, rb, t))
 
 
 def rms_scale(x: torch.Tensor, target_rms: float, eps: float = 1e-7) -> torch.Tensor:

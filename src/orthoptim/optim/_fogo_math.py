@@ -60,12 +60,43 @@ def momentum_(
         skip: the step's drop flag (None: never dropped).
 
     Returns:
-        (N, S, m, n): the direction of every matrix and stream, streams interleaved per matrix.
+        (N, S, m, n): the direction of every matrix and stream, streams interleaved per matrix
+        (the input of one batched Newton-Schulz). A dropped step's directions are finite
+        whenever the buffers are (the updates are then masked by a factor, see :func:`scaled`).
+
+    float32/float64 buffers are updated in place (``_foreach_lerp_``); a dropped step lerps
+    towards zeroed gradients with weight 0 (0-d device tensors: a lerp with a tensor weight has
+    the bits of one with the Python float), which leaves M as it was (a -0.0 entry becomes
+    +0.0, the same value). In half precision a tensor weight would be rounded to the buffer's
+    dtype where a Python float is not: the new values are stacked and masked there.
     """
+    n = grads.shape[0]
+    if skip is None or grads.dtype not in (torch.float32, torch.float64):
+        return _momentum_stacked(grads, buffers, betas, nesterov, skip)
+    keep = (~skip).to(grads.dtype)
+    grads = torch.where(skip, torch.zeros((), dtype=grads.dtype, device=grads.device), grads)
+    rows = list(grads.unbind(0))
+    for bufs, beta in zip(buffers, betas, strict=True):
+        torch._foreach_lerp_(bufs, rows, [keep * (1 - beta)] * n)
+    out = torch.stack([b for per in zip(*buffers, strict=True) for b in per])
+    out = out.view(n, len(buffers), *grads.shape[1:])
+    if nesterov:
+        for s, beta in enumerate(betas):
+            torch.lerp(grads, out[:, s], beta, out=out[:, s])
+    return out
+
+
+def _momentum_stacked(grads, buffers, betas, nesterov, skip) -> torch.Tensor:
+    """:func:`momentum_` through stacked copies of the buffers (a step that cannot be dropped,
+    or half-precision buffers)."""
     out = []
     for bufs, beta in zip(buffers, betas, strict=True):
-        old = torch.stack(bufs)
-        new = commit_(bufs, torch.lerp(old, grads, 1 - beta), skip, old)
+        if skip is None:
+            torch._foreach_lerp_(bufs, list(grads.unbind(0)), 1 - beta)
+            new = torch.stack(bufs)
+        else:
+            old = torch.stack(bufs)
+            new = commit_(bufs, torch.lerp(old, grads, 1 - beta), skip, old)
         out.append(grads.lerp(new, beta) if nesterov else new)
     return torch.stack(out, dim=1)
 
