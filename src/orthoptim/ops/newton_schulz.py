@@ -99,14 +99,27 @@ def newton_schulz(
     if tall:
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    # addmm/baddbmm in the same order as torch.optim.Muon, so the "muon" preset matches it bitwise.
-    flat = x.reshape(-1, *x.shape[-2:]) if x.ndim > 3 else x
-    mm = torch.addmm if flat.ndim == 2 else torch.baddbmm
-    for _ in range(steps):
-        gram = flat @ flat.mT
-        poly = mm(gram, gram, gram, beta=b, alpha=c)
-        flat = mm(flat, poly, flat, beta=a)
+    flat = x.reshape(-1, *x.shape[-2:]) if x.ndim > 2 else x
+    if flat.ndim == 3 and flat.device.type == "cpu":
+        # On the CPU a loop of 2-D GEMMs is faster than MKL's batched GEMM (by about 10% on
+        # the char-GPT's 128 x 512 matrices, docs/performance.md), and every matrix gets the
+        # bits of a single 2-D call (torch.optim.Muon's) whatever its batch; accelerators
+        # take the whole batch in one launch.
+        flat = torch.stack([_iterate(m, steps, a, b, c) for m in flat.unbind(0)])
+    else:
+        flat = _iterate(flat, steps, a, b, c)
     x = flat.reshape(x.shape)
     if tall:
         x = x.mT
     return x.to(g.dtype)
+
+
+def _iterate(x: torch.Tensor, steps: int, a: float, b: float, c: float) -> torch.Tensor:
+    """``steps`` quintic iterations of a normalised (m <= n) matrix or batch of them (3-D)."""
+    # addmm/baddbmm in the same order as torch.optim.Muon, so the "muon" preset matches it bitwise.
+    mm = torch.addmm if x.ndim == 2 else torch.baddbmm
+    for _ in range(steps):
+        gram = x @ x.mT
+        poly = mm(gram, gram, gram, beta=b, alpha=c)
+        x = mm(x, poly, x, beta=a)
+    return x
