@@ -19,10 +19,6 @@ from orthoptim.ops.geometry import nlerp, rms_scale, slerp
 from orthoptim.ops.newton_schulz import newton_schulz
 
 
-def _masked(skip: torch.Tensor | None, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    return new if skip is None else torch.where(skip, old, new)
-
-
 def commit_(
     targets: list[torch.Tensor],
     new: torch.Tensor,
@@ -37,10 +33,19 @@ def commit_(
     return new
 
 
-def count_steps_(steps: list[torch.Tensor], skip: torch.Tensor | None) -> torch.Tensor:
-    """Add one to each matrix's step counter (float32 0-d) unless dropped; the counters now."""
-    old = torch.stack(steps)
-    return commit_(steps, old + 1, skip, old)
+def keep(skip: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | float:
+    """1 for a step that is taken, 0 for a dropped one (a 0-d ``dtype`` tensor; 1.0 when
+    ``skip`` is None)."""
+    return 1.0 if skip is None else (~skip).to(dtype)
+
+
+def count_steps_(steps: list[torch.Tensor], skip: torch.Tensor | None) -> None:
+    """Add one to each matrix's step counter (float32 0-d) unless dropped (adds 0: exact)."""
+    step = keep(skip, torch.float32)
+    if isinstance(step, torch.Tensor):  # a list: a lone tensor is read as a Scalar (host read)
+        torch._foreach_add_(steps, [step] * len(steps))
+    else:
+        torch._foreach_add_(steps, step)
 
 
 def momentum_(
@@ -61,23 +66,25 @@ def momentum_(
 
     Returns:
         (N, S, m, n): the direction of every matrix and stream, streams interleaved per matrix
-        (the input of one batched Newton-Schulz). A dropped step's directions are finite
-        whenever the buffers are (the updates are then masked by a factor, see :func:`scaled`).
+            (the input of one batched Newton-Schulz). On a dropped step the gradients are taken as
+        zeros (G * 0 with NaN and infinities zeroed; G itself otherwise), so the directions
+        are finite whenever the buffers are, and the update can be dropped by a factor
+        (:func:`scaled`).
 
     float32/float64 buffers are updated in place (``_foreach_lerp_``); a dropped step lerps
-    towards zeroed gradients with weight 0 (0-d device tensors: a lerp with a tensor weight has
-    the bits of one with the Python float), which leaves M as it was (a -0.0 entry becomes
+    towards the zeroed gradients with weight 0 (0-d device tensors: a lerp with a tensor weight
+    has the bits of one with the Python float), which leaves M as it was (a -0.0 entry becomes
     +0.0, the same value). In half precision a tensor weight would be rounded to the buffer's
     dtype where a Python float is not: the new values are stacked and masked there.
     """
     n = grads.shape[0]
+    if skip is not None:  # finite gradients (0 on a dropped step, when they may not be)
+        grads = torch.nan_to_num(grads * keep(skip, grads.dtype), nan=0.0, posinf=0.0, neginf=0.0)
     if skip is None or grads.dtype not in (torch.float32, torch.float64):
         return _momentum_stacked(grads, buffers, betas, nesterov, skip)
-    keep = (~skip).to(grads.dtype)
-    grads = torch.where(skip, torch.zeros((), dtype=grads.dtype, device=grads.device), grads)
     rows = list(grads.unbind(0))
     for bufs, beta in zip(buffers, betas, strict=True):
-        torch._foreach_lerp_(bufs, rows, [keep * (1 - beta)] * n)
+        torch._foreach_lerp_(bufs, rows, [keep(skip, grads.dtype) * (1 - beta)] * n)
     out = torch.stack([b for per in zip(*buffers, strict=True) for b in per])
     out = out.view(n, len(buffers), *grads.shape[1:])
     if nesterov:
@@ -133,18 +140,26 @@ def coefficient(scale: str, target_rms: float, lr: Scalar, shape: Sequence[int])
 
 
 def scaled(
-    direction: torch.Tensor, scale: str, target_rms: float, eps: float, lr: Scalar
+    direction: torch.Tensor,
+    scale: str,
+    target_rms: float,
+    eps: float,
+    lr: Scalar,
+    skip: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Scalar]:
     """The update sent to the parameters and its coefficient: p <- p (1 - lr wd) + alpha u.
 
     ``scale="rms"``: u = gamma D with gamma = sigma sqrt(mn) / ||D||_F (RMS of u = sigma),
     alpha = -lr. ``scale="muon"``: u = D, alpha = -lr sigma sqrt(max(m, n)) (torch's
-    ``match_rms_adamw``). Returns (u, alpha); u is (N, m, n).
+    ``match_rms_adamw``). Returns (u, alpha); u is (N, m, n). A dropped step (``skip``)
+    multiplies u by 0 (by 1 otherwise: the same bits), which zeroes it as D is finite then
+    (:func:`momentum_`); cheaper than a ``torch.where`` over the matrices.
     """
     alpha = coefficient(scale, target_rms, lr, direction.shape)
+    factor = keep(skip, direction.dtype)
     if scale == "muon":
-        return direction, alpha
-    return direction * rms_scale(direction, target_rms, eps), alpha
+        return direction if skip is None else direction * factor, alpha
+    return direction * (rms_scale(direction, target_rms, eps) * factor), alpha
 
 
 def apply_(
@@ -155,31 +170,33 @@ def apply_(
     alpha: Scalar,
     skip: torch.Tensor | None,
     stepped: torch.Tensor | None = None,
+    zeroed: bool = False,
 ) -> None:
     """p <- p (1 - lr wd) + alpha u for every parameter, in place, unless the step is dropped
     (then p * 1 + alpha * 0: exactly p). ``updates``: (N, m, n), the parameters' matrices.
     ``stepped``: (N,) bool, which parameters take the update (a sharded step's owners' flags);
-    the others stay exactly as they are.
+    the others stay exactly as they are. ``zeroed``: the updates are already zero on a dropped
+    step (:func:`scaled`), only the weight decay is masked here.
 
     With a tensor ``lr`` (``alpha`` a tensor) the update is p + (alpha u): one more rounding
     than the fused p + alpha u of a Python ``lr``, and no host read."""
-    keep = skip
+    drop = skip
     if stepped is not None:
-        keep = ~stepped if skip is None else skip | ~stepped
-        keep = keep.view(-1, 1, 1)
-    if keep is not None:
-        updates = torch.where(keep, torch.zeros((), dtype=updates.dtype, device=keep.device),
+        drop = ~stepped if skip is None else skip | ~stepped
+        drop = drop.view(-1, 1, 1)
+    if drop is not None and not zeroed:
+        updates = torch.where(drop, torch.zeros((), dtype=updates.dtype, device=drop.device),
                               updates)  # fmt: skip
     if weight_decay != 0:
         decay = 1 - lr * weight_decay
         factor: Scalar | list[torch.Tensor] = decay
-        if keep is not None:  # float64 0-d: p * decay rounds as with a Python float
+        if drop is not None:  # float64 0-d: p * decay rounds as with a Python float
             if isinstance(decay, torch.Tensor):  # a tensor lr
-                value = decay.to(device=keep.device, dtype=torch.float64)
+                value = decay.to(device=drop.device, dtype=torch.float64)
             else:  # a fill, not a copy to the device
-                value = torch.full((), decay, dtype=torch.float64, device=keep.device)
-            one = torch.ones((), dtype=torch.float64, device=keep.device)
-            per = torch.where(keep.view(-1), one, value)
+                value = torch.full((), decay, dtype=torch.float64, device=drop.device)
+            one = torch.ones((), dtype=torch.float64, device=drop.device)
+            per = torch.where(drop.view(-1), one, value)
             factor = per[0] if stepped is None else list(per.unbind(0))
         torch._foreach_mul_(params, factor)
     if isinstance(alpha, torch.Tensor):

@@ -461,7 +461,8 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         params = [bucket.owned[i] for i in take]
         skip = guard.skip(params[0].device)
         update, alpha = self._updates(group, bucket, take, skip)
-        _fogo_math.apply_(params, update, group["lr"], group["weight_decay"], alpha, skip)
+        _fogo_math.apply_(params, update, group["lr"], group["weight_decay"], alpha, skip,
+                          zeroed=True)  # fmt: skip
 
     def _sharded_bucket_step(self, group: dict, bucket: _Bucket, take: list[int], guard) -> None:
         """One sharded step of a bucket: this rank computes its chunk's updates (``take``: the
@@ -490,7 +491,8 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         self, group: dict, bucket: _Bucket, take: list[int], skip, grads=None
     ) -> tuple[torch.Tensor, float | torch.Tensor]:
         """The scaled updates (N', m, n) of this rank's matrices ``take`` and their coefficient:
-        momentum, one batched Newton-Schulz for all matrices and streams, fusion, memory, scale.
+        momentum, one batched Newton-Schulz for all matrices and streams, fusion, memory, scale
+        (zero on a dropped step).
         ``grads``: their stacked gradients (default: the parameters' own)."""
         states = [bucket.states[i] for i in take]
         if grads is None:
@@ -507,12 +509,13 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             group["eps"],
         )  # fmt: skip
         update = _fogo_math.fuse(ortho, group["fusion"], group["mix"], group["eps"])
-        steps = _fogo_math.count_steps_([st["step"] for st in states], skip)
+        counters = [st["step"] for st in states]
+        _fogo_math.count_steps_(counters, skip)
         if bucket.memory is not None:
             bucket.memory.accumulate(grads, take, skip)
-            update = bucket.memory.correct(update, steps, take, skip)
+            update = bucket.memory.correct(update, torch.stack(counters), take, skip)
         return _fogo_math.scaled(update, group["scale"], group["target_rms"], group["eps"],
-                                 group["lr"])  # fmt: skip
+                                 group["lr"], skip)  # fmt: skip
 
     # ------------------------------------------------------------------------- memory writes
     @torch.compiler.disable  # type: ignore[untyped-decorator]
