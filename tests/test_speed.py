@@ -78,6 +78,17 @@ def test_bad_speed_arguments_name_the_problem(capsys):
     assert "--rounds: expected an integer >= 1" in capsys.readouterr().err
 
 
+def test_cpu_clock_times_the_process_and_refuses_an_accelerator(capsys):
+    args = ["speed", "--shapes", "tiny", "--rounds", "1", "--steps", "1", "--warmup", "1",
+            "--quiet", "-o", "adamw", "-o", "fogo-nomem", "--clock", "cpu"]  # fmt: skip
+    assert cli.main(args) == 0
+    assert "clock cpu" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="Invalid clock: 'cpu' on device meta"):
+        speed.run_speed(speed.CASES["tiny"], device="meta", clock="cpu")
+    with pytest.raises(ValueError, match="Invalid clock: 'gpu'"):
+        speed.run_speed(speed.CASES["tiny"], clock="gpu")
+
+
 @pytest.mark.slow
 def test_speed_compile_runs():
     res = speed.run_speed(speed.CASES["tiny"], rounds=1, steps=1, warmup=1, compile_step=True,

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only this contender (repeat; default all)")  # fmt: skip
     sp.add_argument("--threads", type=_positive, default=1,
                     help="torch CPU threads (default %(default)s)")  # fmt: skip
+    sp.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall clock, or the process's CPU time (CPU device only: steadier on "
+                         "a shared machine) (default %(default)s)")  # fmt: skip
     sp.add_argument("--json", default=None, help="also write the figures to this JSON file")
     sp.add_argument("--quiet", action="store_true", help="no progress lines")
     return p

@@ -21,7 +21,10 @@ timed in interleaved rounds (the order rotates every round, so load drift is sha
   FLOP/s, against this machine's measured matmul FLOP/s (a square matmul in the same dtype).
 
 Ratios are of medians measured in the same run. Speed targets live in docs/performance.md, never
-in tests. The figures depend on the machine: the header says which.
+in tests. The figures depend on the machine: the header says which. ``--clock cpu`` (CPU device
+only) times with the process's CPU time instead of the wall clock: on a shared machine the time
+the process waits for a core then does not count, which steadies the figures (other jobs still
+share the caches); with ``--threads`` above 1 it adds up the threads' times.
 
     orthoptim speed                       # GPT-2-small-like stack (d=384, 6 blocks), this CPU
     orthoptim speed --shapes resnet20 --json speed.json
@@ -300,21 +303,21 @@ class _Runner:
         self.opt.zero_grad(set_to_none=True)
         _loss(self.model, self.x, self.y).backward()
 
-    def measure(self, steps: int, device) -> tuple[float, float]:
+    def measure(self, steps: int, device, clock=time.perf_counter) -> tuple[float, float]:
         """Seconds per step of ``step()`` and of the forward/backward before it (0 if none)."""
         t_step = t_fb = 0.0
         for _ in range(steps):
             if self.model_based:
                 _sync(device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 self.forward_backward()
                 _sync(device)
-                t_fb += time.perf_counter() - t0
+                t_fb += clock() - t0
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             self.step_fn()
             _sync(device)
-            t_step += time.perf_counter() - t0
+            t_step += clock() - t0
         return t_step / steps, t_fb / steps
 
 
@@ -326,15 +329,15 @@ class _PlainForwardBackward:
     def __init__(self, model, x, y):
         self.model, self.x, self.y = model, x, y
 
-    def measure(self, steps, device):
+    def measure(self, steps, device, clock=time.perf_counter):
         t = 0.0
         for _ in range(steps):
             self.model.zero_grad(set_to_none=True)
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             _loss(self.model, self.x, self.y).backward()
             _sync(device)
-            t += time.perf_counter() - t0
+            t += clock() - t0
         return 0.0, t / steps
 
 
@@ -343,19 +346,25 @@ def _ns_flops(shape: tuple[int, int], steps: int = 5) -> int:
     return steps * (4 * m * m * n + 2 * m**3)
 
 
-def _median_time(fn, device, repeats: int) -> float:
+def _median_time(fn, device, repeats: int, clock=time.perf_counter) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
-def newton_schulz_rates(model: nn.Module, device, dtype: str, repeats: int) -> dict:
+# The timers of ``--clock``: the wall clock, or the process's CPU time (CPU device only).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def newton_schulz_rates(
+    model: nn.Module, device, dtype: str, repeats: int, clock=time.perf_counter
+) -> dict:
     """FLOPs, time and FLOP/s of one Newton-Schulz pass (one stream) over the orthogonalized
     matrices of ``model`` batched by shape, and the square matmul FLOP/s in the same dtype."""
     hidden, _ = _split(model)
@@ -366,11 +375,13 @@ def newton_schulz_rates(model: nn.Module, device, dtype: str, repeats: int) -> d
     gen = torch.Generator().manual_seed(0)
     stacks = [torch.randn(k, *s, generator=gen).to(device) for s, k in by_shape.items()]
     flops = sum(k * _ns_flops(s) for s, k in by_shape.items())
-    t_ns = _median_time(lambda: [newton_schulz(x, dtype=dtype) for x in stacks], device, repeats)
+    t_ns = _median_time(
+        lambda: [newton_schulz(x, dtype=dtype) for x in stacks], device, repeats, clock
+    )
     size = 1024 if device.type == "cpu" else 8192
     torch_dtype = getattr(torch, dtype)
     a = torch.randn(size, size, generator=gen).to(device, torch_dtype)
-    t_mm = _median_time(lambda: a @ a, device, repeats)
+    t_mm = _median_time(lambda: a @ a, device, repeats, clock)
     return {
         "dtype": dtype, "matrices": len(hidden), "flops": flops, "seconds": t_ns,
         "flops_per_s": flops / t_ns, "matmul_size": size,
@@ -389,6 +400,7 @@ def run_speed(
     compile_step: bool = False,
     contenders: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    clock: str = "wall",
 ) -> dict:
     """Time every contender on ``case``; returns a JSON-serialisable dict (see the module doc).
 
@@ -401,9 +413,19 @@ def run_speed(
         compile_step: wrap every optimizer's ``step`` in ``torch.compile``.
         contenders: names from :data:`CONTENDERS` (default: all).
         progress: called with a short line as work proceeds.
+        clock: ``"wall"`` (default) or ``"cpu"``: the process's CPU time, on a CPU device only
+            (see the module doc).
     """
     say = progress or (lambda _: None)
     dev = torch.device(device)
+    if clock not in CLOCKS:
+        raise ValueError(f"Invalid clock: {clock!r}; expected one of {sorted(CLOCKS)}")
+    if clock == "cpu" and dev.type != "cpu":
+        raise ValueError(
+            f"Invalid clock: 'cpu' on device {dev}: a {dev.type} device works asynchronously, "
+            "its time is not the process's CPU time; use clock='wall'"
+        )
+    timer = CLOCKS[clock]
     chosen = [c for c in CONTENDERS if contenders is None or c.name in contenders]
     unknown = sorted(set(contenders or []) - {c.name for c in CONTENDERS})
     if unknown:
@@ -420,7 +442,7 @@ def run_speed(
             try:
                 runner = _Runner(build, copy.deepcopy(model), x, y, c.model_based, compile_step)
                 for _ in range(warmup):
-                    runner.measure(1, dev)
+                    runner.measure(1, dev, timer)
                 runners[key] = runner
             except Exception as e:  # noqa: BLE001 - reported in the table, the rest go on
                 failed[c.name] = f"{type(e).__name__}: {e}".splitlines()[0]
@@ -432,7 +454,7 @@ def run_speed(
         say(f"round {r + 1}/{rounds}")
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
-            t_step, t_fb = runners[n].measure(steps, dev)
+            t_step, t_fb = runners[n].measure(steps, dev, timer)
             times[n]["step"].append(t_step)
             times[n]["fb"].append(t_fb)
     plain_fb = statistics.median(times["plain-fb"]["fb"])
@@ -472,7 +494,10 @@ def run_speed(
                     row[f"vs_{base}"] = row["total_s"] / rows[base]["total_s"]
     ns_dtype = dtype_for_device(dev)
     say("Newton-Schulz and matmul rates")
-    ns = {d: newton_schulz_rates(model, dev, d, max(3, rounds)) for d in ("float32", "bfloat16")}
+    ns = {
+        d: newton_schulz_rates(model, dev, d, max(3, rounds), timer)
+        for d in ("float32", "bfloat16")
+    }
     for name in ("fogo-single-nomem", "fogo-nomem", "fogo"):
         if name in rows and "step_median_s" in rows[name]:
             streams = 1 if name == "fogo-single-nomem" else 2
@@ -483,7 +508,7 @@ def run_speed(
         "case": case.name, "case_description": case.description, "device": str(dev),
         "device_name": _device_name(dev), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "rounds": rounds, "steps_per_round": steps,
-        "compile": compile_step, "parameters": sum(p.numel() for p in model.parameters()),
+        "compile": compile_step, "clock": clock, "parameters": sum(p.numel() for p in model.parameters()),
         "param_bytes": param_bytes, "plain_forward_backward_s": plain_fb,
         "ns_dtype_auto": ns_dtype, "newton_schulz": ns, "optimizers": rows,
     }  # fmt: skip
@@ -501,7 +526,8 @@ def format_report(res: dict) -> str:
         f"case {res['case']}: {res['case_description']}",
         f"{res['parameters']:,} parameters; device {res['device']} ({res['device_name']}), torch "
         f"{res['torch']}, {res['threads']} threads; {res['rounds']} rounds x "
-        f"{res['steps_per_round']} steps, medians; compile={res['compile']}",
+        f"{res['steps_per_round']} steps, medians; compile={res['compile']}; "
+        f"clock {res.get('clock', 'wall')}",
         f"plain forward+backward {1e3 * res['plain_forward_backward_s']:.2f} ms",
         "",
         f"{'optimizer':18s} {'step ms':>9s} {'(min-max)':>17s} {'amortised':>10s} "
@@ -550,7 +576,7 @@ def speed_command(args) -> int:
     res = run_speed(
         case, device=args.device, rounds=args.rounds, steps=args.steps, warmup=args.warmup,
         compile_step=args.compile, contenders=args.optimizers,
-        progress=None if args.quiet else (lambda s: print(s, flush=True)),
+        progress=None if args.quiet else (lambda s: print(s, flush=True)), clock=args.clock,
     )  # fmt: skip
     print(format_report(res))
     if args.json:
