@@ -15,6 +15,8 @@ Gram matrix A is the small one (the result is transposed back).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 # Muon's quintic (Keller Jordan, https://github.com/KellerJordan/Muon/blob/master/muon.py);
@@ -69,7 +71,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def newton_schulz(
-    g: torch.Tensor,
+    g: torch.Tensor | Sequence[torch.Tensor],
     steps: int = 5,
     coefficients: str | tuple[float, float, float] = "muon",
     dtype: str | torch.dtype = "bfloat16",
@@ -78,48 +80,85 @@ def newton_schulz(
     """Approximate the polar factor U V^T of every trailing matrix of ``g``.
 
     Args:
-        g: tensor of shape (..., m, n) with ndim >= 2; leading dims are a batch.
+        g: tensor of shape (..., m, n) with ndim >= 2; leading dims are a batch. Or a sequence
+            of same-shape 2-D tensors, taken as their stack (on the CPU the stack is never
+            made: each matrix is read where it is).
         steps: number of iterations (>= 0; 0 returns the Frobenius-normalized input).
         coefficients: preset name (``"muon"``, ``"cubic"``) or an explicit (a, b, c).
         dtype: working precision; bf16 by default as in Muon, ``"float32"`` for exactness on CPU.
         eps: lower clamp of the Frobenius norm, so a zero matrix maps to zero (never NaN).
 
     Returns:
-        A tensor of the shape and dtype of ``g``.
+        A tensor of the shape and dtype of ``g`` (of the stack, for a sequence).
+
+    On the CPU every matrix is iterated on its own with 2-D GEMMs, the last one written into
+    the result: faster there than one batched GEMM over a bucket (by about 10% on the
+    char-GPT's 128 x 512 matrices: the batch leaves the cache, docs/performance.md), and each
+    matrix gets the bits of a single 2-D call (torch.optim.Muon's) whatever its batch.
+    Accelerators take the whole batch in one launch.
     """
-    if g.ndim < 2:
-        raise ValueError(f"newton_schulz needs a tensor with ndim >= 2, got shape {tuple(g.shape)}")
     if steps < 0:
         raise ValueError(f"Invalid ns_steps: {steps}; must be >= 0")
     a, b, c = resolve_coefficients(coefficients)
+    work = resolve_dtype(dtype)
+    if not isinstance(g, torch.Tensor):
+        mats = list(g)
+        if not mats or any(m.ndim != 2 for m in mats):
+            raise ValueError("newton_schulz needs a tensor or a non-empty sequence of 2-D tensors")
+        if mats[0].device.type == "cpu":
+            return _per_matrix(mats, steps, (a, b, c), work, eps)
+        g = torch.stack(mats)
+    if g.ndim < 2:
+        raise ValueError(f"newton_schulz needs a tensor with ndim >= 2, got shape {tuple(g.shape)}")
+    if g.ndim > 2 and g.device.type == "cpu":
+        flat = g.reshape(-1, *g.shape[-2:]).unbind(0)
+        return _per_matrix(flat, steps, (a, b, c), work, eps).reshape(g.shape)
     # Contiguous first: a GEMM sums in another order on a strided operand, and the result must not
     # depend on the memory layout of the input (a non-contiguous parameter's momentum).
-    x = g.to(resolve_dtype(dtype)).contiguous()
+    x = g.to(work).contiguous()
     tall = g.size(-2) > g.size(-1)
     if tall:
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    flat = x.reshape(-1, *x.shape[-2:]) if x.ndim > 2 else x
-    if flat.ndim == 3 and flat.device.type == "cpu":
-        # On the CPU a loop of 2-D GEMMs is faster than MKL's batched GEMM (by about 10% on
-        # the char-GPT's 128 x 512 matrices, docs/performance.md), and every matrix gets the
-        # bits of a single 2-D call (torch.optim.Muon's) whatever its batch; accelerators
-        # take the whole batch in one launch.
-        flat = torch.stack([_iterate(m, steps, a, b, c) for m in flat.unbind(0)])
-    else:
-        flat = _iterate(flat, steps, a, b, c)
-    x = flat.reshape(x.shape)
+    flat = x.reshape(-1, *x.shape[-2:]) if x.ndim > 3 else x
+    x = _iterate(flat, steps, a, b, c).reshape(x.shape)
     if tall:
         x = x.mT
     return x.to(g.dtype)
 
 
-def _iterate(x: torch.Tensor, steps: int, a: float, b: float, c: float) -> torch.Tensor:
-    """``steps`` quintic iterations of a normalised (m <= n) matrix or batch of them (3-D)."""
+def _per_matrix(
+    mats: Sequence[torch.Tensor],
+    steps: int,
+    coefficients: tuple[float, float, float],
+    work: torch.dtype,
+    eps: float,
+) -> torch.Tensor:
+    """:func:`newton_schulz` of same-shape 2-D matrices one at a time, into one (N, m, n)."""
+    first = mats[0]
+    tall = first.size(-2) > first.size(-1)
+    short, long = sorted(first.shape)
+    out = torch.empty(len(mats), short, long, dtype=work, device=first.device)
+    for i, g in enumerate(mats):
+        x = g.to(work).contiguous()  # as in newton_schulz: the layout must not matter
+        if tall:
+            x = x.mT
+        x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+        _iterate(x, steps, *coefficients, out=out[i])
+    return (out.mT if tall else out).to(first.dtype)
+
+
+def _iterate(
+    x: torch.Tensor, steps: int, a: float, b: float, c: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``steps`` quintic iterations of a normalised (m <= n) matrix or batch of them (3-D); the
+    last result written into ``out`` when given."""
     # addmm/baddbmm in the same order as torch.optim.Muon, so the "muon" preset matches it bitwise.
     mm = torch.addmm if x.ndim == 2 else torch.baddbmm
-    for _ in range(steps):
+    if steps == 0:
+        return x if out is None else out.copy_(x)
+    for i in range(steps):
         gram = x @ x.mT
         poly = mm(gram, gram, gram, beta=b, alpha=c)
-        x = mm(x, poly, x, beta=a)
+        x = mm(x, poly, x, beta=a, out=out if i == steps - 1 else None)
     return x

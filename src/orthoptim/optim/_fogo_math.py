@@ -54,7 +54,7 @@ def momentum_(
     betas: Sequence[float],
     nesterov: bool,
     skip: torch.Tensor | None,
-) -> torch.Tensor:
+) -> list[torch.Tensor]:
     """Update each momentum stream M <- lerp(M, G, 1 - beta) and return the directions.
 
     Args:
@@ -65,11 +65,11 @@ def momentum_(
         skip: the step's drop flag (None: never dropped).
 
     Returns:
-        (N, S, m, n): the direction of every matrix and stream, streams interleaved per matrix
-            (the input of one batched Newton-Schulz). On a dropped step the gradients are taken as
-        zeros (G * 0 with NaN and infinities zeroed; G itself otherwise), so the directions
-        are finite whenever the buffers are, and the update can be dropped by a factor
-        (:func:`scaled`).
+        The N * S directions (m, n), streams interleaved per matrix (the input of
+        :func:`orthogonalize`; without ``nesterov`` the buffers themselves). On a dropped step
+        the gradients are taken as zeros (G * 0 with NaN and infinities zeroed; G itself
+        otherwise), so the directions are finite whenever the buffers are, and the update can
+        be dropped by a factor (:func:`scaled`).
 
     float32/float64 buffers are updated in place (``_foreach_lerp_``); a dropped step lerps
     towards the zeroed gradients with weight 0 (0-d device tensors: a lerp with a tensor weight
@@ -80,45 +80,32 @@ def momentum_(
     n = grads.shape[0]
     if skip is not None:  # finite gradients (0 on a dropped step, when they may not be)
         grads = torch.nan_to_num(grads * keep(skip, grads.dtype), nan=0.0, posinf=0.0, neginf=0.0)
-    if skip is None or grads.dtype not in (torch.float32, torch.float64):
-        return _momentum_stacked(grads, buffers, betas, nesterov, skip)
     rows = list(grads.unbind(0))
+    directions = []
     for bufs, beta in zip(buffers, betas, strict=True):
-        torch._foreach_lerp_(bufs, rows, [keep(skip, grads.dtype) * (1 - beta)] * n)
-    out = torch.stack([b for per in zip(*buffers, strict=True) for b in per])
-    out = out.view(n, len(buffers), *grads.shape[1:])
-    if nesterov:
-        for s, beta in enumerate(betas):
-            torch.lerp(grads, out[:, s], beta, out=out[:, s])
-    return out
-
-
-def _momentum_stacked(grads, buffers, betas, nesterov, skip) -> torch.Tensor:
-    """:func:`momentum_` through stacked copies of the buffers (a step that cannot be dropped,
-    or half-precision buffers)."""
-    out = []
-    for bufs, beta in zip(buffers, betas, strict=True):
-        if skip is None:
-            torch._foreach_lerp_(bufs, list(grads.unbind(0)), 1 - beta)
-            new = torch.stack(bufs)
-        else:
+        if skip is not None and grads.dtype not in (torch.float32, torch.float64):
             old = torch.stack(bufs)
-            new = commit_(bufs, torch.lerp(old, grads, 1 - beta), skip, old)
-        out.append(grads.lerp(new, beta) if nesterov else new)
-    return torch.stack(out, dim=1)
+            commit_(bufs, torch.lerp(old, grads, 1 - beta), skip, old)
+        else:
+            weight = 1 - beta if skip is None else [keep(skip, grads.dtype) * (1 - beta)] * n
+            torch._foreach_lerp_(bufs, rows, weight)
+        directions.append(torch._foreach_lerp(rows, bufs, beta) if nesterov else bufs)
+    return [d for per in zip(*directions, strict=True) for d in per]
 
 
 def orthogonalize(
-    directions: torch.Tensor,
+    directions: list[torch.Tensor],
+    streams: int,
     steps: int,
     coefficients: str | tuple[float, float, float],
     dtype: str,
     eps: float,
 ) -> torch.Tensor:
-    """Newton-Schulz polar factors of (N, S, m, n) directions: one batched call for all."""
-    n, s = directions.shape[:2]
-    flat = directions.reshape(n * s, *directions.shape[2:])
-    return newton_schulz(flat, steps, coefficients, dtype, eps).view(directions.shape)
+    """Newton-Schulz polar factors of the N * S directions of :func:`momentum_`, as
+    (N, S, m, n): one call for all (batched on accelerators; on the CPU matrix by matrix,
+    without stacking them, :func:`orthoptim.ops.newton_schulz.newton_schulz`)."""
+    out = newton_schulz(directions, steps, coefficients, dtype, eps)
+    return out.view(-1, streams, *out.shape[1:])
 
 
 def fuse(ortho: torch.Tensor, fusion: str, mix: float, eps: float) -> torch.Tensor:

@@ -505,8 +505,8 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             grads, [[st[n] for st in states] for n in names], betas, group["nesterov"], skip
         )
         ortho = _fogo_math.orthogonalize(
-            directions, group["ns_steps"], group["ns_coefficients"], group["ns_dtype"],
-            group["eps"],
+            directions, len(names), group["ns_steps"], group["ns_coefficients"],
+            group["ns_dtype"], group["eps"],
         )  # fmt: skip
         update = _fogo_math.fuse(ortho, group["fusion"], group["mix"], group["eps"])
         counters = [st["step"] for st in states]
