@@ -92,10 +92,10 @@ def newton_schulz(
         A tensor of the shape and dtype of ``g`` (of the stack, for a sequence).
 
     On the CPU every matrix is iterated on its own with 2-D GEMMs, the last one written into
-    the result: faster there than one batched GEMM over a bucket (by about 10% on the
-    char-GPT's 128 x 512 matrices: the batch leaves the cache, docs/performance.md), and each
-    matrix gets the bits of a single 2-D call (torch.optim.Muon's) whatever its batch.
-    Accelerators take the whole batch in one launch.
+    the result: faster there than one batched GEMM once a batch outgrows the cache (15% on
+    eight 128 x 512 matrices, 2 MB, docs/performance.md), and each matrix gets the bits of a
+    single 2-D call (torch.optim.Muon's) whatever its batch. Accelerators take the whole batch
+    in one launch.
     """
     if steps < 0:
         raise ValueError(f"Invalid ns_steps: {steps}; must be >= 0")
