@@ -2,7 +2,7 @@
 
 FOGO's steady step (no memory write) on fixed gradients, with a timer around each part of the
 step (the functions and methods the step calls, wrapped; a device sync before and after each):
-the non-finite check, the momentum streams, Newton-Schulz, the fusion, the step counters, the
+the non-finite check, the gradients' mask of a dropped step, the momentum streams, Newton-Schulz, the fusion, the step counters, the
 memory's accumulation (sketch and output-energy profile) and correction, the RMS scale, the
 masked parameter update, AdamW, and what is left (Python, stacking, the loop). The write step is timed
 apart, on an instance that writes every step. Then the top operators by self time
@@ -31,6 +31,7 @@ from orthoptim.optim.param_groups import param_groups
 # (where, attribute, label): the step's parts, each timed where the step calls it.
 PARTS = (
     (_nonfinite, "begin_step", "non-finite check"),
+    (_fogo_math, "finite_grads", "gradients zeroed on a dropped step"),
     (_fogo_math, "momentum_", "momentum streams"),
     (_fogo_math, "orthogonalize", "Newton-Schulz"),
     (_fogo_math, "fuse", "fusion (slerp)"),

@@ -31,11 +31,11 @@ def _combine(
     return torch.addcmul(a * (r * wa / na), b, r * wb / nb)
 
 
-def _lerp_norm(ha: torch.Tensor, hb: torch.Tensor, cos: torch.Tensor, t: float) -> torch.Tensor:
-    """||(1-t) a_hat + t b_hat|| from ||a_hat|| = ha, ||b_hat|| = hb (1, or 0 for a zero input)
-    and their cosine, without forming the sum."""
-    sq = ((1 - t) * ha).square() + (t * hb).square() + 2 * t * (1 - t) * ha * hb * cos
-    return sq.clamp(min=0).sqrt()
+def _lerp_norm(ra, rb, na, nb, cos: torch.Tensor, t: float, eps: float) -> torch.Tensor:
+    """||(1-t) a_hat + t b_hat||, clamped at ``eps``, for parallel or antipodal a_hat = a / na
+    and b_hat = b / nb (cos = +-1: the fallback of :func:`slerp`): |(1-t) ||a_hat|| + t ||b_hat||
+    cos|, a few operations on the per-matrix scalars."""
+    return ((1 - t) * ra / na + t * rb / nb * cos).abs().clamp(min=eps)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torch.Tensor:
@@ -52,8 +52,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torc
     back to linear interpolation of the unit directions, rescaled to r(t) when that is non-zero.
 
     Computed as k_a a + k_b b with per-matrix coefficients from three reductions (the norms and
-    <a, b>): the matrices are read three times and combined in one pass, never normalised
-    element by element.
+    <a, b>) and one combining pass: a and b are each read three times and the result written
+    once, never normalised element by element.
 
     Args:
         a, b: tensors of the same shape (..., m, n).
@@ -65,7 +65,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torc
     omega = torch.acos(cos.clamp(-1.0, 1.0))
     sin = torch.sin(omega)
     arc = sin > eps
-    lin = _lerp_norm(ra / na, rb / nb, cos, t).clamp(min=eps)
+    lin = _lerp_norm(ra, rb, na, nb, cos, t, eps)
     wa = torch.where(arc, torch.sin((1 - t) * omega) / sin.clamp(min=eps), (1 - t) / lin)
     wb = torch.where(arc, torch.sin(t * omega) / sin.clamp(min=eps), t / lin)
     return _combine(a, b, wa, wb, na, nb, r)
@@ -78,7 +78,8 @@ def nlerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torc
     like :func:`slerp`, as k_a a + k_b b).
     """
     ra, rb, na, nb, cos = _gram(a, b, eps)
-    lin = _lerp_norm(ra / na, rb / nb, cos, t).clamp(min=eps)
+    ha, hb = (1 - t) * ra / na, t * rb / nb  # ||(1-t) a_hat||, ||t b_hat||
+    lin = (ha.square() + hb.square() + 2 * ha * hb * cos).clamp(min=0).sqrt().clamp(min=eps)
     return _combine(a, b, (1 - t) / lin, t / lin, na, nb, torch.lerp(ra, rb, t))
 
 

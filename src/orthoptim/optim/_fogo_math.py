@@ -48,8 +48,21 @@ def count_steps_(steps: list[torch.Tensor], skip: torch.Tensor | None) -> None:
         torch._foreach_add_(steps, step)
 
 
+def finite_grads(grads: list[torch.Tensor], skip: torch.Tensor | None) -> list[torch.Tensor]:
+    """The gradients as the step uses them: themselves, or zeros on a dropped step (G * 0 with
+    NaN and infinities zeroed, per tensor: nothing is stacked), so that every value derived
+    from them stays finite and the step can be dropped by factors (:func:`momentum_`,
+    :func:`scaled`) rather than by ``torch.where`` over the matrices."""
+    if skip is None:
+        return grads
+    out = torch._foreach_mul(grads, [keep(skip, grads[0].dtype)] * len(grads))
+    for g in out:
+        g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    return out
+
+
 def momentum_(
-    grads: torch.Tensor,
+    grads: list[torch.Tensor],
     buffers: Sequence[list[torch.Tensor]],
     betas: Sequence[float],
     nesterov: bool,
@@ -58,7 +71,7 @@ def momentum_(
     """Update each momentum stream M <- lerp(M, G, 1 - beta) and return the directions.
 
     Args:
-        grads: G, (N, m, n).
+        grads: the N gradients G (m, n), from :func:`finite_grads`.
         buffers: per stream, the N momentum buffers (updated in place unless dropped).
         betas: per stream, its beta.
         nesterov: direction G + beta (M - G) instead of M.
@@ -66,10 +79,8 @@ def momentum_(
 
     Returns:
         The N * S directions (m, n), streams interleaved per matrix (the input of
-        :func:`orthogonalize`; without ``nesterov`` the buffers themselves). On a dropped step
-        the gradients are taken as zeros (G * 0 with NaN and infinities zeroed; G itself
-        otherwise), so the directions are finite whenever the buffers are, and the update can
-        be dropped by a factor (:func:`scaled`).
+        :func:`orthogonalize`; without ``nesterov`` the buffers themselves), finite on a
+        dropped step whenever the buffers are.
 
     float32/float64 buffers are updated in place (``_foreach_lerp_``); a dropped step lerps
     towards the zeroed gradients with weight 0 (0-d device tensors: a lerp with a tensor weight
@@ -77,19 +88,16 @@ def momentum_(
     +0.0, the same value). In half precision a tensor weight would be rounded to the buffer's
     dtype where a Python float is not: the new values are stacked and masked there.
     """
-    n = grads.shape[0]
-    if skip is not None:  # finite gradients (0 on a dropped step, when they may not be)
-        grads = torch.nan_to_num(grads * keep(skip, grads.dtype), nan=0.0, posinf=0.0, neginf=0.0)
-    rows = list(grads.unbind(0))
+    n, dtype = len(grads), grads[0].dtype
     directions = []
     for bufs, beta in zip(buffers, betas, strict=True):
-        if skip is not None and grads.dtype not in (torch.float32, torch.float64):
+        if skip is not None and dtype not in (torch.float32, torch.float64):
             old = torch.stack(bufs)
-            commit_(bufs, torch.lerp(old, grads, 1 - beta), skip, old)
+            commit_(bufs, torch.lerp(old, torch.stack(grads), 1 - beta), skip, old)
         else:
-            weight = 1 - beta if skip is None else [keep(skip, grads.dtype) * (1 - beta)] * n
-            torch._foreach_lerp_(bufs, rows, weight)
-        directions.append(torch._foreach_lerp(rows, bufs, beta) if nesterov else bufs)
+            weight = 1 - beta if skip is None else [keep(skip, dtype) * (1 - beta)] * n
+            torch._foreach_lerp_(bufs, grads, weight)
+        directions.append(torch._foreach_lerp(grads, bufs, beta) if nesterov else bufs)
     return [d for per in zip(*directions, strict=True) for d in per]
 
 

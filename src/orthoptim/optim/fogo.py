@@ -496,13 +496,14 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         ``grads``: their stacked gradients (default: the parameters' own)."""
         states = [bucket.states[i] for i in take]
         if grads is None:
-            grads = torch.stack(
-                [_fogo_state.as_matrix(cast(torch.Tensor, bucket.owned[i].grad)) for i in take]
-            )
+            rows = [_fogo_state.as_matrix(cast(torch.Tensor, bucket.owned[i].grad)) for i in take]
+        else:
+            rows = list(grads.unbind(0))
+        rows = _fogo_math.finite_grads(rows, skip)
         names = ("momentum_slow", "momentum_fast") if group["dual_stream"] else ("momentum_slow",)
         betas = (_fogo_state.slow_beta(group), group["beta_fast"])[: len(names)]
         directions = _fogo_math.momentum_(
-            grads, [[st[n] for st in states] for n in names], betas, group["nesterov"], skip
+            rows, [[st[n] for st in states] for n in names], betas, group["nesterov"], skip
         )
         ortho = _fogo_math.orthogonalize(
             directions, len(names), group["ns_steps"], group["ns_coefficients"],
@@ -512,7 +513,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         counters = [st["step"] for st in states]
         _fogo_math.count_steps_(counters, skip)
         if bucket.memory is not None:
-            bucket.memory.accumulate(grads, take, skip)
+            bucket.memory.accumulate(torch.stack(rows), take, skip)
             update = bucket.memory.correct(update, torch.stack(counters), take, skip)
         return _fogo_math.scaled(update, group["scale"], group["target_rms"], group["eps"],
                                  group["lr"], skip)  # fmt: skip
