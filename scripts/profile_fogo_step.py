@@ -2,13 +2,16 @@
 
 FOGO's steady step (no memory write) on fixed gradients, with a timer around each part of the
 step (the functions and methods the step calls, wrapped; a device sync before and after each):
-the non-finite check, the gradients' mask of a dropped step, the momentum streams, Newton-Schulz, the fusion, the step counters, the
-memory's accumulation (sketch and output-energy profile) and correction, the RMS scale, the
-masked parameter update, AdamW, and what is left (Python, stacking, the loop). The write step is timed
-apart, on an instance that writes every step. Then the top operators by self time
-(torch.profiler).
+the non-finite check, the gradients' mask of a dropped step, the momentum streams,
+Newton-Schulz, the fusion, the step counters, the memory's accumulation (sketch and
+output-energy profile) and correction, the RMS scale, the masked parameter update, AdamW, and
+what is left (Python, stacking, the loop). The write step is timed apart, on an instance that
+writes every step. Then the top operators by self time (torch.profiler). ``--clock cpu`` (CPU
+only) times with the process's CPU time, steadier on a shared machine (``orthoptim speed``'s
+``--clock``).
 
     python scripts/profile_fogo_step.py --steps 5 --threads 1
+    python scripts/profile_fogo_step.py --shapes gpt --steps 5 --clock cpu --set memory=false
     python scripts/profile_fogo_step.py --device cuda --steps 20
 """
 
@@ -17,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections import defaultdict
 
 import torch
@@ -45,13 +47,13 @@ PARTS = (
 )
 
 
-def timed(fn, key, spent, device):
+def timed(fn, key, spent, device, clock):
     def wrapper(*args, **kwargs):
         speed._sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         out = fn(*args, **kwargs)
         speed._sync(device)
-        spent[key] += time.perf_counter() - t0
+        spent[key] += clock() - t0
         return out
 
     return wrapper
@@ -64,6 +66,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--top", type=int, default=15, help="operators listed by the profiler")
+    ap.add_argument("--clock", choices=sorted(speed.CLOCKS), default="wall")
     ap.add_argument(
         "--set",
         action="append",
@@ -74,6 +77,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
+    if args.clock == "cpu" and dev.type != "cpu":
+        raise SystemExit("--clock cpu times CPU work only; use the wall clock on an accelerator")
+    clock = speed.CLOCKS[args.clock]
     model, x, y = speed.load_case(args.shapes).build()
     model, x, y = model.to(dev), x.to(dev), y.to(dev)
     speed._loss(model, x, y).backward()
@@ -84,7 +90,8 @@ def main() -> None:
         return FOGO(param_groups(model, verbose=False), lr=1e-3, **{**options, **kw})
 
     print(f"shapes {args.shapes}, device {dev}, threads {torch.get_num_threads()}, "
-          f"torch {torch.__version__}, {args.steps} timed steps (medians), FOGO {options}")  # fmt: skip
+          f"torch {torch.__version__}, {args.steps} timed steps (medians), clock {args.clock}, "
+          f"FOGO {options}")  # fmt: skip
     variants = [("steady (no write)", dict(write_interval=0))]
     if options.get("memory", True):
         variants.append(("write every step", dict(write_interval=1)))
@@ -95,16 +102,16 @@ def main() -> None:
         spent: dict[str, float] = defaultdict(float)
         originals = [(owner, name, getattr(owner, name)) for owner, name, _ in PARTS]
         for owner, name, fn in originals:
-            setattr(owner, name, timed(fn, name, spent, dev))
+            setattr(owner, name, timed(fn, name, spent, dev, clock))
         rows, totals = defaultdict(list), []
         try:
             for _ in range(args.steps):
                 spent.clear()
                 speed._sync(dev)
-                t0 = time.perf_counter()
+                t0 = clock()
                 opt.step()
                 speed._sync(dev)
-                totals.append(time.perf_counter() - t0)
+                totals.append(clock() - t0)
                 for _, name, _ in PARTS:
                     rows[name].append(spent[name])
                 rows["other"].append(totals[-1] - sum(spent.values()))

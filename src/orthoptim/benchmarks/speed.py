@@ -508,7 +508,8 @@ def run_speed(
         "case": case.name, "case_description": case.description, "device": str(dev),
         "device_name": _device_name(dev), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "rounds": rounds, "steps_per_round": steps,
-        "compile": compile_step, "clock": clock, "parameters": sum(p.numel() for p in model.parameters()),
+        "compile": compile_step, "clock": clock,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "param_bytes": param_bytes, "plain_forward_backward_s": plain_fb,
         "ns_dtype_auto": ns_dtype, "newton_schulz": ns, "optimizers": rows,
     }  # fmt: skip
