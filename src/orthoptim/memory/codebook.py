@@ -195,15 +195,26 @@ def correct(
         conflict = ready & (cos < -config.gate_threshold)
     active = (col2entry @ conflict.to(dtype).unsqueeze(-1)).squeeze(-1) > 0  # (..., R)
     m = lift_matrix(book["basis"], config.rho) if lift is None else lift
-    # c' - c = -c on the active columns, 0 elsewhere.
-    delta = ((coords * -active.to(dtype).unsqueeze(-2)) @ m.to(dtype)) @ basis.mT
+    # c' - c = -c on the active columns, 0 elsewhere; shift = (c' - c) M.
+    shift = (coords * -active.to(dtype).unsqueeze(-2)) @ m.to(dtype)  # (..., m, R)
+    # ||shift V^T||_F^2 = <shift V^T V, shift>: the correction's norm from R x R products.
+    energy = ((shift @ (basis.mT @ basis)) * shift).sum(dim=(-2, -1))
     book["hits"] += (conflict if skip is None else conflict & ~skip).to(torch.int64)
     stats = {
         "ready": ready.sum(-1),
         "conflicts": conflict.sum(-1),
-        "correction_ratio": delta.norm(dim=(-2, -1)) / norm,
+        "correction_ratio": energy.clamp(min=0).sqrt() / norm,
     }
-    return update + delta, stats
+    return _add_product(update, shift, basis.mT), stats
+
+
+def _add_product(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x + a @ b, the product accumulated onto x in one GEMM (it is never formed on its own:
+    the correction of a whole update costs one pass over it). Leading dims are a batch."""
+    if x.ndim == 2:
+        return torch.addmm(x, a, b)
+    flat = [t.reshape(-1, *t.shape[-2:]) for t in (x, a, b)]
+    return torch.baddbmm(*flat).reshape(x.shape)
 
 
 def entry_shares(
