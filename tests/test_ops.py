@@ -58,18 +58,21 @@ def test_ns_batched_equals_per_slice_and_tall_equals_transposed_wide():
     )
 
 
-@pytest.mark.parametrize("shape", [(5, 24, 40), (5, 40, 24)])
+@pytest.mark.parametrize("shape", [(3, 128, 256), (3, 256, 128), (5, 24, 40)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_ns_on_cpu_gives_each_matrix_the_bits_of_its_own_call_and_takes_a_list(shape, dtype):
-    """On the CPU a batch runs matrix by matrix (2-D GEMMs, the last into the result): equal,
-    bit for bit, to single calls (torch.optim.Muon's) and to a list of the matrices; a batch
-    iterated in one batched GEMM agrees to rounding."""
+    """On the CPU a batch of large matrices runs matrix by matrix (2-D GEMMs, the last into the
+    result): equal, bit for bit, to single calls (torch.optim.Muon's) and to a list of the
+    matrices; small ones take one batched call (a list too); a batch iterated in one batched
+    GEMM agrees to rounding."""
     ns = importlib.import_module("orthoptim.ops.newton_schulz")
 
+    assert (shape[1] * shape[2] >= ns.CPU_PER_MATRIX) == (shape[1] > 24)
     g = torch.randn(*shape)
     batched = newton_schulz(g, dtype=dtype)
     mats = list(g.unbind(0))
-    assert torch.equal(batched, torch.stack([newton_schulz(m, dtype=dtype) for m in mats]))
+    if shape[1] > 24:
+        assert torch.equal(batched, torch.stack([newton_schulz(m, dtype=dtype) for m in mats]))
     assert torch.equal(batched, newton_schulz(mats, dtype=dtype))
     x = g.to(getattr(torch, dtype))
     x = x.mT if shape[1] > shape[2] else x
