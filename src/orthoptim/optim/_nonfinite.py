@@ -8,7 +8,8 @@ optimizers and of ``torch.amp.GradScaler``. The host never reads it in a steady-
 
 * ``"skip"`` (default): a step whose gradients hold a NaN or an infinity is dropped. It is
   still *computed* (the host does not know), but every write is masked on the device
-  (``torch.where`` on the flag, or torch's fused ``adamw``/``sgd`` with ``found_inf``), so
+  (``torch.where`` on the flag, torch's fused ``adamw``/``sgd`` with ``found_inf``, or FOGO's
+  factors of 0 on values kept finite, :mod:`orthoptim.optim._fogo_math`), so
   parameters and all optimizer state (momentum, Adam moments, *step counters*, FOGO's codebook,
   sketches and write counters, K-FAC/FOP factors, inverses, momentum and Monte-Carlo generator)
   are left bit for bit as they were, and the run continues exactly as if the step had never
