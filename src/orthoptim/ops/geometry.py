@@ -14,7 +14,7 @@ def frobenius_norm(x: torch.Tensor) -> torch.Tensor:
     return x.norm(dim=(-2, -1), keepdim=True)
 
 
-def _gram(a: torch.Tensor, b: torch.Tensor, eps: float):
+def _gram(a: torch.Tensor, b: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
     """||a||, ||b||, the same clamped at ``eps``, and cos = <a, b> / (||a|| ||b||) (clamped
     norms) of every trailing matrix: three reductions, keepdim."""
     ra, rb = frobenius_norm(a), frobenius_norm(b)
@@ -24,14 +24,28 @@ def _gram(a: torch.Tensor, b: torch.Tensor, eps: float):
 
 
 def _combine(
-    a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, na, nb, r
+    a: torch.Tensor,
+    b: torch.Tensor,
+    wa: torch.Tensor,
+    wb: torch.Tensor,
+    na: torch.Tensor,
+    nb: torch.Tensor,
+    r: torch.Tensor,
 ) -> torch.Tensor:
     """r (wa a/||a|| + wb b/||b||) as ka a + kb b: the per-matrix coefficients are folded first,
     so the matrices are read once more and written once."""
     return torch.addcmul(a * (r * wa / na), b, r * wb / nb)
 
 
-def _lerp_norm(ra, rb, na, nb, cos: torch.Tensor, t: float, eps: float) -> torch.Tensor:
+def _lerp_norm(
+    ra: torch.Tensor,
+    rb: torch.Tensor,
+    na: torch.Tensor,
+    nb: torch.Tensor,
+    cos: torch.Tensor,
+    t: float,
+    eps: float,
+) -> torch.Tensor:
     """||(1-t) a_hat + t b_hat||, clamped at ``eps``, for parallel or antipodal a_hat = a / na
     and b_hat = b / nb (cos = +-1: the fallback of :func:`slerp`): |(1-t) ||a_hat|| + t ||b_hat||
     cos|, a few operations on the per-matrix scalars."""

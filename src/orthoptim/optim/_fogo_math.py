@@ -33,19 +33,17 @@ def commit_(
     return new
 
 
-def keep(skip: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | float:
-    """1 for a step that is taken, 0 for a dropped one (a 0-d ``dtype`` tensor; 1.0 when
-    ``skip`` is None)."""
-    return 1.0 if skip is None else (~skip).to(dtype)
+def keep(skip: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """1 for a step that is taken, 0 for a dropped one: a 0-d ``dtype`` tensor."""
+    return (~skip).to(dtype)
 
 
 def count_steps_(steps: list[torch.Tensor], skip: torch.Tensor | None) -> None:
     """Add one to each matrix's step counter (float32 0-d) unless dropped (adds 0: exact)."""
-    step = keep(skip, torch.float32)
-    if isinstance(step, torch.Tensor):  # a list: a lone tensor is read as a Scalar (host read)
-        torch._foreach_add_(steps, [step] * len(steps))
-    else:
-        torch._foreach_add_(steps, step)
+    if skip is None:
+        torch._foreach_add_(steps, 1.0)
+    else:  # a list: a lone tensor would be read as a Scalar (a host read)
+        torch._foreach_add_(steps, [keep(skip, torch.float32)] * len(steps))
 
 
 def finite_grads(grads: list[torch.Tensor], skip: torch.Tensor | None) -> list[torch.Tensor]:
@@ -55,7 +53,7 @@ def finite_grads(grads: list[torch.Tensor], skip: torch.Tensor | None) -> list[t
     :func:`scaled`) rather than by ``torch.where`` over the matrices."""
     if skip is None:
         return grads
-    out = torch._foreach_mul(grads, [keep(skip, grads[0].dtype)] * len(grads))
+    out = list(torch._foreach_mul(grads, [keep(skip, grads[0].dtype)] * len(grads)))
     for g in out:
         g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     return out
@@ -94,9 +92,11 @@ def momentum_(
         if skip is not None and dtype not in (torch.float32, torch.float64):
             old = torch.stack(bufs)
             commit_(bufs, torch.lerp(old, torch.stack(grads), 1 - beta), skip, old)
-        else:
-            weight = 1 - beta if skip is None else [keep(skip, dtype) * (1 - beta)] * n
-            torch._foreach_lerp_(bufs, grads, weight)
+        elif skip is None:
+            torch._foreach_lerp_(bufs, grads, 1 - beta)
+        else:  # 0-d tensor weights (the List overload): 0 on a dropped step
+            weights = [keep(skip, dtype) * (1 - beta)] * n
+            torch._foreach_lerp_(bufs, grads, weights)
         directions.append(torch._foreach_lerp(grads, bufs, beta) if nesterov else bufs)
     return [d for per in zip(*directions, strict=True) for d in per]
 
@@ -151,10 +151,11 @@ def scaled(
     (:func:`momentum_`); cheaper than a ``torch.where`` over the matrices.
     """
     alpha = coefficient(scale, target_rms, lr, direction.shape)
-    factor = keep(skip, direction.dtype)
-    if scale == "muon":
-        return direction if skip is None else direction * factor, alpha
-    return direction * (rms_scale(direction, target_rms, eps) * factor), alpha
+    gamma = None if scale == "muon" else rms_scale(direction, target_rms, eps)
+    if skip is not None:
+        factor = keep(skip, direction.dtype)
+        gamma = factor if gamma is None else gamma * factor
+    return (direction if gamma is None else direction * gamma), alpha
 
 
 def apply_(
