@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("speed", help="time the optimizer step side by side with torch.optim")
     sp.add_argument("--shapes", default="gpt",
-                    help="gpt, gpt2-small, resnet20, bench-cnn, tiny, or module:callable returning "
-                         "(model, inputs, targets) (default %(default)s)")  # fmt: skip
+                    help="gpt, gpt2-small, char-gpt, resnet20, bench-cnn, tiny, or "
+                         "module:callable returning (model, inputs, targets) "
+                         "(default %(default)s)")  # fmt: skip
     sp.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
     sp.add_argument("--rounds", type=_positive, default=7, help="timed rounds (medians)")
     sp.add_argument("--steps", type=_positive, default=2, help="steps per round and optimizer")

@@ -105,6 +105,8 @@ CASES: dict[str, Case] = {
              _cnn("resnet20", 128)),
         Case("bench-cnn", "the large-batch-cnn benchmark's small CNN (channels 8, 16, hidden "
              "64), batch 1024 x 1x28x28", _cnn("bench-cnn", 1024)),
+        Case("char-gpt", "the lm-pretrain benchmark's char-level GPT (d=128, 4 blocks, 4 heads, "
+             "vocab 65, tied head), batch 12 x 64 tokens", _gpt(128, 4, 4, 65, 12, 64)),
         Case("tiny", "GPT with d=32, 2 blocks, vocab 64, batch 2 x 8 tokens (for tests)",
              _gpt(32, 2, 2, 64, 2, 8)),
     )
