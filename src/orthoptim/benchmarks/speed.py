@@ -16,8 +16,9 @@ timed in interleaved rounds (the order rotates every round, so load drift is sha
   gradient as two half-batch products; K-FAC's hooks save inputs and output gradients on factor
   steps), amortised the same way. ``total`` = amortised step + amortised backward share.
 * **state bytes per parameter byte** of each contender, after warm-up.
-* **Newton-Schulz**: FLOPs of five iterations on the model's orthogonalized matrices (batched by
-  shape, as FOGO does; 4 m^2 n + 2 m^3 per iteration of an m x n matrix, m <= n), its achieved
+* **Newton-Schulz**: FLOPs of five iterations on the model's orthogonalized matrices (grouped by
+  shape and run as FOGO runs them: one batched call on accelerators, large matrices one by one on
+  the CPU; 4 m^2 n + 2 m^3 per iteration of an m x n matrix, m <= n), its achieved
   FLOP/s, against this machine's measured matmul FLOP/s (a square matmul in the same dtype).
 
 Ratios are of medians measured in the same run. Speed targets live in docs/performance.md, never
