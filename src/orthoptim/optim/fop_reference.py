@@ -61,6 +61,6 @@ def reference_fop_train(
     batches: Iterable[Any],
     loss_fn: Callable[..., torch.Tensor],
     hp: dict[str, Any],
-) -> Any:
+) -> list[float]:
     """FOP in plain loops: two half-batch backward passes, dense blocks, SGD-momentum."""
     return reference_train(model, batches, loss_fn, hp, direction=reference_fop_direction)

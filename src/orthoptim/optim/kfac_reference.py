@@ -9,13 +9,26 @@ dense :math:`d_{out}(d_{in}+1)` square Fisher block. Conventions are those of
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# ``direction(layer_state, g, g1, g2, hp)`` of :func:`reference_train`.
+Direction = Callable[
+    [dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]],
+    torch.Tensor,
+]
+# One tensor per K-FAC layer (its input, output or output gradient).
+PerLayer = dict[nn.Module, torch.Tensor]
+
 
 def patches_loop(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """im2col by explicit loops: ``(B, L, c_in*k_h*k_w)`` in ``weight.flatten(1)`` order."""
+    if isinstance(conv.padding, str):
+        raise ValueError(f"conv.padding must be a pair of ints, got {conv.padding!r}")
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
         conv.kernel_size,
         conv.stride,
@@ -38,7 +51,9 @@ def patches_loop(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, dim=1)
 
 
-def sample_rows(module: nn.Module, x: torch.Tensor, gout: torch.Tensor):
+def sample_rows(
+    module: nn.Module, x: torch.Tensor, gout: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample input rows (1 appended for a bias) and output-gradient rows, ``(B, L, .)``."""
     if isinstance(module, nn.Conv2d):
         a = patches_loop(module, x)
@@ -51,7 +66,9 @@ def sample_rows(module: nn.Module, x: torch.Tensor, gout: torch.Tensor):
     return a, g
 
 
-def factors_loop(module: nn.Module, x: torch.Tensor, gout: torch.Tensor, approx: str = "expand"):
+def factors_loop(
+    module: nn.Module, x: torch.Tensor, gout: torch.Tensor, approx: str = "expand"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """By explicit loops, K-FAC-expand ``A = 1/(B L) sum_i sum_t a a^T``,
     ``G = 1/B sum_i sum_t g g^T``, or K-FAC-reduce ``A = 1/B sum_i abar abar^T``,
     ``G = 1/B sum_i gsum gsum^T`` (``abar`` the mean over locations, ``gsum`` the sum).
@@ -79,7 +96,9 @@ def dense_fisher(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return torch.kron(G, A)
 
 
-def damped_dense_inverse(A, G, damping: float, damping_type: str = "pi") -> torch.Tensor:
+def damped_dense_inverse(
+    A: torch.Tensor, G: torch.Tensor, damping: float, damping_type: str = "pi"
+) -> torch.Tensor:
     """Dense damped inverse: π-damped Kronecker product, or ``(G kron A + damping I)^{-1}``."""
     if damping_type == "tikhonov":
         F_ = dense_fisher(A, G)
@@ -91,17 +110,26 @@ def damped_dense_inverse(A, G, damping: float, damping_type: str = "pi") -> torc
     return torch.linalg.inv(dense_fisher(A + dA * eye_a, G + dG * eye_g))
 
 
-def layer_vec(module: nn.Module, gw: torch.Tensor, gb) -> torch.Tensor:
+def layer_vec(module: nn.Module, gw: torch.Tensor, gb: torch.Tensor | None) -> torch.Tensor:
     """Row-major ``vec([dW | db])``."""
     m = gw.reshape(gw.shape[0], -1)
     if module.bias is not None:
+        if gb is None:
+            raise ValueError("gb must be the bias gradient: the module has a bias")
         m = torch.cat([m, gb[:, None]], dim=1)
     return m.reshape(-1)
 
 
-def forward_grads(model: nn.Sequential, x, y, loss_fn):
+def forward_grads(
+    model: nn.Sequential,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, PerLayer, PerLayer, dict[torch.Tensor, torch.Tensor]]:
     """Manual forward; per-layer inputs, per-sample output grads and parameter gradients."""
-    inputs, outputs, h = {}, {}, x
+    inputs: PerLayer = {}
+    outputs: PerLayer = {}
+    h = x
     for m in model:
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             inputs[m] = h.detach()
@@ -111,18 +139,30 @@ def forward_grads(model: nn.Sequential, x, y, loss_fn):
             h = m(h)
     loss = loss_fn(h, y)
     layers = list(outputs)
-    params = [p for p in model.parameters()]
+    params: list[torch.Tensor] = [p for p in model.parameters()]
     grads = torch.autograd.grad(loss, [outputs[m] for m in layers] + params)
     gouts = {m: g * x.shape[0] for m, g in zip(layers, grads[: len(layers)], strict=True)}
     return loss, inputs, gouts, dict(zip(params, grads[len(layers) :], strict=True))
 
 
-def reference_kfac_direction(ls: dict, g: torch.Tensor, g1, g2, hp: dict) -> torch.Tensor:
+def reference_kfac_direction(
+    ls: dict[str, torch.Tensor],
+    g: torch.Tensor,
+    g1: torch.Tensor,
+    g2: torch.Tensor,
+    hp: dict[str, Any],
+) -> torch.Tensor:
     """K-FAC: ``F^{-1} g`` with the dense damped inverse."""
     return ls["Finv"] @ g
 
 
-def reference_train(model: nn.Sequential, batches, loss_fn, hp: dict, direction=None):
+def reference_train(
+    model: nn.Sequential,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    hp: dict[str, Any],
+    direction: Direction | None = None,
+) -> list[float]:
     """Run ``len(batches)`` steps of K-FAC (or, with ``direction``, a variant) in plain loops.
 
     ``hp`` keys: ``lr, damping, damping_type, momentum, weight_decay, factor_interval,
@@ -134,9 +174,9 @@ def reference_train(model: nn.Sequential, batches, loss_fn, hp: dict, direction=
     """
     direction = direction or reference_kfac_direction
     layers = [m for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
-    state = {m: {} for m in layers}
-    bufs = {}
-    losses = []
+    state: dict[nn.Module, dict[str, torch.Tensor]] = {m: {} for m in layers}
+    bufs: dict[torch.Tensor, torch.Tensor] = {}
+    losses: list[float] = []
     for step, (x, y) in enumerate(batches):
         loss, inputs, gouts, pgrads = forward_grads(model, x, y, loss_fn)
         losses.append(float(loss.detach()))
@@ -161,7 +201,10 @@ def reference_train(model: nn.Sequential, batches, loss_fn, hp: dict, direction=
                 ls["Finv"] = damped_dense_inverse(
                     ls["A"], ls["G"], hp["damping"], hp["damping_type"]
                 )
-            vec = [layer_vec(m, h[m.weight], h.get(m.bias)) for h in (pgrads, half[0], half[1])]
+            vec = [
+                layer_vec(m, h[m.weight], None if m.bias is None else h.get(m.bias))
+                for h in (pgrads, half[0], half[1])
+            ]
             d = direction(ls, vec[0], vec[1], vec[2], hp).reshape(m.weight.shape[0], -1)
             dirs[m.weight] = d[:, : m.weight[0].numel()].reshape(m.weight.shape)
             if m.bias is not None:
