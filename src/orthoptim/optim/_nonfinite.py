@@ -51,10 +51,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.optim import Optimizer
 
 from orthoptim.optim._validation import check_choice
 
@@ -96,13 +98,18 @@ class Guarded(torch.optim.Optimizer):
 
     # torch.amp.GradScaler hands found_inf / grad_scale to step() instead of syncing.
     _step_supports_amp_scaling = True
+    # Set by install() (the policy, the counters) and by the load pre-hook (the saved counters,
+    # until the post-hook takes them).
+    nonfinite: str
+    _nonfinite_counters: _Counters
+    _loaded_counts: torch.Tensor
 
     @property
     def skipped_steps(self) -> int:
         """Number of steps dropped for non-finite gradients (reading it syncs with the device)."""
         return self._nonfinite_counters.total()
 
-    def add_param_group(self, param_group: dict) -> None:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         counters = getattr(self, "_nonfinite_counters", None)  # None inside Optimizer.__init__
         if counters is not None:
@@ -155,7 +162,7 @@ class StepGuard:
         return self.found_inf is not None and bool(self.found_inf.item())
 
 
-def install(optimizer: torch.optim.Optimizer, policy: str) -> None:
+def install(optimizer: Guarded, policy: str) -> None:
     """Validate ``policy``; set up ``optimizer.nonfinite``, the skip counters (in every param
     group) and the load hooks. Call once, at the end of ``__init__``."""
     check_choice("nonfinite", policy, POLICIES)
@@ -166,15 +173,24 @@ def install(optimizer: torch.optim.Optimizer, policy: str) -> None:
     optimizer.register_load_state_dict_post_hook(_load_post_hook)
 
 
-def _link(optimizer, counters: _Counters) -> None:
+def _link(optimizer: Guarded, counters: _Counters) -> None:
     optimizer._nonfinite_counters = counters
     for group in optimizer.param_groups:
         group[GROUP_KEY] = counters.counts
 
 
-def _load_pre_hook(optimizer, state_dict):
+def _guarded(optimizer: Optimizer) -> Guarded:
+    """``optimizer`` as the :class:`Guarded` that registered the hook (torch types hooks for any
+    Optimizer)."""
+    if not isinstance(optimizer, Guarded):
+        raise TypeError(f"optimizer must be an orthoptim optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def _load_pre_hook(optimizer_: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
     """Take the saved counters (group 0's; every group holds the same) before torch replaces
     the groups; a state dict without them (another optimizer's) restarts from zero."""
+    optimizer = _guarded(optimizer_)
     groups = state_dict.get("param_groups", [])
     saved = groups[0].get(GROUP_KEY) if groups else None
     device = optimizer._nonfinite_counters.counts.device
@@ -188,14 +204,15 @@ def _load_pre_hook(optimizer, state_dict):
     return state_dict
 
 
-def _load_post_hook(optimizer) -> None:
+def _load_post_hook(optimizer_: Optimizer) -> None:
+    optimizer = _guarded(optimizer_)
     _link(optimizer, _Counters(optimizer.__dict__.pop("_loaded_counts")))
 
 
-def _named_grads(optimizer):
+def _named_grads(optimizer: Optimizer) -> list[tuple[str, torch.Tensor]]:
     """``(name, grad)`` of every parameter with a gradient; rejects sparse / complex."""
     cls = type(optimizer).__name__
-    out = []
+    out: list[tuple[str, torch.Tensor]] = []
     for gi, group in enumerate(optimizer.param_groups):
         names = group.get("param_names")
         for i, p in enumerate(group["params"]):
@@ -213,8 +230,11 @@ def _named_grads(optimizer):
     return out
 
 
-def _by_device_and_dtype(grads: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
-    groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+_DeviceAndDtype = tuple[torch.device, torch.dtype]
+
+
+def _by_device_and_dtype(grads: list[torch.Tensor]) -> dict[_DeviceAndDtype, list[torch.Tensor]]:
+    groups: dict[_DeviceAndDtype, list[torch.Tensor]] = defaultdict(list)
     for g in grads:
         if g.numel() > 0:
             groups[(g.device, g.dtype)].append(g)
@@ -245,7 +265,9 @@ def found_nonfinite(grads: list[torch.Tensor]) -> torch.Tensor | None:
     return (~torch.stack(flags).all()).float()
 
 
-def _unscale_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor):
+def _unscale_(
+    grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor
+) -> torch.Tensor:
     """Multiply the gradients by ``inv_scale`` in place and raise ``found_inf`` to 1.0 where one
     is not finite (GradScaler's own kernel, per device and dtype)."""
     per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -261,7 +283,7 @@ def _unscale_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: tor
     return found_inf
 
 
-def begin_step(optimizer, process_group: dist.ProcessGroup | None = None) -> StepGuard:
+def begin_step(optimizer: Guarded, process_group: dist.ProcessGroup | None = None) -> StepGuard:
     """Apply the policy (and a GradScaler's protocol) to the current gradients.
 
     Call at the top of ``step()``, before any state is touched. No host sync, except under
@@ -310,7 +332,7 @@ def begin_step(optimizer, process_group: dist.ProcessGroup | None = None) -> Ste
 
 
 @torch.compiler.disable  # type: ignore[untyped-decorator]
-def _tick(optimizer, counters: _Counters, counted: bool) -> None:
+def _tick(optimizer: Optimizer, counters: _Counters, counted: bool) -> None:
     """Host bookkeeping of a step: the call count, and the periodic read-back of the counters.
     Eager under ``torch.compile`` (a Python int that changes every step would recompile)."""
     counters.calls += 1
@@ -318,7 +340,7 @@ def _tick(optimizer, counters: _Counters, counted: bool) -> None:
         _read_back(optimizer, counters)
 
 
-def _read_back(optimizer, counters: _Counters) -> None:
+def _read_back(optimizer: Optimizer, counters: _Counters) -> None:
     """The periodic host read of the counters: warn about a long run of skipped steps."""
     total, streak, longest = counters.counts.tolist()
     counters.counts[2].fill_(streak)  # a run still going on is reported again
@@ -334,7 +356,7 @@ def _read_back(optimizer, counters: _Counters) -> None:
         )
 
 
-def unseen_skips(optimizer) -> int:
+def unseen_skips(optimizer: Guarded) -> int:
     """Skipped steps (the current one included) not returned by an earlier call: what a host-side
     step clock that counted every ``step()`` call must subtract to be exact. Syncs."""
     counters = optimizer._nonfinite_counters
