@@ -39,11 +39,13 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import defaultdict
-from typing import cast
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
 
 from orthoptim.distributed import megabatch
 from orthoptim.memory import codebook, kronecker
@@ -184,7 +186,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         lr: float = 1e-3,
         *,
         weight_decay: float = 0.0,
@@ -197,7 +199,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         target_rms: float = 0.2,
         scale: str = "rms",
         ns_steps: int = 5,
-        ns_coefficients="muon",
+        ns_coefficients: str | tuple[float, float, float] = "muon",
         ns_dtype: str = "auto",
         eps: float = 1e-7,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
@@ -230,7 +232,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         nonfinite: str = "skip",
         shard: bool = True,
         process_group: dist.ProcessGroup | None = None,
-    ):
+    ) -> None:
         defaults = dict(
             lr=lr, weight_decay=weight_decay, algorithm=None, beta_slow=beta_slow,
             beta_fast=beta_fast, mix=mix, dual_stream=dual_stream, fusion=fusion,
@@ -270,7 +272,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         self._populate_state()
 
     # ------------------------------------------------------------------------- groups, state
-    def add_param_group(self, param_group: dict) -> None:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; unknown keys and invalid values raise ``ValueError`` (as in __init__).
         Its parameters' state is created at once (see :meth:`_populate_state`)."""
         check_group_keys(param_group, self.defaults)
@@ -325,7 +327,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
 
     def _owned(self, gi: int) -> set[int]:
         """ids of group ``gi``'s matrices whose state this rank holds (all when not sharded)."""
-        out = set()
+        out: set[int] = set()
         for params, chunks in zip(
             _fogo_state.buckets_of(self.param_groups[gi]), self._plan(gi), strict=True
         ):
@@ -338,12 +340,12 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         self._layouts: list[_Layout] | None = None
         self._step_hint: dict[int, int] = {}  # host upper bound of each matrix's step counter
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         # torch keeps only defaults/state/param_groups, losing the policy, counter and caches
         # (deepcopy / pickle then fail); keep every attribute, drop the derived caches.
         return {**self.__dict__, "_layouts": None, "_step_hint": {}}
 
-    def __deepcopy__(self, memo: dict) -> FOGO:
+    def __deepcopy__(self, memo: dict[int, Any]) -> FOGO:
         # A process group cannot be copied: a copy shares it (and the ownership plan).
         memo[id(self._sharding)] = self._sharding
         out = type(self).__new__(type(self))
@@ -351,7 +353,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         out.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         return out
 
-    def _check_momentum(self, group: dict) -> None:
+    def _check_momentum(self, group: dict[str, Any]) -> None:
         """A scheduler may have written ``momentum`` since the last step: check it (host only)."""
         momentum = group.get("momentum")
         if momentum is None:
@@ -368,7 +370,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
 
     # ------------------------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the loss (optional).
 
         A step whose gradients are not finite is computed but not applied (every write is
@@ -420,7 +422,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         return self._layouts
 
     @torch.compiler.disable  # type: ignore[untyped-decorator]
-    def _adamw(self, layouts: list[_Layout], guard) -> None:
+    def _adamw(self, layouts: list[_Layout], guard: _nonfinite.StepGuard) -> None:
         """AdamW on every group's non-FOGO parameters: torch's fused kernel, which dynamo does
         not trace either (eager under ``torch.compile``)."""
         for group, layout in zip(self.param_groups, layouts, strict=True):
@@ -444,7 +446,14 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             for p, state, before in protected:
                 self._protect_adamw(group, p, state, before, guard)
 
-    def _protect_adamw(self, group: dict, p: torch.Tensor, state: dict, before, guard) -> None:
+    def _protect_adamw(
+        self,
+        group: dict[str, Any],
+        p: torch.Tensor,
+        state: dict[str, Any],
+        before: torch.Tensor,
+        guard: _nonfinite.StepGuard,
+    ) -> None:
         """The Kronecker protection of a 2-D AdamW parameter (embedding, head): its Grams take
         this step's gradient and its AdamW step is damped, W <- W_0 + (I + kappa P_out)^-1
         (W - W_0) (I + kappa P_in)^-1, with an online consolidation when one is due."""
@@ -456,7 +465,9 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         if gamma > 0 and interval and self._write_due(p, state, interval, guard) is not None:
             kronecker.consolidate(kron, (1 - gamma) * group["kron_strength"], gamma)
 
-    def _bucket_step(self, group: dict, bucket: _Bucket, take: list[int], guard) -> None:
+    def _bucket_step(
+        self, group: dict[str, Any], bucket: _Bucket, take: list[int], guard: _nonfinite.StepGuard
+    ) -> None:
         """One step of the matrices ``take`` of a bucket (one process, or replicated)."""
         params = [bucket.owned[i] for i in take]
         skip = guard.skip(params[0].device)
@@ -464,7 +475,9 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         _fogo_math.apply_(params, update, group["lr"], group["weight_decay"], alpha, skip,
                           zeroed=True)  # fmt: skip
 
-    def _sharded_bucket_step(self, group: dict, bucket: _Bucket, take: list[int], guard) -> None:
+    def _sharded_bucket_step(
+        self, group: dict[str, Any], bucket: _Bucket, take: list[int], guard: _nonfinite.StepGuard
+    ) -> None:
         """One sharded step of a bucket: this rank computes its chunk's updates (``take``: the
         positions in it that have a gradient), every rank receives and applies all of them."""
         sharding = cast(_fogo_shard.Sharding, self._sharding)
@@ -488,7 +501,12 @@ class FOGO(_nonfinite.Guarded, Optimizer):
                           stepped)  # fmt: skip
 
     def _updates(
-        self, group: dict, bucket: _Bucket, take: list[int], skip, grads=None
+        self,
+        group: dict[str, Any],
+        bucket: _Bucket,
+        take: list[int],
+        skip: torch.Tensor | None,
+        grads: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, float | torch.Tensor]:
         """The scaled updates (N', m, n) of this rank's matrices ``take`` and their coefficient:
         momentum, one batched Newton-Schulz for all matrices and streams, fusion, memory, scale
@@ -520,7 +538,9 @@ class FOGO(_nonfinite.Guarded, Optimizer):
 
     # ------------------------------------------------------------------------- memory writes
     @torch.compiler.disable  # type: ignore[untyped-decorator]
-    def _scheduled_writes(self, stepped: list[tuple[_Bucket, list[int]]], guard) -> None:
+    def _scheduled_writes(
+        self, stepped: list[tuple[_Bucket, list[int]]], guard: _nonfinite.StepGuard
+    ) -> None:
         """Scheduled writes due after this step (host logic; a write syncs). Eager under
         ``torch.compile``: the host's step bounds change every step."""
         for bucket, take in stepped:
@@ -533,7 +553,9 @@ class FOGO(_nonfinite.Guarded, Optimizer):
                     slow = bucket.states[i]["momentum_slow"]
                     bucket.memory.write(i, slow, step, codebook.SCHEDULED)
 
-    def _write_due(self, p: torch.Tensor, state: dict, interval: int, guard) -> int | None:
+    def _write_due(
+        self, p: torch.Tensor, state: dict[str, Any], interval: int, guard: _nonfinite.StepGuard
+    ) -> int | None:
         """The step at which ``p``'s memory writes now, or None; reads the device only when
         the host's upper bound of the step counter reaches a multiple of ``interval``.
 
@@ -557,7 +579,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         return step
 
     # ---------------------------------------------------------------------------- loading
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state; codebook tensors keep their own dtypes (bool/int64 metadata, the memory
         dtype of the bases) instead of torch's default cast to the parameter's dtype, and step
         counters go to their parameter's device. A state that does not fit a parameter raises
@@ -674,11 +696,11 @@ class _Layout:
 
     def __init__(
         self,
-        group: dict,
-        state: dict,
+        group: dict[str, Any],
+        state: dict[torch.Tensor, Any],
         plan: list[megabatch.Chunks | None],
         sharding: _fogo_shard.Sharding | None,
-    ):
+    ) -> None:
         self.adamw = [p for p in group["params"] if _fogo_state.algorithm(group, p) == "adamw"]
         self.empty = [
             p for p in group["params"]
@@ -704,12 +726,12 @@ class _Bucket:
 
     def __init__(
         self,
-        group: dict,
+        group: dict[str, Any],
         params: list[torch.Tensor],
         chunks: megabatch.Chunks | None,
-        state: dict,
+        state: dict[torch.Tensor, Any],
         sharding: _fogo_shard.Sharding | None,
-    ):
+    ) -> None:
         self.params = params
         self.shape = _fogo_state.matrix_shape(params[0])
         self.chunks = chunks
