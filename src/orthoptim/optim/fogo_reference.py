@@ -16,14 +16,17 @@ AdamW step) is shared with the fast class; the writes are tested on their own.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 
-from orthoptim.memory.bucket import KroneckerBucket
+from orthoptim.memory.bucket import KroneckerBucket, MemoryBucket
 from orthoptim.memory.codebook import CodebookConfig
 from orthoptim.ops.geometry import nlerp, rms_scale, slerp
 from orthoptim.ops.newton_schulz import newton_schulz
 from orthoptim.optim._fogo_state import as_matrix, slow_beta
-from orthoptim.optim.fogo import FOGO
+from orthoptim.optim._nonfinite import StepGuard
+from orthoptim.optim.fogo import FOGO, _Bucket
 
 
 def reference_correct(
@@ -48,6 +51,8 @@ def reference_correct(
         if config.gate == "overlap":
             in_conflict = float(coords.norm() / update.norm()) > config.gate_threshold
         else:
+            if sketch is None:
+                raise ValueError("sketch is required by the sign gate, got None")
             sketched = sketch.to(update.dtype) @ coords
             stored = book["sign_dir"][:, cols].to(update.dtype)
             cos = (sketched * stored).sum() / (sketched.norm() * stored.norm())
@@ -66,13 +71,17 @@ def reference_correct(
 class FOGOReference(FOGO):
     """FOGO with the per-matrix step written as a plain loop (see module docstring)."""
 
-    def _bucket_step(self, group: dict, bucket, take: list[int], guard) -> None:
+    def _bucket_step(
+        self, group: dict[str, Any], bucket: _Bucket, take: list[int], guard: StepGuard
+    ) -> None:
         for i in take:
             self._matrix_step(group, bucket, i, guard)
 
-    def _matrix_step(self, group: dict, bucket, i: int, guard) -> None:
+    def _matrix_step(
+        self, group: dict[str, Any], bucket: _Bucket, i: int, guard: StepGuard
+    ) -> None:
         p, state = bucket.params[i], bucket.states[i]
-        grad = as_matrix(p.grad)
+        grad = as_matrix(cast(torch.Tensor, p.grad))
         # Momentum streams and their directions.
         names = ("momentum_slow", "momentum_fast") if group["dual_stream"] else ("momentum_slow",)
         betas = (slow_beta(group), group["beta_fast"])
@@ -108,12 +117,21 @@ class FOGOReference(FOGO):
             new = new.add((update * gamma).view_as(p), alpha=-lr)
         guard.commit_(p, new)
 
-    def _memory(self, memory, i: int, grad, update, guard):
+    def _memory(
+        self,
+        memory: MemoryBucket,
+        i: int,
+        grad: torch.Tensor,
+        update: torch.Tensor,
+        guard: StepGuard,
+    ) -> torch.Tensor:
         """Window statistics, then the conflict test and the lift, for matrix ``i``."""
         state, config = memory.states[i], memory.config
         flip = config.transpose
         g = grad.mT if flip else grad
         if "grad_sketch" in state:
+            if memory.omega is None:
+                raise ValueError("memory.omega is None: a grad_sketch needs its projection")
             sketch = state["grad_sketch"]
             guard.commit_(sketch, sketch + g.mT.float() @ (g.float() @ memory.omega[i]))
         if "row_energy" in state:
@@ -140,7 +158,14 @@ class FOGOReference(FOGO):
         corrected = corrected.to(u.dtype)
         return corrected.mT if flip else corrected
 
-    def _kronecker(self, memory: KroneckerBucket, i: int, grad, update, guard):
+    def _kronecker(
+        self,
+        memory: KroneckerBucket,
+        i: int,
+        grad: torch.Tensor,
+        update: torch.Tensor,
+        guard: StepGuard,
+    ) -> torch.Tensor:
         """``protection="kronecker"`` for matrix ``i``, side by side: the running Grams take
         this step's G^T G (input side) or G G^T (output side), or their diagonals, then the
         update is multiplied by each side's preconditioner (I + kappa P)^-1."""
