@@ -632,16 +632,19 @@ LM_PRETRAIN = TaskSpec(
     data_parallel=True,
 )
 
+# The loss-matrix metrics of the continual LM tasks (a stream is a corpus or a skill).
+LOSS_MATRIX_METRICS = (
+    Metric("avg_final_loss", "min", "mean eval loss over every stream after the last stage"),
+    Metric("forgetting", "min", "mean over earlier streams of final minus just-trained loss"),
+    Metric("max_forgetting", "min", "largest per-stream forgetting"),
+    Metric("learning_loss", "min", "mean eval loss on each stream right after training it"),
+)
+
 LM_CONTINUAL = TaskSpec(
     name="lm-continual",
     family="lm-continual",
     description="GPT pretrained on one corpus, fine-tuned on two more in sequence: loss matrix",
-    metrics=(
-        Metric("avg_final_loss", "min", "mean val loss over all corpora after the last stage"),
-        Metric("forgetting", "min", "mean over earlier corpora of final minus just-trained loss"),
-        Metric("max_forgetting", "min", "largest per-corpus forgetting"),
-        Metric("learning_loss", "min", "mean val loss on each corpus right after training it"),
-    ),
+    metrics=LOSS_MATRIX_METRICS,
     presets={
         "tiny": dict(corpora=["pydoc", "stdlib", "unicode"], **CONTINUAL["tiny"]),
         "quick": dict(corpora=["pydoc", "stdlib", "unicode"], **CONTINUAL["quick"]),

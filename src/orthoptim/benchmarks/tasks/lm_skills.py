@@ -42,6 +42,7 @@ from ..skills import SKILL_CHARS, SKILLS, SkillExample, skill_examples
 from .base import Metric, NullProgress, RunOutput, TaskSpec
 from .lm import (
     CONTINUAL,
+    LOSS_MATRIX_METRICS,
     VAL_FRAC,
     Text,
     _check_common,
@@ -195,10 +196,7 @@ LM_SKILLS = TaskSpec(
     family="lm-continual",
     description="GPT pretrained on a corpus, fine-tuned on 3 synthetic string skills in turn",
     metrics=(
-        Metric("avg_final_loss", "min", "mean loss over base corpus and skills after the last"),
-        Metric("forgetting", "min", "mean over earlier streams of final minus just-trained loss"),
-        Metric("max_forgetting", "min", "largest per-stream forgetting"),
-        Metric("learning_loss", "min", "mean loss on each stream right after training it"),
+        *LOSS_MATRIX_METRICS,
         Metric("base_forgetting", "min", "base corpus: final minus after-pretraining loss"),
         Metric("skill_forgetting", "min", "forgetting over the earlier skills only"),
         Metric("exact_match", "max", "mean greedy exact match over the skills at the end"),
