@@ -60,3 +60,27 @@ class TorchvisionStyleViT(nn.Module):
         x = self.conv_proj(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.heads(self.encoder(x)[:, 0])
+
+
+class Conv1D(nn.Module):
+    """HF transformers' GPT-2 ``Conv1D`` (float64): y = x @ W + b with W stored as (in, out)."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=torch.float64) * 0.3)
+        self.bias = nn.Parameter(torch.zeros(nf, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+def conv1d_and_linear_twins(d_in: int, hidden: int, d_out: int) -> tuple[nn.Sequential, ...]:
+    """A Conv1D MLP and the nn.Linear MLP with the same function (weights transposed)."""
+    convs = nn.Sequential(Conv1D(hidden, d_in), nn.Tanh(), Conv1D(d_out, hidden))
+    linears = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out)).double()
+    with torch.no_grad():
+        for conv, lin in ((convs[0], linears[0]), (convs[2], linears[2])):
+            lin.weight.copy_(conv.weight.mT)
+            lin.bias.copy_(conv.bias)
+    return convs, linears

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from ecosystem_models import conv1d_and_linear_twins
 
 import orthoptim
 from orthoptim import FOGO, FOGOReference
@@ -480,30 +481,13 @@ def test_newton_schulz_dtype_follows_the_device_type_and_is_recorded():
         _fogo_state.ns_dtype_for(on)
 
 
-class Conv1D(nn.Module):
-    """HF transformers' GPT-2 ``Conv1D``: y = x @ W + b with W stored as (in, out)."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=torch.float64) * 0.3)
-        self.bias = nn.Parameter(torch.zeros(nf, dtype=torch.float64))
-
-    def forward(self, x):
-        return x @ self.weight + self.bias
-
 
 def test_in_out_layout_protects_the_input_side_as_nn_linear_does():
     """A Conv1D stack with layout="in_out" follows the transposed nn.Linear stack step for
     step, memory writes and end_task included (the default layout would protect the wrong
     side); the layout is for 2-D parameters only."""
     torch.manual_seed(0)
-    convs = nn.Sequential(Conv1D(10, 12), nn.Tanh(), Conv1D(3, 10))
-    linears = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3)).double()
-    with torch.no_grad():
-        for conv, lin in ((convs[0], linears[0]), (convs[2], linears[2])):
-            lin.weight.copy_(conv.weight.mT)
-            lin.bias.copy_(conv.bias)
+    convs, linears = conv1d_and_linear_twins(12, 10, 3)
     hp = dict(lr=0.05, write_interval=3, **F64)
     opt_conv = FOGO([{"params": [convs[0].weight, convs[2].weight], "layout": "in_out"},
                      {"params": [convs[0].bias, convs[2].bias]}], **hp)  # fmt: skip

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from ecosystem_models import conv1d_and_linear_twins
 
 from orthoptim import FOGO, FOGOReference
 from orthoptim.memory import kronecker
@@ -205,29 +206,13 @@ def test_fogo_kronecker_step_equals_the_hand_made_one():
         assert torch.allclose(p.detach() - before[name], step, atol=1e-6, rtol=1e-4), name
 
 
-class Conv1D(nn.Module):
-    """HF transformers' GPT-2 ``Conv1D``: y = x @ W + b with W stored as (in, out)."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=torch.float64) * 0.3)
-        self.bias = nn.Parameter(torch.zeros(nf, dtype=torch.float64))
-
-    def forward(self, x):
-        return x @ self.weight + self.bias
-
 
 @pytest.mark.parametrize("kron_sides", ["smaller", "mixed", "input"])
 def test_in_out_layout_protects_the_same_sides_as_nn_linear(kron_sides):
     """With layout="in_out" a Conv1D stack follows the transposed nn.Linear stack (the
     "smaller" side is the layer's smaller side, whatever the storage)."""
     torch.manual_seed(0)
-    convs = nn.Sequential(Conv1D(16, 5), nn.Tanh(), Conv1D(3, 16))
-    linears = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
-    with torch.no_grad():
-        for conv, lin in ((convs[0], linears[0]), (convs[2], linears[2])):
-            lin.weight.copy_(conv.weight.mT)
-            lin.bias.copy_(conv.bias)
+    convs, linears = conv1d_and_linear_twins(5, 16, 3)
     hp = dict(lr=0.05, protection="kronecker", kron_sides=kron_sides, **F64)
     opt_conv = FOGO([{"params": [convs[0].weight, convs[2].weight], "layout": "in_out"},
                      {"params": [convs[0].bias, convs[2].bias]}], **hp)  # fmt: skip
