@@ -34,6 +34,7 @@ import collections
 import json
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +198,32 @@ for _gamma in (0.5, 0.9):
     CONFIGS[f"agnostic_kron_smaller_online{_gamma}"] = dict(
         fogo=dict(protection="kronecker", kron_online=_gamma)
     )
+# Shared factors (issue 15, prototype emulation): every whole protected side of dimension d
+# (the residual stream) damped by one preconditioner built from the sum of the sides' Grams,
+# each normalised to mean eigenvalue 1 ("norm"), plain ("sum"), or every step's Gram
+# normalised to unit trace ("step"). Emulated over the per-matrix code (see ``SharedEmulation``).
+for _kappa in (3.0, 10.0, 30.0):
+    for _weight in ("norm", "sum", "step"):
+        CONFIGS[f"aware_kshare_{_weight}_k{_kappa:g}"] = dict(
+            fogo=dict(protection="kronecker", kron_strength=_kappa), aware=True,
+            share=_weight,
+        )  # fmt: skip
+    # one factor per kind (matrix shape and side) instead of one for the whole model
+    CONFIGS[f"aware_kshare_kind_k{_kappa:g}"] = dict(
+        fogo=dict(protection="kronecker", kron_strength=_kappa), aware=True, share="norm",
+        share_by="kind",
+    )  # fmt: skip
+# The library's shared factors (kron_share="model", plain sum) and its task-agnostic boundary
+# detection (kron_detect = growth of the step's gradient energy)
+for _kappa in (3.0, 10.0, 30.0):
+    CONFIGS[f"aware_kshare_model_k{_kappa:g}"] = dict(
+        fogo=dict(protection="kronecker", kron_share="model", kron_strength=_kappa), aware=True
+    )
+    for _growth in (1.5, 1.3):
+        CONFIGS[f"agnostic_kshare_model_k{_kappa:g}_detect{_growth:g}"] = dict(
+            fogo=dict(protection="kronecker", kron_share="model", kron_strength=_kappa,
+                      kron_detect=_growth),
+        )  # fmt: skip
 CONFIGS["aware_output"] = dict(fogo=dict(side="output"), aware=True)
 CONFIGS["aware_output_b0.2"] = dict(fogo=dict(side="output", memory_budget=0.2), aware=True)
 
@@ -589,6 +616,78 @@ class Oracle:
         FOGO._updates, _fogo_math.scaled, FOGO._adamw = self._restore
 
 
+class SharedEmulation:
+    """One shared preconditioner per dimension d of the whole protected sides, emulated over
+    the per-matrix protection: at ``end_task`` the sides' Grams are pooled (``weight``), folded
+    into the shared precision I + kappa sum_t hat A_t, and its inverse is written into every
+    side's preconditioner (so the damping is exactly the shared one's)."""
+
+    def __init__(self, opt: FOGO, weight: str, kappa: float, by: str = "model"):
+        self.opt, self.weight, self.kappa, self.by = opt, weight, kappa, by
+        self.precision: dict = {}
+        self.cosines: list = []  # per end_task and pool: pairwise cosines of the normalised Grams
+        self._end_task = opt.end_task
+        opt.end_task = self.end_task  # type: ignore[method-assign]
+        self._grams = kronecker.grams
+        if weight == "step":
+            def unit_grams(state, grad):
+                g = grad.float()
+                norm = g.square().sum((-2, -1), keepdim=True).sqrt().clamp(min=1e-30)
+                return self._grams(state, g / norm)
+
+            kronecker.grams = unit_grams
+
+    def close(self):
+        kronecker.grams = self._grams
+
+    def sides(self) -> dict:
+        out = collections.defaultdict(list)
+        for p, st in self.opt.state.items():
+            kron = st.get("kron") if st else None
+            for side in kronecker.SIDES:
+                acc = kron.get(f"{side}_acc") if kron else None
+                if acc is not None and acc.ndim == 2:
+                    key = acc.shape[0] if self.by == "model" else (tuple(p.shape), side)
+                    out[key].append((kron, side))
+        return out
+
+    @torch.no_grad()
+    def end_task(self) -> None:
+        pres = {}
+        for key, entries in self.sides().items():
+            d = entries[0][0][f"{entries[0][1]}_acc"].shape[0]
+            total = torch.zeros(d, d, dtype=torch.float64)
+            normed = []
+            for kron, side in entries:
+                acc = kron[f"{side}_acc"].double()
+                tr = float(torch.trace(acc))
+                if tr > 0:
+                    normed.append(acc / (tr / d))
+                    total += normed[-1] if self.weight == "norm" else acc
+            if len(normed) > 1:
+                flat = torch.stack([a.flatten() for a in normed])
+                flat = flat / flat.norm(dim=1, keepdim=True)
+                cos = flat @ flat.mT
+                off = cos[~torch.eye(len(normed), dtype=torch.bool)]
+                self.cosines.append(dict(pool=str(key), n=len(normed), mean=float(off.mean()),
+                                         min=float(off.min()), max=float(off.max())))  # fmt: skip
+            tr = float(torch.trace(total))
+            prec = self.precision.get(key, torch.eye(d, dtype=torch.float64))
+            if tr > 0:
+                prec = prec + self.kappa * total / (tr / d)
+                self.precision[key] = prec
+            pres[key] = torch.linalg.inv(0.5 * (prec + prec.mT)).float()
+        self._end_task()
+        for key, entries in self.sides().items():
+            for kron, side in entries:
+                kron[f"{side}_pre"].copy_(pres[key])
+        for layout in self.opt._layouts or []:
+            for b in layout.buckets:
+                if isinstance(b.memory, memory_bucket.KroneckerBucket):
+                    for i in range(len(b.states)):
+                        b.memory.refresh(i)
+
+
 def run(args, name: str, seed: int) -> dict:
     config = CONFIGS[name]
     spec = lm.LM_CONTINUAL
@@ -600,6 +699,8 @@ def run(args, name: str, seed: int) -> dict:
     names = lm._corpus_names(s["corpora"])
     steps = [s["pretrain_steps"]] + [s["finetune_steps"]] * (len(names) - 1)
     vocab, data = lm._load(names, args.data_dir, s["eval_split"], s["block_size"])
+    # the stage loop and the evaluation take lm.Text (ids, optionally cut into examples)
+    data = [types.SimpleNamespace(train=lm.Text(d.train), val=lm.Text(d.val)) for d in data]
     record = dict(config=name, seed=seed, spec=config)
     start = time.time()
     consolidate = kronecker.consolidate
@@ -622,6 +723,10 @@ def _run(args, name, seed, config, s, names, steps, vocab, data, record, start) 
         opt = build_optimizer(model, config)
         probe = Probe(model, opt) if args.probe or "oracle" in config else None
         oracle = Oracle(opt, probe, config["oracle"]) if "oracle" in config else None
+        shared = None
+        if "share" in config:
+            shared = SharedEmulation(opt, config["share"], config["fogo"]["kron_strength"],
+                                     config.get("share_by", "model"))  # fmt: skip
         named = dict(model.named_parameters())
         stage1 = None
         per_stage = []
@@ -659,6 +764,9 @@ def _run(args, name, seed, config, s, names, steps, vocab, data, record, start) 
             record["curve"] = curve
         if oracle:
             oracle.close()
+        if shared:
+            shared.close()
+            record["share_cosines"] = shared.cosines
         if probe:
             probe.close()
             record.update(analysis(args, probe, model, named, stage1, data, s, per_stage))

@@ -283,6 +283,65 @@ def write(
     )  # fmt: skip
 
 
+class SharedFactor:
+    """One side's Kronecker factor shared by several matrices (``kron_share="model"``): a view
+    of the tensors its owner's state holds (``<side>_acc``, ``<side>_pre`` and, with boundary
+    detection, ``<side>_energy``, ``<side>_since``; :mod:`orthoptim.memory.kronecker`).
+
+    Every member adds its step's Gram (:meth:`add`); without detection it goes straight into
+    the running Gram, with detection (``growth`` > 0) into a per-step workspace that
+    :meth:`end_step` folds by :func:`orthoptim.memory.kronecker.detect_step` once every member
+    has added (on the device).
+
+    Args:
+        state: the owner's ``kron`` state dict.
+        side: ``"input"`` or ``"output"`` (of the owner's stored matrix; its dimension d is the
+            factor's).
+        kappa: protection strength.
+        growth: boundary detection's g (``kron_detect``); 0: none.
+    """
+
+    def __init__(self, state: dict[str, torch.Tensor], side: str, kappa: float, growth: float):
+        self.state, self.side, self.kappa, self.growth = state, side, kappa, growth
+        self.acc, self.pre = state[f"{side}_acc"], state[f"{side}_pre"]
+        self.pending = torch.zeros_like(self.acc) if growth > 0 else None
+
+    def add(self, gram: torch.Tensor, skip: torch.Tensor | None) -> None:
+        """Add a (d, d) Gram to the step's workspace or the running Gram (not if dropped)."""
+        target = self.pending if self.pending is not None else self.acc
+        new = target + gram
+        if skip is not None:
+            new = torch.where(skip, target, new)
+        target.copy_(new)
+
+    def end_step(self, skip: torch.Tensor | None) -> None:
+        """With detection: the step's boundary test and fold (:func:`kronecker.detect_step`),
+        committed unless the step is dropped; the workspace is cleared either way."""
+        if self.pending is None:
+            return
+        side, st = self.side, self.state
+        names = {"acc": f"{side}_acc", "pre": f"{side}_pre", "energy": f"{side}_energy",
+                 "since": f"{side}_since"}  # fmt: skip
+        new = kronecker.detect_step(
+            st[names["acc"]], st[names["pre"]], self.pending, st[names["energy"]],
+            st[names["since"]], self.kappa, self.growth,
+        )  # fmt: skip
+        for key, value in new.items():
+            dst = st[names[key]]
+            dst.copy_(value if skip is None else torch.where(skip, dst, value))
+        self.pending.zero_()
+
+    def consolidate(self) -> None:
+        """``end_task``: fold the running Gram in (:func:`kronecker.consolidate`)."""
+        view = {k: v for k, v in self.state.items() if k.startswith(self.side + "_")}
+        kronecker.consolidate(view, self.kappa)
+
+
+def own_view(state: dict[str, torch.Tensor], shared: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A ``kron`` state without the ``shared`` sides (those a :class:`SharedFactor` handles)."""
+    return {k: v for k, v in state.items() if k.split("_")[0] not in shared}
+
+
 class KroneckerBucket:
     """The Kronecker-factored protection (:mod:`orthoptim.memory.kronecker`) of N same-shape
     matrices, behind the same interface as :class:`MemoryBucket`: ``accumulate`` adds the
@@ -290,13 +349,17 @@ class KroneckerBucket:
     an online consolidation (``online`` > 0), ``consolidate`` folds the task in (``end_task``).
 
     The state lives in each matrix's ``state["kron"]``; the bucket keeps a stacked copy of the
-    preconditioners (what every step reads), refreshed when a consolidation changes them.
+    preconditioners (what every step reads), refreshed when a consolidation changes them. A
+    side in ``shared`` is a :class:`SharedFactor` (``kron_share="model"``): the bucket adds the
+    sum of its matrices' Grams to it and damps with its one preconditioner; the factor's own
+    consolidation (``end_task``) is the optimizer's, once per factor.
 
     Args:
         config: the protection's settings for the bucket's shape.
         states: the N matrices' state dicts (each holds ``kron``).
         device: where the matrices live (unused: the state is already there).
         dtype: the update's dtype (the damping runs in float32).
+        shared: ``{side: SharedFactor}`` for the sides the matrices share (default none).
     """
 
     def __init__(
@@ -305,11 +368,14 @@ class KroneckerBucket:
         states: Sequence[dict[str, Any]],
         device: torch.device | str,
         dtype: torch.dtype,
+        shared: dict[str, SharedFactor] | None = None,
     ):
         self.config = config
         self.states = list(states)
-        self.accs = [f"{side}_acc" for side, _ in config.sides]
-        pres = [f"{side}_pre" for side, _ in config.sides]
+        self.shared = dict(shared or {})
+        own = [side for side, _ in config.sides if side not in self.shared]
+        self.accs = [f"{side}_acc" for side in own]
+        pres = [f"{side}_pre" for side in own]
         self.pre = {name: torch.stack([st["kron"][name] for st in self.states]) for name in pres}
 
     def refresh(self, i: int) -> None:
@@ -325,6 +391,8 @@ class KroneckerBucket:
         accs = {name: torch.stack([st[name] for st in states]) for name in self.accs}
         for name, new in kronecker.grams(accs, grads).items():
             _commit([st[name] for st in states], accs[name], new, skip)
+        for side, factor in self.shared.items():
+            factor.add(kronecker.gram_sum(grads, side), skip)
 
     def correct(
         self,
@@ -334,22 +402,30 @@ class KroneckerBucket:
         skip: torch.Tensor | None,
     ) -> torch.Tensor:
         """The damped updates (N', m, n) of the matrices ``take``:
-        (I + kappa P_out)^-1 U (I + kappa P_in)^-1."""
-        return kronecker.apply({name: rows(t, take) for name, t in self.pre.items()}, updates)
+        (I + kappa P_out)^-1 U (I + kappa P_in)^-1 (a shared side's P broadcast over them)."""
+        pres = {name: rows(t, take) for name, t in self.pre.items()}
+        for side, factor in self.shared.items():
+            pres[f"{side}_pre"] = factor.pre.unsqueeze(0)
+        return kronecker.apply(pres, updates)
 
     def write(self, i: int, slow: torch.Tensor, step: int, kind: int) -> str:
         """A scheduled (online) consolidation of matrix ``i``: precision <- I + gamma P_old +
         (1 - gamma) kappa hat A_window. Eager (reads the device)."""
         gamma = self.config.online
-        kronecker.consolidate(self.states[i]["kron"], (1 - gamma) * self.config.kappa, gamma)
+        kronecker.consolidate(self.own(i), (1 - gamma) * self.config.kappa, gamma)
         self.refresh(i)
         return "consolidate"
 
     def consolidate(self, i: int, slow: torch.Tensor, step: int) -> str:
-        """``end_task`` for matrix ``i``: fold the task's Grams into its preconditioners."""
-        kronecker.consolidate(self.states[i]["kron"], self.config.kappa)
+        """``end_task`` for matrix ``i``: fold the task's Grams into its own preconditioners
+        (not the shared ones: see the class docstring)."""
+        kronecker.consolidate(self.own(i), self.config.kappa)
         self.refresh(i)
         return "consolidate"
+
+    def own(self, i: int) -> dict[str, torch.Tensor]:
+        """Matrix ``i``'s ``kron`` state without the shared sides."""
+        return own_view(self.states[i]["kron"], list(self.shared))
 
 
 def memory_for(
@@ -357,9 +433,11 @@ def memory_for(
     states: Sequence[dict[str, Any]],
     device: torch.device | str,
     dtype: torch.dtype,
+    shared: dict[str, SharedFactor] | None = None,
 ) -> MemoryBucket | KroneckerBucket:
     """The memory of a bucket under ``config``: the codebook (``MemoryConfig``, the default
-    ``protection="subspace"``) or the Kronecker protection (``KroneckerConfig``)."""
+    ``protection="subspace"``) or the Kronecker protection (``KroneckerConfig``; ``shared``:
+    its shared factors by side)."""
     if isinstance(config, kronecker.KroneckerConfig):
-        return KroneckerBucket(config, states, device, dtype)
+        return KroneckerBucket(config, states, device, dtype, shared)
     return MemoryBucket(config, states, device, dtype)

@@ -25,6 +25,28 @@ float32), the running Gram of the current task, and ``<side>_pre`` (the same sha
 preconditioner (I + kappa P)^-1 of the consolidated tasks (identity at first). A task is folded
 in as pre <- (pre^-1 + kappa hat A)^-1, so P itself is never stored. Cost: 2 d^2 floats per
 full side (47.5% of GPT-2 small's parameter bytes with the smaller side of every matrix).
+
+**Shared factors** (``kron_share="model"``): every whole protected side of the same dimension d
+(in a transformer: the residual stream, the smaller side of every block matrix and the feature
+side of the embedding / head) uses one factor pair, whose Gram is the plain sum of the sides'
+Grams,
+
+.. math::
+    A^{shared}_t = \sum_{i} \sum_k G_{i,k}^T G_{i,k}
+    \qquad (G_{i,k} G_{i,k}^T \text{ for a side that is the stored matrix's rows}),
+
+normalised as above at consolidation: 2 d^2 floats for the whole model instead of per matrix.
+(Normalising each matrix's Gram before the sum would need every matrix's d x d Gram; measured on
+``lm-continual`` it protects no better, docs/fogo.md section 10.8.)
+
+**Task-agnostic boundary detection** (``kron_detect`` = g > 1, shared factors only): the
+step's gradient energy e_k = tr(step Gram) of a shared factor is followed by a fast and a slow
+exponential average (betas :data:`DETECT_FAST`, :data:`DETECT_SLOW`); a step whose fast average
+exceeds g times the slow one starts a new task when the running Gram holds at least
+:data:`MIN_STRETCH` steps: the Gram gathered *before* that step is folded in (so the new task's
+own directions are not damped) and the new Gram starts with the step's. Everything runs on the
+device with ``torch.where`` (two d x d inverses per step and factor, no host read; see
+:func:`detect_step`).
 """
 
 from __future__ import annotations
@@ -35,6 +57,15 @@ import torch
 
 SIDES = ("input", "output")
 SIDE_CHOICES = ("smaller", "mixed", "both", "input", "output")
+SHARE_CHOICES = ("none", "model")
+# Boundary detection (``kron_detect``): betas of the fast and slow averages of the step's
+# gradient energy, and the fewest steps a task's Gram holds before a boundary may fold it.
+# Measured on lm-continual's per-step gradient energy (docs/fogo.md, section 10.8): the energy
+# jumps 1.9-2.5x on the first step of a new corpus; within a corpus the fast average exceeds
+# 1.5x the slow one only at the start of training and within 20 steps after a boundary.
+DETECT_FAST = 0.5
+DETECT_SLOW = 0.95
+MIN_STRETCH = 50
 
 
 @dataclass(frozen=True)
@@ -88,6 +119,82 @@ def init(
             state[f"{side}_acc"] = torch.zeros(d, device=device)
             state[f"{side}_pre"] = torch.ones(d, device=device)
     return state
+
+
+def init_detector(side: str, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The boundary detector's state of a shared factor's ``side`` (float32): ``<side>_energy``
+    (the fast and slow averages of the step's gradient energy; 0: no step yet) and
+    ``<side>_since`` (steps in the running Gram since the last fold)."""
+    return {
+        f"{side}_energy": torch.zeros(2, device=device),
+        f"{side}_since": torch.zeros((), device=device),
+    }
+
+
+def gram_sum(grads: torch.Tensor, side: str) -> torch.Tensor:
+    """sum_i G_i^T G_i (``side="input"``) or sum_i G_i G_i^T (``"output"``) of a stack of
+    gradients (N, m, n), in float32: the contribution of N matrices to a shared Gram."""
+    g = grads.float()
+    return (g.mT @ g if side == "input" else g @ g.mT).sum(0)
+
+
+def detect_step(
+    acc: torch.Tensor,
+    pre: torch.Tensor,
+    step_gram: torch.Tensor,
+    energy: torch.Tensor,
+    since: torch.Tensor,
+    kappa: float,
+    growth: float,
+) -> dict[str, torch.Tensor]:
+    r"""One step of the task-agnostic consolidation of a shared factor, out of place and on the
+    device (no host read; the fold is computed every step and selected with ``torch.where``).
+
+    With e = tr(``step_gram``), the fast and slow averages f <- b_f f + (1 - b_f) e and
+    s <- b_s s + (1 - b_s) e (both start at the first step's e), a *jump* is f > g s_prev
+    (g = ``growth``). A jump *folds* when the running Gram ``acc`` holds at least
+    :data:`MIN_STRETCH` steps (``since``) and is not zero:
+
+    .. math::
+        \mathrm{pre} \leftarrow (\mathrm{pre}^{-1} + \kappa\, \widehat{\mathrm{acc}})^{-1},
+        \qquad \mathrm{acc} \leftarrow \mathrm{step\_gram}, \qquad \mathrm{since} \leftarrow 1
+
+    (the Gram gathered before the jump is the old task's: the new task's own step starts the
+    next Gram); otherwise acc <- acc + step_gram and since <- since + 1. Any jump also resets
+    the slow average to the fast one (the new level is the baseline from then on), so the
+    decaying energy after a boundary does not fire again.
+
+    Args:
+        acc: (d, d) running Gram since the last fold (float32).
+        pre: (d, d) preconditioner (I + kappa P)^-1.
+        step_gram: (d, d) this step's Gram, summed over the factor's sides.
+        energy: (2,) the fast and the slow average (0: no step yet).
+        since: 0-d, steps in ``acc``.
+        kappa: protection strength.
+        growth: g > 1.
+
+    Returns:
+        The new ``acc``, ``pre``, ``energy`` and ``since`` (to commit, or not on a dropped step).
+    """
+    e = torch.trace(step_gram).to(energy.dtype)
+    fresh = energy[1] <= 0
+    fast = torch.where(fresh, e, DETECT_FAST * energy[0] + (1 - DETECT_FAST) * e)
+    slow = torch.where(fresh, e, energy[1])
+    jump = fast > growth * slow
+    total = torch.trace(acc).double()
+    fire = jump & (since >= MIN_STRETCH) & (total > 0)
+    d = acc.shape[0]
+    normalised = acc.double() / (total / d).clamp_min(torch.finfo(torch.float64).tiny)
+    precision = torch.linalg.inv_ex(pre.double()).inverse + kappa * normalised
+    folded = torch.linalg.inv_ex(0.5 * (precision + precision.mT)).inverse.to(pre.dtype)
+    return {
+        "acc": torch.where(fire, step_gram, acc + step_gram),
+        "pre": torch.where(fire, folded, pre),
+        "energy": torch.stack(
+            [fast, torch.where(jump, fast, DETECT_SLOW * slow + (1 - DETECT_SLOW) * e)]
+        ),
+        "since": torch.where(fire, torch.ones_like(since), since + 1),
+    }
 
 
 def grams(state: dict[str, torch.Tensor], grad: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -161,3 +268,5 @@ def consolidate(
                 new = torch.linalg.inv(0.5 * (precision + precision.mT))
                 pre.copy_(keep_free(new, rank) if 0 < rank < new.shape[0] else new)
         state[f"{side}_acc"].zero_()
+        if f"{side}_since" in state:  # a shared factor's detector: the new Gram is empty
+            state[f"{side}_since"].zero_()

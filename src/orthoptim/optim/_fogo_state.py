@@ -20,6 +20,9 @@ A matrix parameter (``algorithm="fogo"``) holds::
 With ``protection="kronecker"`` (opt-in) a matrix holds ``kron`` instead of the codebook state
 (``orthoptim.memory.kronecker``: running gradient Grams and preconditioners per protected
 side), and so does a 2-D AdamW parameter of a group with the memory on (an embedding or head).
+With ``kron_share="model"`` a whole side shared with other matrices lives only in its factor's
+*owner* (the first parameter, in ``param_groups`` order, with a whole protected side of that
+dimension and settings; see :func:`shared_owners`): the others' ``kron`` lacks that side.
 
 "side" is the protected side of the *layer* (``side="input"``: its inputs), whatever the storage
 ``layout``: ``"out_in"`` (torch: dim 0 is the output) or ``"in_out"`` (HF GPT-2 ``Conv1D``, Flax
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -47,7 +50,9 @@ LAYOUTS = ("out_in", "in_out")
 OWN_DTYPE_STATE = ("memory", "last_stats", "grad_sketch", "row_energy", "last_profile", "kron")
 PROTECTIONS = ("subspace", "kronecker")
 # Settings added after checkpoints were first saved: a loaded group may lack them.
-_LATER_DEFAULTS = {"layout": "out_in", "protection": "subspace"}
+_LATER_DEFAULTS = {
+    "layout": "out_in", "protection": "subspace", "kron_share": "none", "kron_detect": 0.0,
+}  # fmt: skip
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -133,6 +138,48 @@ def _kronecker_config(
     )  # fmt: skip
 
 
+def kronecker_sides(group: dict[str, Any], p: torch.Tensor) -> dict[str, str]:
+    """The stored sides the Kronecker protection covers on ``p`` (``{side: "full" or
+    "diagonal"}``; empty when it covers none)."""
+    if has_kronecker_adamw(group, p):
+        return embedding_sides(group)
+    if has_memory(group, p) and protection(group) == "kronecker":
+        config = memory_config(group, matrix_shape(p))
+        return dict(cast(kronecker.KroneckerConfig, config).sides)
+    return {}
+
+
+def shared_owners(
+    param_groups: list[dict[str, Any]],
+) -> dict[int, dict[str, tuple[torch.Tensor, str]]]:
+    """``kron_share="model"``: for every parameter with a whole protected side that a factor
+    shares, ``{id(p): {side: (owner, owner's side)}}``. One factor per (dimension of the side,
+    device, ``kron_strength``, ``kron_detect``), across param groups (the embedding / head is
+    usually in another group than the block matrices); its owner is its first parameter in
+    ``param_groups`` order, whose state holds the factor under the owner's side."""
+    owners: dict[tuple[Any, ...], tuple[torch.Tensor, str]] = {}
+    out: dict[int, dict[str, tuple[torch.Tensor, str]]] = {}
+    for group in param_groups:
+        if group.get("kron_share", "none") == "none":
+            continue
+        for p in group["params"]:
+            for side, form in kronecker_sides(group, p).items():
+                if form != "full":
+                    continue
+                shape = matrix_shape(p)
+                dim = shape[1] if side == "input" else shape[0]
+                key = (dim, str(p.device), group["kron_strength"], group["kron_detect"])
+                out.setdefault(id(p), {})[side] = owners.setdefault(key, (p, side))
+    return out
+
+
+def owned_sides(
+    owners: dict[int, dict[str, tuple[torch.Tensor, str]]], p: torch.Tensor
+) -> dict[str, bool]:
+    """``{side: whether p's state holds the factor}`` for ``p``'s shared sides."""
+    return {side: o is p and os == side for side, (o, os) in owners.get(id(p), {}).items()}
+
+
 def embedding_sides(group: dict[str, Any]) -> dict[str, str]:
     """The Kronecker protection of a 2-D AdamW parameter (an embedding or a head, stored as
     (tokens, features)): its features whole, its token rows as a diagonal (a 50k vocabulary
@@ -194,10 +241,17 @@ def stats_dtype(p: torch.Tensor) -> torch.dtype:
 
 
 def new_state(
-    group: dict[str, Any], p: torch.Tensor, index: int, device: torch.device | str
+    group: dict[str, Any],
+    p: torch.Tensor,
+    index: int,
+    device: torch.device | str,
+    shared: dict[str, bool] | None = None,
 ) -> dict[str, Any]:
     """The fresh state of ``p`` (global parameter index ``index``) under ``group``'s settings,
     on ``device`` (``"meta"``: shapes only, what loading checks a saved state against).
+    ``shared``: ``{side: whether p owns the factor}`` for its sides that a factor shares
+    (:func:`shared_owners`): a side owned elsewhere is left out of ``kron``, an owned one
+    also gets the boundary detector's state when ``kron_detect`` is on.
 
     ``step`` is a float32 0-d tensor on the parameter's device (as in torch's fused AdamW):
     a step dropped for non-finite gradients is not counted, without a host sync."""
@@ -206,7 +260,8 @@ def new_state(
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format, device=device)
         state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         if has_kronecker_adamw(group, p):
-            state["kron"] = kronecker.init(embedding_sides(group), p.shape[0], p.shape[1], device)
+            state["kron"] = _kron_state(group, embedding_sides(group), matrix_shape(p), device,
+                                        shared)  # fmt: skip
         return state
     if group.get("layout", "out_in") == "in_out" and p.ndim != 2:
         raise ValueError(
@@ -220,7 +275,7 @@ def new_state(
         return state
     config = memory_config(group, shape)
     if isinstance(config, kronecker.KroneckerConfig):
-        state["kron"] = kronecker.init(dict(config.sides), *shape, device)
+        state["kron"] = _kron_state(group, dict(config.sides), shape, device, shared)
         return state
     state["seed"] = group["seed"] * 1_000_003 + index
     state["writes"] = 0
@@ -232,6 +287,24 @@ def new_state(
         state["last_profile"] = torch.zeros(config.other_dim, device=device)
         state["stretch_windows"] = 0
     state["last_stats"] = new_stats(stats_dtype(p), device)
+    return state
+
+
+def _kron_state(
+    group: dict[str, Any],
+    sides: dict[str, str],
+    shape: tuple[int, int],
+    device: torch.device | str,
+    shared: dict[str, bool] | None,
+) -> dict[str, torch.Tensor]:
+    """``kron`` of a protected matrix: its own sides, the shared sides it owns (with their
+    detector when ``kron_detect`` is on), none of the shared sides another parameter owns."""
+    shared = shared or {}
+    state = kronecker.init({k: v for k, v in sides.items() if shared.get(k, True)}, *shape, device)
+    if group.get("kron_detect", 0.0) > 0:
+        for side, owned in shared.items():
+            if owned:
+                state.update(kronecker.init_detector(side, device))
     return state
 
 
@@ -261,17 +334,22 @@ def check_loadable(param_groups: list[dict[str, Any]], state_dict: dict[str, Any
     saved_groups = state_dict.get("param_groups", [])
     if len(saved_groups) != len(param_groups):
         return  # torch raises its own error
-    for gi, (saved, group) in enumerate(zip(saved_groups, param_groups, strict=True)):
+    for saved, group in zip(saved_groups, param_groups, strict=True):
         if len(saved["params"]) != len(group["params"]):
             return
-        hp = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-        for key, p in zip(saved["params"], group["params"], strict=True):
+    merged = [
+        {**group, **{k: v for k, v in saved.items() if k != "params"}}
+        for saved, group in zip(saved_groups, param_groups, strict=True)
+    ]
+    owners = shared_owners(merged)
+    for gi, (saved, hp) in enumerate(zip(saved_groups, merged, strict=True)):
+        for key, p in zip(saved["params"], hp["params"], strict=True):
             st = state_dict["state"].get(key)
             if not st:
                 continue
-            expect = _tensor_shapes(
-                {k: v for k, v in new_state(hp, p, 0, "meta").items() if k != "last_stats"}
-            )
+            shared = owned_sides(owners, p)
+            fresh = new_state(hp, p, 0, "meta", shared)
+            expect = _tensor_shapes({k: v for k, v in fresh.items() if k != "last_stats"})
             found = _tensor_shapes({k: v for k, v in st.items() if k != "last_stats"})
             extra = [name for name in found if name not in expect]
             for name in [*expect, *extra]:  # what is missing first, then what is left over
@@ -357,6 +435,24 @@ def validate(g: dict[str, Any]) -> None:
     check_range("kron_strength", g["kron_strength"], 0.0, low_open=True)
     check_choice("kron_sides", g["kron_sides"], kronecker.SIDE_CHOICES)
     check_range("kron_online", g["kron_online"], 0.0, 1.0, high_open=True)
+    check_choice("kron_share", g.get("kron_share", "none"), kronecker.SHARE_CHOICES)
+    detect = g.get("kron_detect", 0.0)
+    check_range("kron_detect", detect, 0.0)
+    if detect and detect <= 1:
+        raise ValueError(
+            f"Invalid kron_detect: {detect}; the energy growth that marks a new task must be "
+            "> 1 (or 0: no detection)"
+        )
+    if detect and g.get("kron_share", "none") == "none":
+        raise ValueError(
+            f"Invalid kron_detect: {detect} needs shared factors (kron_share='model'), got "
+            "kron_share='none'"
+        )
+    if g.get("kron_share", "none") != "none" and g["kron_online"] > 0:
+        raise ValueError(
+            f"Invalid kron_online: {g['kron_online']} with kron_share={g['kron_share']!r}; "
+            "shared factors consolidate at end_task or on a detected boundary (kron_detect)"
+        )
     check_choice("write_source", g["write_source"], ("gradients", "slow"))
     check_int("sketch_dim", g["sketch_dim"], 1)
     check_int("seed", g["seed"], 0)

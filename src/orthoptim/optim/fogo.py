@@ -49,7 +49,14 @@ from torch.optim.optimizer import ParamsT
 
 from orthoptim.distributed import megabatch
 from orthoptim.memory import codebook, kronecker
-from orthoptim.memory.bucket import KroneckerBucket, MemoryBucket, memory_for, rows
+from orthoptim.memory.bucket import (
+    KroneckerBucket,
+    MemoryBucket,
+    SharedFactor,
+    memory_for,
+    own_view,
+    rows,
+)
 from orthoptim.optim import _fogo_math, _fogo_shard, _fogo_state, _fused, _nonfinite
 from orthoptim.optim._validation import check_choice, check_group_keys, check_range
 
@@ -155,6 +162,18 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             the other as a diagonal of per-unit energies), ``"both"``, ``"input"`` or
             ``"output"``. AdamW parameters keep their features whole and their token rows as a
             diagonal (whole with ``"both"``).
+        kron_share: ``"none"`` (default: every matrix keeps its own factors) or ``"model"``:
+            every whole protected side of the same dimension d (and device, ``kron_strength``,
+            ``kron_detect``), across param groups, shares one factor pair, whose Gram is the
+            plain sum of the sides' Grams, sum_i sum_k G_ik^T G_ik (G_ik G_ik^T for a side that
+            is the stored rows): in a transformer the residual stream, the smaller side of
+            every block matrix and the feature side of the embedding / head, 2 d^2 float32 in
+            all (0.95% of GPT-2 small's parameter bytes). Not with ``kron_online``.
+        kron_detect: g > 1: detect task boundaries without ``end_task`` (shared factors
+            only): a step whose gradient energy (fast average) exceeds g times its slow
+            average, once the running Gram holds 50 steps or more, folds the Grams gathered
+            before that step and starts the next task's Gram with it; on the device, no host
+            read (:func:`orthoptim.memory.kronecker.detect_step`). 0 (default): none.
         kron_online: gamma in [0, 1). With gamma > 0 the Kronecker protection also
             consolidates every ``write_interval`` steps, precision <- I + gamma P +
             (1 - gamma) kappa A_window (task-agnostic; it also damps the current task's own
@@ -226,6 +245,8 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         kron_strength: float = 10.0,
         kron_sides: str = "smaller",
         kron_online: float = 0.0,
+        kron_share: str = "none",
+        kron_detect: float = 0.0,
         write_source: str = "gradients",
         sketch_dim: int = 32,
         seed: int = 0,
@@ -246,7 +267,8 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             min_energy=min_energy, eviction=eviction,
             overflow=overflow,
             side=side, layout=layout, protection=protection, kron_strength=kron_strength,
-            kron_sides=kron_sides, kron_online=kron_online, write_source=write_source,
+            kron_sides=kron_sides, kron_online=kron_online, kron_share=kron_share,
+            kron_detect=kron_detect, write_source=write_source,
             sketch_dim=sketch_dim, seed=seed,
         )  # fmt: skip
         _fogo_state.validate(defaults)
@@ -295,6 +317,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         rank holds the state of its own matrices only (and of every AdamW parameter), and an
         empty entry for the others'."""
         index = 0
+        owners = _fogo_state.shared_owners(self.param_groups)
         for gi, group in enumerate(self.param_groups):
             owned = self._owned(gi)
             for p in group["params"]:
@@ -303,7 +326,10 @@ class FOGO(_nonfinite.Guarded, Optimizer):
                     # Another rank's matrix: an empty entry, so that every rank lists every
                     # parameter (DCP's set_optimizer_state_dict expects them all).
                     mine = id(p) in owned or not matrix
-                    self.state[p] = _fogo_state.new_state(group, p, index, p.device) if mine else {}
+                    shared = _fogo_state.owned_sides(owners, p)
+                    self.state[p] = (
+                        _fogo_state.new_state(group, p, index, p.device, shared) if mine else {}
+                    )
                 index += 1
 
     def _plan(self, gi: int) -> list[megabatch.Chunks | None]:
@@ -339,11 +365,13 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         """Forget what is derived from the state (buckets, projections, step hints)."""
         self._layouts: list[_Layout] | None = None
         self._step_hint: dict[int, int] = {}  # host upper bound of each matrix's step counter
+        # kron_share: each parameter's shared factors by side (views of the owners' state)
+        self._factors: dict[int, dict[str, SharedFactor]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps only defaults/state/param_groups, losing the policy, counter and caches
         # (deepcopy / pickle then fail); keep every attribute, drop the derived caches.
-        return {**self.__dict__, "_layouts": None, "_step_hint": {}}
+        return {**self.__dict__, "_layouts": None, "_step_hint": {}, "_factors": {}}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FOGO:
         # A process group cannot be copied: a copy shares it (and the ownership plan).
@@ -405,8 +433,15 @@ class FOGO(_nonfinite.Guarded, Optimizer):
                     self._sharded_bucket_step(group, bucket, take, guard)
                 if take:
                     stepped.append((bucket, take))
+        for factor in self._shared_factors():  # kron_detect: boundary test and fold (device)
+            factor.end_step(guard.skip(factor.acc.device))
         self._scheduled_writes(stepped, guard)
         return loss
+
+    def _shared_factors(self) -> list[SharedFactor]:
+        """Every shared Kronecker factor once (``kron_share``; empty without)."""
+        unique = {id(f): f for sides in self._factors.values() for f in sides.values()}
+        return list(unique.values())
 
     @torch.compiler.disable  # type: ignore[untyped-decorator]
     def _prepare(self) -> list[_Layout]:
@@ -415,11 +450,29 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         for group in self.param_groups:
             self._check_momentum(group)
         if self._layouts is None:
+            self._factors = self._build_factors()
             self._layouts = [
-                _Layout(group, self.state, self._plan(gi), self._sharding)
+                _Layout(group, self.state, self._plan(gi), self._sharding, self._factors)
                 for gi, group in enumerate(self.param_groups)
             ]
         return self._layouts
+
+    def _build_factors(self) -> dict[int, dict[str, SharedFactor]]:
+        """The shared factors (``kron_share="model"``), as views of their owners' state."""
+        owners = _fogo_state.shared_owners(self.param_groups)
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        made: dict[tuple[int, str], SharedFactor] = {}
+        out: dict[int, dict[str, SharedFactor]] = {}
+        for key, sides in owners.items():
+            for side, (owner, owner_side) in sides.items():
+                if (id(owner), owner_side) not in made:
+                    g = group_of[id(owner)]
+                    made[(id(owner), owner_side)] = SharedFactor(
+                        self.state[owner]["kron"], owner_side, g["kron_strength"],
+                        g["kron_detect"],
+                    )  # fmt: skip
+                out.setdefault(key, {})[side] = made[(id(owner), owner_side)]
+        return out
 
     @torch.compiler.disable  # type: ignore[untyped-decorator]
     def _adamw(self, layouts: list[_Layout], guard: _nonfinite.StepGuard) -> None:
@@ -457,10 +510,16 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         """The Kronecker protection of a 2-D AdamW parameter (embedding, head): its Grams take
         this step's gradient and its AdamW step is damped, W <- W_0 + (I + kappa P_out)^-1
         (W - W_0) (I + kappa P_in)^-1, with an online consolidation when one is due."""
-        kron = state["kron"]
-        for name, new in kronecker.grams(kron, cast(torch.Tensor, p.grad)).items():
+        shared = self._factors.get(id(p), {})
+        kron = own_view(state["kron"], list(shared))
+        grad = cast(torch.Tensor, p.grad)
+        for name, new in kronecker.grams(kron, grad).items():
             guard.commit_(kron[name], new)
-        p.copy_(before + kronecker.apply(kron, p - before))
+        pres = {k: v for k, v in kron.items() if k.endswith("_pre")}
+        for side, factor in shared.items():
+            factor.add(kronecker.gram_sum(grad.unsqueeze(0), side), guard.skip(p.device))
+            pres[f"{side}_pre"] = factor.pre
+        p.copy_(before + kronecker.apply(pres, p - before))
         gamma, interval = group["kron_online"], group["write_interval"]
         if gamma > 0 and interval and self._write_due(p, state, interval, guard) is not None:
             kronecker.consolidate(kron, (1 - gamma) * group["kron_strength"], gamma)
@@ -612,11 +671,15 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         entry and make every stored entry protect from now on (``protection="kronecker"``: fold
         the task's gradient Grams into the preconditioners). Optional; nothing requires it.
         Matrices that have not taken a step yet have nothing to consolidate."""
-        for group, layout in zip(self.param_groups, self._prepare(), strict=True):
+        layouts = self._prepare()
+        for factor in self._shared_factors():
+            factor.consolidate()
+        for group, layout in zip(self.param_groups, layouts, strict=True):
             for p in layout.adamw:
                 kron = self.state[p].get("kron")
                 if kron is not None:
-                    kronecker.consolidate(kron, group["kron_strength"])
+                    own = own_view(kron, list(self._factors.get(id(p), {})))
+                    kronecker.consolidate(own, group["kron_strength"])
             for bucket in layout.buckets:
                 if bucket.memory is None:
                     continue
@@ -700,6 +763,7 @@ class _Layout:
         state: dict[torch.Tensor, Any],
         plan: list[megabatch.Chunks | None],
         sharding: _fogo_shard.Sharding | None,
+        factors: dict[int, dict[str, SharedFactor]],
     ) -> None:
         self.adamw = [p for p in group["params"] if _fogo_state.algorithm(group, p) == "adamw"]
         self.empty = [
@@ -707,7 +771,7 @@ class _Layout:
             if _fogo_state.algorithm(group, p) == "fogo" and p.numel() == 0
         ]  # fmt: skip
         self.buckets = [
-            _Bucket(group, params, chunks, state, sharding)
+            _Bucket(group, params, chunks, state, sharding, factors)
             for params, chunks in zip(_fogo_state.buckets_of(group), plan, strict=True)
         ]
 
@@ -731,6 +795,7 @@ class _Bucket:
         chunks: megabatch.Chunks | None,
         state: dict[torch.Tensor, Any],
         sharding: _fogo_shard.Sharding | None,
+        factors: dict[int, dict[str, SharedFactor]],
     ) -> None:
         self.params = params
         self.shape = _fogo_state.matrix_shape(params[0])
@@ -742,4 +807,6 @@ class _Bucket:
             config = _fogo_state.memory_config(group, self.shape)
             dtype = _fogo_state.stats_dtype(params[0])
             device = _fogo_shard.local(params[0]).device
-            self.memory = memory_for(config, self.states, device, dtype)
+            # Same group and shape: every matrix of the bucket shares the same factors.
+            shared = factors.get(id(self.owned[0]), {})
+            self.memory = memory_for(config, self.states, device, dtype, shared)

@@ -8,7 +8,8 @@ a Python loop, and solves the lift from its n x n normal equations
     U (I_n + rho V V^T) = O + rho c' V^T.
 
 With ``protection="kronecker"`` it accumulates each matrix's Grams and multiplies its update by
-each side's preconditioner one side at a time (the fast class: one batched product per bucket).
+each side's preconditioner one side at a time (the fast class: one batched product per bucket);
+a shared factor (``kron_share``) takes each matrix's Gram one at a time.
 
 Everything else (state, codebook writes and Kronecker consolidations: rare, host-side; the
 AdamW step) is shared with the fast class; the writes are tested on their own.
@@ -172,15 +173,19 @@ class FOGOReference(FOGO):
         kron = memory.states[i]["kron"]
         g = grad.float()
         for side, form in memory.config.sides:
-            acc = kron[f"{side}_acc"]
             if form == "full":
                 gram = g.mT @ g if side == "input" else g @ g.mT
             else:
                 gram = g.square().sum(0) if side == "input" else g.square().sum(1)
+            if side in memory.shared:  # kron_share: this matrix's Gram joins the shared sum
+                memory.shared[side].add(gram, guard.skip(gram.device))
+                continue
+            acc = kron[f"{side}_acc"]
             guard.commit_(acc, acc + gram)
         u = update.to(torch.promote_types(update.dtype, torch.float32))
         for side, form in memory.config.sides:
-            pre = kron[f"{side}_pre"].to(u.dtype)
+            shared = memory.shared.get(side)
+            pre = (shared.pre if shared is not None else kron[f"{side}_pre"]).to(u.dtype)
             if form == "diagonal":
                 u = u * (pre if side == "input" else pre[:, None])
             else:
