@@ -298,3 +298,184 @@ def test_kronecker_is_refused_under_data_parallel_sharding(monkeypatch):
     monkeypatch.setattr(_fogo_shard, "sharding_for", lambda *args: fake)
     with pytest.raises(ValueError, match="Invalid protection: 'kronecker' with data-parallel"):
         FOGO([nn.Parameter(torch.zeros(3, 4))], protection="kronecker")
+
+
+# ------------------------------------------------------------------ shared factors (kron_share)
+SHARED = dict(protection="kronecker", kron_share="model")
+
+
+@pytest.mark.parametrize(
+    "options", [dict(), dict(kron_sides="both"), dict(kron_detect=1.5)], ids=str
+)
+def test_shared_factors_equal_the_per_matrix_reference(options):
+    """The batched shared factor (one Gram sum per bucket) against the reference, which adds
+    each matrix's Gram one at a time (float32 sums in another order: 1e-6)."""
+    runs = []
+    for cls in (FOGO, FOGOReference):
+        torch.manual_seed(0)
+        model = Net().double()
+        opt = cls(groups(model), lr=0.05, **SHARED, **F64, **options)
+        train(model, opt, data(10), end_task_at=(4,))
+        runs.append(model)
+    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_shared_factor_is_the_normalised_sum_of_every_sides_grams():
+    """Brute force: with kron_sides="both" the embedding's 6 features and fc1's 6 inputs share
+    one factor, fc1's 9 outputs, both sides of fc2 and fc3's 9 inputs another; after ``end_task`` each shared
+    preconditioner is (I + kappa hat(sum of the sides' Grams))^-1, only the first parameter of
+    each factor holds it, and the next step of every member is plain FOGO's (or AdamW's) step
+    damped by it."""
+    torch.manual_seed(0)
+    plain, protected = Net().double(), Net().double()
+    protected.load_state_dict(plain.state_dict())
+    opt_plain = FOGO(groups(plain), lr=0.05, memory=False, **F64)
+    opt = FOGO(groups(protected), lr=0.05, kron_sides="both", **SHARED, **F64)
+    grads = {name: [] for name, _ in protected.named_parameters()}
+    for x, y in data(4):
+        for model, o in ((plain, opt_plain), (protected, opt)):
+            o.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            o.step()
+        for name, p in protected.named_parameters():
+            grads[name].append(p.grad.clone())
+    opt.end_task()
+    gram = {name: (sum(g.mT @ g for g in gs), sum(g @ g.mT for g in gs))
+            for name, gs in grads.items() if gs[0].ndim == 2}  # fmt: skip
+    sums = {6: gram["fc1.weight"][0] + gram["embed.weight"][0],
+            9: gram["fc1.weight"][1] + gram["fc2.weight"][0] + gram["fc2.weight"][1]
+            + gram["fc3.weight"][0],
+            5: gram["fc3.weight"][1], 11: gram["embed.weight"][1]}  # fmt: skip
+    pre = {}
+    for d, a in sums.items():
+        pre[d] = torch.linalg.inv(torch.eye(d, dtype=a.dtype) + 10 * a / (torch.trace(a) / d))
+    kron = {name: opt.state[p]["kron"] for name, p in protected.named_parameters() if p.ndim == 2}
+    assert set(kron["fc1.weight"]) == {"input_acc", "input_pre", "output_acc", "output_pre"}
+    assert kron["fc2.weight"] == {}  # both its sides are fc1's output factor
+    assert set(kron["embed.weight"]) == {"output_acc", "output_pre"}  # its 11 token rows
+    assert set(kron["fc3.weight"]) == {"output_acc", "output_pre"}  # its 5 outputs
+    assert torch.allclose(kron["fc1.weight"]["input_pre"].double(), pre[6], atol=1e-6)
+    assert torch.allclose(kron["fc1.weight"]["output_pre"].double(), pre[9], atol=1e-6)
+    assert torch.allclose(kron["fc3.weight"]["output_pre"].double(), pre[5], atol=1e-6)
+    assert torch.allclose(kron["embed.weight"]["output_pre"].double(), pre[11], atol=1e-6)
+    before = {name: p.detach().clone() for name, p in protected.named_parameters()}
+    x, y = data(1, seed=1)[0]
+    for model, o in ((plain, opt_plain), (protected, opt)):
+        o.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        o.step()
+    sides = {"fc1.weight": (pre[9], pre[6]), "fc2.weight": (pre[9], pre[9]),
+             "fc3.weight": (pre[5], pre[9]), "embed.weight": (pre[11], pre[6])}  # fmt: skip
+    for (name, p), q in zip(protected.named_parameters(), plain.parameters(), strict=True):
+        step = q.detach() - before[name]
+        if name in sides:
+            out_pre, in_pre = sides[name]
+            damped = out_pre.float().double() @ step @ in_pre.float().double()
+            if name != "embed.weight":
+                damped = damped * step.norm() / damped.norm()
+            step = damped
+        assert torch.allclose(p.detach() - before[name], step, atol=1e-6, rtol=1e-4), name
+
+
+def test_detect_step_folds_the_gram_before_the_jump():
+    """Brute force of the boundary detector: a task of steady energy, then a jump to 3x: no
+    fold before MIN_STRETCH steps, then the jump step folds exactly the Gram gathered before
+    it and starts the next Gram with its own; the energy decaying after it does not fire."""
+    gen = torch.Generator().manual_seed(4)
+    d, kappa = 4, 10.0
+    state = {"acc": torch.zeros(d, d), "pre": torch.eye(d), "energy": torch.zeros(2),
+             "since": torch.zeros(())}  # fmt: skip
+    old, folds = torch.zeros(d, d, dtype=torch.float64), []
+    energies = [1.0] * 70 + [3.0] + [2.5 - 0.02 * k for k in range(40)]
+    early = [1.0] * 10 + [5.0]  # a jump in the first MIN_STRETCH steps does not fold
+    for k, level in enumerate(early + energies):
+        g = torch.randn(3, d, generator=gen, dtype=torch.float64)
+        step = g.mT @ g
+        step = step * (level / torch.trace(step))
+        pre_before = state["pre"].clone()
+        new = kronecker.detect_step(state["acc"], state["pre"], step.float(), state["energy"],
+                                    state["since"], kappa, 1.5)  # fmt: skip
+        state = new
+        if not torch.equal(state["pre"], pre_before):
+            folds.append(k)
+            expect = torch.linalg.inv(torch.eye(d, dtype=torch.float64)
+                                      + kappa * old / (torch.trace(old) / d))  # fmt: skip
+            assert torch.allclose(state["pre"].double(), expect, atol=1e-5)
+            assert torch.allclose(state["acc"].double(), step, atol=1e-6)
+            old = step.clone()
+        else:
+            old = old + step
+    assert folds == [len(early) + 70]
+    assert kronecker.MIN_STRETCH == 50 and float(state["since"]) == 41  # the jump step and 40 after
+
+
+def test_shared_factors_round_trip():
+    torch.manual_seed(0)
+    model = Net().double()
+    hp = dict(lr=0.05, kron_detect=1.5, **SHARED, **F64)
+    opt = FOGO(groups(model), **hp)
+    train(model, opt, data(5), end_task_at=(2,))
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = copy.deepcopy(opt.state_dict())
+    stats = opt.memory_stats()
+    held = [t for p in model.parameters() for t in opt.state[p].get("kron", {}).values()]
+    assert stats["memory_bytes"] == sum(t.numel() * t.element_size() for t in held)
+    train(model, opt, data(3, seed=2))
+    twin = Net().double()
+    twin.load_state_dict(saved_model)
+    opt_twin = FOGO(groups(twin), **hp)
+    opt_twin.load_state_dict(copy.deepcopy(saved))
+    train(twin, opt_twin, data(3, seed=2))
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # As in torch, the saved groups' settings win: a per-matrix optimizer loads the sharing.
+    third = Net().double()
+    third.load_state_dict(saved_model)
+    per_matrix = FOGO(groups(third), lr=0.05, protection="kronecker", **F64)
+    per_matrix.load_state_dict(copy.deepcopy(saved))  # the twin's load shares its tensors
+    assert per_matrix.param_groups[0]["kron_share"] == "model"
+    train(third, per_matrix, data(3, seed=2))
+    for a, b in zip(model.parameters(), third.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_invalid_shared_settings_raise():
+    w = nn.Parameter(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="kron_share"):
+        FOGO([w], protection="kronecker", kron_share="layer")
+    with pytest.raises(ValueError, match="kron_detect"):
+        FOGO([w], **SHARED, kron_detect=1.0)
+    with pytest.raises(ValueError, match="kron_detect"):
+        FOGO([w], **SHARED, kron_detect=-1.0)
+    with pytest.raises(ValueError, match="kron_detect: 1.5 needs shared factors"):
+        FOGO([w], protection="kronecker", kron_detect=1.5)
+    with pytest.raises(ValueError, match="kron_online"):
+        FOGO([w], **SHARED, kron_online=0.5)
+
+
+@pytest.mark.parametrize("poisoned", [False, True], ids=["finite", "nan"])
+def test_boundary_detection_reads_nothing_on_the_host(poisoned):
+    """kron_detect's test and fold run on the device every step: a steady step (finite, or
+    dropped for a NaN) reads no tensor value on the host; a dropped step changes nothing."""
+    from test_conformance import HostReads
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = FOGO(groups(model), lr=0.05, kron_detect=1.5, write_interval=0, **SHARED)
+    batches = data(4)
+    train(model, opt, batches[:3])
+    before = copy.deepcopy(opt.state_dict()["state"])
+    x, y = batches[3]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    if poisoned:
+        model.fc2.weight.grad[0, 0] = float("nan")
+    with HostReads() as reads:
+        opt.step()
+    assert reads.count == 0, reads.seen
+    if poisoned:
+        after = opt.state_dict()["state"]
+        for key, state in before.items():
+            for name, t in state.get("kron", {}).items():
+                assert torch.equal(t, after[key]["kron"][name]), (key, name)
