@@ -324,9 +324,9 @@ def test_shared_factors_equal_the_per_matrix_reference(options):
 def test_shared_factor_is_the_normalised_sum_of_every_sides_grams():
     """Brute force: with kron_sides="both" the embedding's 6 features and fc1's 6 inputs share
     one factor, fc1's 9 outputs, both sides of fc2 and fc3's 9 inputs another; after
-    ``end_task`` each shared preconditioner is (I + kappa hat(sum of the sides' Grams))^-1, only the first parameter of
-    each factor holds it, and the next step of every member is plain FOGO's (or AdamW's) step
-    damped by it."""
+    ``end_task`` each shared preconditioner is (I + kappa hat(sum of the sides' Grams))^-1,
+    only the first parameter of each factor holds it, and the next step of every member is
+    plain FOGO's (or AdamW's) step damped by it."""
     torch.manual_seed(0)
     plain, protected = Net().double(), Net().double()
     protected.load_state_dict(plain.state_dict())
