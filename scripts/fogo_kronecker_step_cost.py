@@ -1,5 +1,7 @@
 """Step time of FOGO's ``protection="kronecker"`` next to the default memory and no memory
-(docs/fogo.md, section 10.6), side by side on ``orthoptim speed``'s ``gpt`` case.
+and of its shared factors with and without boundary detection (``kron_share="model"``,
+``kron_detect``; docs/fogo.md, sections 10.6 and 10.8), side by side on ``orthoptim speed``'s
+``gpt`` case.
 
 The three optimizers step the same fixed gradients in turn, round after round (no scheduled
 writes; the Kronecker one after an ``end_task``, so its preconditioners are dense); the first
@@ -35,10 +37,13 @@ def main() -> None:
         return FOGO(groups, lr=1e-6, ns_dtype="float32", write_interval=0, **kw)
 
     opts = {"no memory": build(memory=False), "default memory": build(),
-            "kronecker": build(protection="kronecker")}  # fmt: skip
+            "kronecker": build(protection="kronecker"),
+            "kron shared": build(protection="kronecker", kron_share="model"),
+            "kron detect": build(protection="kronecker", kron_share="model", kron_detect=1.5)}  # fmt: skip
     for opt in opts.values():
         opt.step()
-    opts["kronecker"].end_task()
+    for name in ("kronecker", "kron shared", "kron detect"):
+        opts[name].end_task()
     times: dict[str, list[float]] = {name: [] for name in opts}
     for _ in range(args.rounds):
         for name, opt in opts.items():
@@ -50,7 +55,9 @@ def main() -> None:
         print(f"{name:15s} median step {1000 * statistics.median(ts[1:]):8.1f} ms, "
               f"memory {100 * frac:5.1f}% of the protected parameters' bytes")  # fmt: skip
     for a, b in (("kronecker", "no memory"), ("kronecker", "default memory"),
-                 ("default memory", "no memory")):  # fmt: skip
+                 ("default memory", "no memory"), ("kron shared", "no memory"),
+                 ("kron shared", "default memory"), ("kron detect", "no memory"),
+                 ("kron detect", "default memory")):  # fmt: skip
         ratio = statistics.median(x / y for x, y in zip(times[a][1:], times[b][1:], strict=True))
         print(f"{a} / {b}: median per-round ratio {ratio:.3f}")
 

@@ -224,6 +224,16 @@ for _kappa in (3.0, 10.0, 30.0):
             fogo=dict(protection="kronecker", kron_share="model", kron_strength=_kappa,
                       kron_detect=_growth),
         )  # fmt: skip
+# attn_out's input side (per-head attention values) is no residual stream: its normalised
+# Grams are nearly orthogonal across layers (cosine 0.02-0.07), so it shares its output side
+# (the residual write, as mlp_out's smaller side does)
+_RESIDUAL = {"attn_out": dict(kron_sides="output")}
+CONFIGS["aware_kshare_model_k10_res"] = dict(
+    fogo=dict(protection="kronecker", kron_share="model"), aware=True, kinds=_RESIDUAL
+)
+CONFIGS["agnostic_kshare_model_k10_detect1.5_res"] = dict(
+    fogo=dict(protection="kronecker", kron_share="model", kron_detect=1.5), kinds=_RESIDUAL
+)
 CONFIGS["aware_output"] = dict(fogo=dict(side="output"), aware=True)
 CONFIGS["aware_output_b0.2"] = dict(fogo=dict(side="output", memory_budget=0.2), aware=True)
 
@@ -746,6 +756,12 @@ def _run(args, name, seed, config, s, names, steps, vocab, data, record, start) 
                 opt.end_task()
             for j, dj in enumerate(data):
                 L[i, j] = lm._eval_loss(model, dj.val, s["eval_batches"], s["batch_size"])
+            # kron_detect: steps in each shared factor's running Gram at the end of the stage
+            # (the steps since the last detected boundary)
+            since = [float(t) for st in opt.state.values() if st
+                     for k, t in st.get("kron", {}).items() if k.endswith("_since")]  # fmt: skip
+            if since:
+                record.setdefault("detector_since", []).append(since)
             if probe:
                 per_stage.append(dict(memory=probe.memory(i)))
             if oracle:

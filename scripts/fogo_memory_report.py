@@ -7,11 +7,13 @@ with zero gradients (ns_steps=0, so it is fast) and prints the memory per matrix
 total, next to AdamW's state.
 
     python scripts/fogo_memory_report.py [--budget 0.05]
-    python scripts/fogo_memory_report.py --protection kronecker [--kron-sides smaller]
+    python scripts/fogo_memory_report.py --protection kronecker [--kron-sides smaller] \
+        [--kron-share model] [--kron-detect 1.5]
 
 With ``--protection kronecker`` the embeddings are in the protected AdamW group (as
 ``param_groups`` routes them), so their Kronecker state counts too; the bytes are
-``memory_stats()``'s.
+``memory_stats()``'s. With ``--kron-share model`` one factor pair per dimension is held by its
+first parameter (the others hold only their unshared sides).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def gpt2_small_params(d: int = 768, layers: int = 12, vocab: int = 50257, ctx: i
     return matrices, vectors + embeddings
 
 
-def kronecker_report(opt: FOGO, params: list, n_matrices: int, sides: str) -> None:
+def kronecker_report(opt: FOGO, params: list, n_matrices: int, sides: str, share: str) -> None:
     """Bytes of the Kronecker protection per parameter shape and in all (``memory_stats``)."""
     by_shape: Counter = Counter()
     on_matrices = 0
@@ -52,7 +54,7 @@ def kronecker_report(opt: FOGO, params: list, n_matrices: int, sides: str) -> No
     stats = opt.memory_stats()
     total = sum(p.numel() for p in params) * 4
     matrix_bytes = sum(p.numel() for p in params[:n_matrices]) * 4
-    print(f"Kronecker memory ({sides}): {stats['memory_bytes'] / 2**20:.1f} MiB = "
+    print(f"Kronecker memory ({sides}, kron_share={share!r}): {stats['memory_bytes'] / 2**20:.1f} MiB = "
           f"{100 * stats['memory_bytes'] / total:.1f}% of all parameter bytes; "
           f"{on_matrices / 2**20:.1f} MiB on the {n_matrices} FOGO matrices "
           f"({100 * on_matrices / matrix_bytes:.1f}% of their bytes), "
@@ -65,13 +67,15 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.05)
     ap.add_argument("--protection", default="subspace", choices=("subspace", "kronecker"))
     ap.add_argument("--kron-sides", default="smaller")
+    ap.add_argument("--kron-share", default="none", choices=("none", "model"))
+    ap.add_argument("--kron-detect", type=float, default=0.0)
     args = ap.parse_args()
     matrices, others = gpt2_small_params()
     params = [torch.nn.Parameter(t) for t in matrices + others]
     opt = FOGO(
         [{"params": params[: len(matrices)]}, {"params": params[len(matrices):], "algorithm": "adamw"}],
         ns_steps=0, memory_budget=args.budget, protection=args.protection,
-        kron_sides=args.kron_sides,
+        kron_sides=args.kron_sides, kron_share=args.kron_share, kron_detect=args.kron_detect,
     )  # fmt: skip
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -80,7 +84,7 @@ def main() -> None:
     print(f"GPT-2 small shapes: {total_params / 1e6:.1f}M parameters "
           f"({len(matrices)} FOGO matrices, {sum(m.numel() for m in matrices) / 1e6:.1f}M)")  # fmt: skip
     if args.protection == "kronecker":
-        kronecker_report(opt, params, len(matrices), args.kron_sides)
+        kronecker_report(opt, params, len(matrices), args.kron_sides, args.kron_share)
         return
     by_shape = Counter()
     for p in params[: len(matrices)]:

@@ -173,7 +173,10 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             only): a step whose gradient energy (fast average) exceeds g times its slow
             average, once the running Gram holds 50 steps or more, folds the Grams gathered
             before that step and starts the next task's Gram with it; on the device, no host
-            read (:func:`orthoptim.memory.kronecker.detect_step`). 0 (default): none.
+            read (:func:`orthoptim.memory.kronecker.detect_step`; two d x d inverses per step
+            and shared factor). Only the shared factors fold at a detected boundary: a side
+            that is not shared (an embedding's token rows) folds at ``end_task`` only.
+            0 (default): none.
         kron_online: gamma in [0, 1). With gamma > 0 the Kronecker protection also
             consolidates every ``write_interval`` steps, precision <- I + gamma P +
             (1 - gamma) kappa A_window (task-agnostic; it also damps the current task's own
