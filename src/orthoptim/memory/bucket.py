@@ -288,10 +288,9 @@ class SharedFactor:
     of the tensors its owner's state holds (``<side>_acc``, ``<side>_pre`` and, with boundary
     detection, ``<side>_energy``, ``<side>_since``; :mod:`orthoptim.memory.kronecker`).
 
-    Every member adds its step's Gram (:meth:`add`); without detection it goes straight into
-    the running Gram, with detection (``growth`` > 0) into a per-step workspace that
-    :meth:`end_step` folds by :func:`orthoptim.memory.kronecker.detect_step` once every member
-    has added (on the device).
+    With detection (``growth`` > 0) :meth:`begin_step` runs first in a step: the boundary test
+    on the members' gradient energy, and the fold (:func:`kronecker.detect_step`); then every
+    member adds its step's Gram (:meth:`add`) and is damped by :attr:`pre`.
 
     Args:
         state: the owner's ``kron`` state dict.
@@ -299,37 +298,45 @@ class SharedFactor:
             factor's).
         kappa: protection strength.
         growth: boundary detection's g (``kron_detect``); 0: none.
+        members: the parameters that share the factor (their gradients are the step's energy).
     """
 
-    def __init__(self, state: dict[str, torch.Tensor], side: str, kappa: float, growth: float):
+    def __init__(
+        self,
+        state: dict[str, torch.Tensor],
+        side: str,
+        kappa: float,
+        growth: float,
+        members: Sequence[torch.Tensor] = (),
+    ):
         self.state, self.side, self.kappa, self.growth = state, side, kappa, growth
         self.acc, self.pre = state[f"{side}_acc"], state[f"{side}_pre"]
-        self.pending = torch.zeros_like(self.acc) if growth > 0 else None
+        self.members = list(members)
 
     def add(self, gram: torch.Tensor, skip: torch.Tensor | None) -> None:
-        """Add a (d, d) Gram to the step's workspace or the running Gram (not if dropped)."""
-        target = self.pending if self.pending is not None else self.acc
-        new = target + gram
+        """Add a (d, d) Gram to the running Gram (not if the step is dropped)."""
+        new = self.acc + gram
         if skip is not None:
-            new = torch.where(skip, target, new)
-        target.copy_(new)
+            new = torch.where(skip, self.acc, new)
+        self.acc.copy_(new)
 
-    def end_step(self, skip: torch.Tensor | None) -> None:
-        """With detection: the step's boundary test and fold (:func:`kronecker.detect_step`),
-        committed unless the step is dropped; the workspace is cleared either way."""
-        if self.pending is None:
+    def begin_step(self, skip: torch.Tensor | None) -> None:
+        """With detection: this step's boundary test and fold, before its Grams are added and
+        its updates damped (:func:`kronecker.detect_step`), unless the step is dropped."""
+        grads = [p.grad for p in self.members if p.grad is not None]
+        if self.growth <= 0 or not grads:
             return
+        e = torch.stack(torch._foreach_norm([g.float() for g in grads])).square().sum()
         side, st = self.side, self.state
         names = {"acc": f"{side}_acc", "pre": f"{side}_pre", "energy": f"{side}_energy",
                  "since": f"{side}_since"}  # fmt: skip
         new = kronecker.detect_step(
-            st[names["acc"]], st[names["pre"]], self.pending, st[names["energy"]],
-            st[names["since"]], self.kappa, self.growth,
+            st[names["acc"]], st[names["pre"]], e, st[names["energy"]], st[names["since"]],
+            self.kappa, self.growth,
         )  # fmt: skip
         for key, value in new.items():
             dst = st[names[key]]
             dst.copy_(value if skip is None else torch.where(skip, dst, value))
-        self.pending.zero_()
 
     def consolidate(self) -> None:
         """``end_task``: fold the running Gram in (:func:`kronecker.consolidate`)."""

@@ -40,13 +40,13 @@ normalised as above at consolidation: 2 d^2 floats for the whole model instead o
 ``lm-continual`` it protects no better, docs/fogo.md section 10.8.)
 
 **Task-agnostic boundary detection** (``kron_detect`` = g > 1, shared factors only): the
-step's gradient energy e_k = tr(step Gram) of a shared factor is followed by a fast and a slow
-exponential average (betas :data:`DETECT_FAST`, :data:`DETECT_SLOW`); a step whose fast average
-exceeds g times the slow one starts a new task when the running Gram holds at least
-:data:`MIN_STRETCH` steps: the Gram gathered *before* that step is folded in (so the new task's
-own directions are not damped) and the new Gram starts with the step's. Everything runs on the
-device with ``torch.where`` (two d x d inverses per step and factor, no host read; see
-:func:`detect_step`).
+step's gradient energy e_k = sum_i ||G_ik||_F^2 = tr(step Gram) of a shared factor is followed
+by a fast and a slow exponential average (betas :data:`DETECT_FAST`, :data:`DETECT_SLOW`); a
+step whose fast average exceeds g times the slow one starts a new task when the running Gram
+holds at least :data:`MIN_STRETCH` steps: at the start of that step, before anything is damped,
+the Gram gathered *before* it is folded in (so the new task's own directions are not damped)
+and the new Gram starts with the step's. Everything runs on the device with ``torch.where``
+(two d x d inverses per step and factor, no host read; see :func:`detect_step`).
 """
 
 from __future__ import annotations
@@ -141,33 +141,35 @@ def gram_sum(grads: torch.Tensor, side: str) -> torch.Tensor:
 def detect_step(
     acc: torch.Tensor,
     pre: torch.Tensor,
-    step_gram: torch.Tensor,
+    e: torch.Tensor,
     energy: torch.Tensor,
     since: torch.Tensor,
     kappa: float,
     growth: float,
 ) -> dict[str, torch.Tensor]:
-    r"""One step of the task-agnostic consolidation of a shared factor, out of place and on the
-    device (no host read; the fold is computed every step and selected with ``torch.where``).
+    r"""The start of a step of the task-agnostic consolidation of a shared factor, out of place
+    and on the device (no host read; the fold is computed every step and selected with
+    ``torch.where``), before the step's Grams are added and before any update is damped.
 
-    With e = tr(``step_gram``), the fast and slow averages f <- b_f f + (1 - b_f) e and
-    s <- b_s s + (1 - b_s) e (both start at the first step's e), a *jump* is f > g s_prev
-    (g = ``growth``). A jump *folds* when the running Gram ``acc`` holds at least
-    :data:`MIN_STRETCH` steps (``since``) and is not zero:
+    With e the step's gradient energy (sum of the members' ||G||_F^2, the trace of the step's
+    Gram), the fast and slow averages f <- b_f f + (1 - b_f) e and s <- b_s s + (1 - b_s) e
+    (both start at the first step's e), a *jump* is f > g s_prev (g = ``growth``). A jump
+    *folds* when the running Gram ``acc`` holds at least :data:`MIN_STRETCH` steps (``since``)
+    and is not zero:
 
     .. math::
         \mathrm{pre} \leftarrow (\mathrm{pre}^{-1} + \kappa\, \widehat{\mathrm{acc}})^{-1},
-        \qquad \mathrm{acc} \leftarrow \mathrm{step\_gram}, \qquad \mathrm{since} \leftarrow 1
+        \qquad \mathrm{acc} \leftarrow 0
 
-    (the Gram gathered before the jump is the old task's: the new task's own step starts the
-    next Gram); otherwise acc <- acc + step_gram and since <- since + 1. Any jump also resets
-    the slow average to the fast one (the new level is the baseline from then on), so the
-    decaying energy after a boundary does not fire again.
+    (the Gram gathered before the jump is the old task's; this step's Grams, added next, start
+    the new one, and this step is already damped by the fold); ``since`` counts this step.
+    Any jump also resets the slow average to the fast one (the new level is the baseline from
+    then on), so the decaying energy after a boundary does not fire again.
 
     Args:
         acc: (d, d) running Gram since the last fold (float32).
         pre: (d, d) preconditioner (I + kappa P)^-1.
-        step_gram: (d, d) this step's Gram, summed over the factor's sides.
+        e: 0-d, this step's gradient energy.
         energy: (2,) the fast and the slow average (0: no step yet).
         since: 0-d, steps in ``acc``.
         kappa: protection strength.
@@ -176,7 +178,7 @@ def detect_step(
     Returns:
         The new ``acc``, ``pre``, ``energy`` and ``since`` (to commit, or not on a dropped step).
     """
-    e = torch.trace(step_gram).to(energy.dtype)
+    e = e.to(energy.dtype)
     fresh = energy[1] <= 0
     fast = torch.where(fresh, e, DETECT_FAST * energy[0] + (1 - DETECT_FAST) * e)
     slow = torch.where(fresh, e, energy[1])
@@ -188,7 +190,7 @@ def detect_step(
     precision = torch.linalg.inv_ex(pre.double()).inverse + kappa * normalised
     folded = torch.linalg.inv_ex(0.5 * (precision + precision.mT)).inverse.to(pre.dtype)
     return {
-        "acc": torch.where(fire, step_gram, acc + step_gram),
+        "acc": torch.where(fire, torch.zeros_like(acc), acc),
         "pre": torch.where(fire, folded, pre),
         "energy": torch.stack(
             [fast, torch.where(jump, fast, DETECT_SLOW * slow + (1 - DETECT_SLOW) * e)]

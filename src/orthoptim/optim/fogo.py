@@ -415,6 +415,8 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         group_ = self._sharding.group if self._sharding is not None else None
         guard = _nonfinite.begin_step(self, group_)  # also rejects sparse grads, complex params
         layouts = self._prepare()
+        for factor in self._shared_factors():  # kron_detect: boundary test and fold (device)
+            factor.begin_step(guard.skip(factor.acc.device))
         self._adamw(layouts, guard)
         stepped: list[tuple[_Bucket, list[int]]] = []
         for group, layout in zip(self.param_groups, layouts, strict=True):
@@ -436,8 +438,6 @@ class FOGO(_nonfinite.Guarded, Optimizer):
                     self._sharded_bucket_step(group, bucket, take, guard)
                 if take:
                     stepped.append((bucket, take))
-        for factor in self._shared_factors():  # kron_detect: boundary test and fold (device)
-            factor.end_step(guard.skip(factor.acc.device))
         self._scheduled_writes(stepped, guard)
         return loss
 
@@ -464,6 +464,11 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         """The shared factors (``kron_share="model"``), as views of their owners' state."""
         owners = _fogo_state.shared_owners(self.param_groups)
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        params = {id(p): p for g in self.param_groups for p in g["params"]}
+        members: dict[tuple[int, str], dict[int, torch.Tensor]] = defaultdict(dict)
+        for key, sides in owners.items():
+            for owner, owner_side in sides.values():  # a matrix whose two sides share: once
+                members[(id(owner), owner_side)][key] = params[key]
         made: dict[tuple[int, str], SharedFactor] = {}
         out: dict[int, dict[str, SharedFactor]] = {}
         for key, sides in owners.items():
@@ -472,7 +477,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
                     g = group_of[id(owner)]
                     made[(id(owner), owner_side)] = SharedFactor(
                         self.state[owner]["kron"], owner_side, g["kron_strength"],
-                        g["kron_detect"],
+                        g["kron_detect"], list(members[(id(owner), owner_side)].values()),
                     )  # fmt: skip
                 out.setdefault(key, {})[side] = made[(id(owner), owner_side)]
         return out
