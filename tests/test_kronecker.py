@@ -161,22 +161,8 @@ def test_fogo_kronecker_step_equals_the_hand_made_one():
     it they are (I + kappa hat Gram)^-1 of the task's own gradients (collected here), and the
     next step is plain FOGO's direction damped by them and rescaled (matrices), or AdamW's step
     damped by them (the embedding)."""
-    torch.manual_seed(0)
-    plain, protected = Net().double(), Net().double()
-    protected.load_state_dict(plain.state_dict())
-    opt_plain = FOGO(groups(plain), lr=0.05, memory=False, **F64)
-    opt = FOGO(groups(protected), lr=0.05, protection="kronecker", kron_sides="both", **F64)
-    grads = {name: [] for name, _ in protected.named_parameters()}
-    for x, y in data(4):
-        for model, o in ((plain, opt_plain), (protected, opt)):
-            o.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            o.step()
-        for name, p in protected.named_parameters():
-            grads[name].append(p.grad.clone())
-        for a, b in zip(plain.parameters(), protected.parameters(), strict=True):
-            assert torch.allclose(a, b, rtol=0, atol=1e-15)  # AdamW's W_0 + (W - W_0) rounds
-    opt.end_task()
+    twins = PlainAndProtected(protection="kronecker", kron_sides="both")
+    grads, protected, opt = twins.grads, twins.protected, twins.opt
     pres = {}
     for name, p in protected.named_parameters():
         if p.ndim < 2:
@@ -189,21 +175,51 @@ def test_fogo_kronecker_step_equals_the_hand_made_one():
         state = opt.state[p]["kron"]
         assert torch.allclose(state["output_pre"].double(), pres[name][0], atol=1e-6)
         assert torch.allclose(state["input_pre"].double(), pres[name][1], atol=1e-6)
-    before = {name: p.detach().clone() for name, p in protected.named_parameters()}
-    x, y = data(1, seed=1)[0]
-    for model, o in ((plain, opt_plain), (protected, opt)):
-        o.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        o.step()
-    for (name, p), q in zip(protected.named_parameters(), plain.parameters(), strict=True):
-        step = q.detach() - before[name]  # plain FOGO's (or AdamW's) step from the same point
-        if name in pres:
-            out_pre, in_pre = (t.float().double() for t in pres[name])
-            damped = out_pre @ step @ in_pre
-            if name != "embed.weight":  # FOGO: the RMS scale restores the step's size
-                damped = damped * step.norm() / damped.norm()
-            step = damped
-        assert torch.allclose(p.detach() - before[name], step, atol=1e-6, rtol=1e-4), name
+    twins.check_next_step(pres)
+
+
+class PlainAndProtected:
+    """Plain FOGO (memory off) and the Kronecker-protected one (``options``) from the same
+    start, 4 steps on the same batches (equal: the preconditioners are the identity), then
+    ``end_task``; ``grads``: the protected model's gradients by parameter name."""
+
+    def __init__(self, **options):
+        torch.manual_seed(0)
+        self.plain, self.protected = Net().double(), Net().double()
+        self.protected.load_state_dict(self.plain.state_dict())
+        self.opt_plain = FOGO(groups(self.plain), lr=0.05, memory=False, **F64)
+        self.opt = FOGO(groups(self.protected), lr=0.05, **options, **F64)
+        self.grads = {name: [] for name, _ in self.protected.named_parameters()}
+        for x, y in data(4):
+            self._step(x, y)
+            for name, p in self.protected.named_parameters():
+                self.grads[name].append(p.grad.clone())
+            for a, b in zip(self.plain.parameters(), self.protected.parameters(), strict=True):
+                assert torch.allclose(a, b, rtol=0, atol=1e-15)  # AdamW's W_0 + (W - W_0)
+        self.opt.end_task()
+
+    def _step(self, x, y):
+        for model, o in ((self.plain, self.opt_plain), (self.protected, self.opt)):
+            o.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            o.step()
+
+    def check_next_step(self, pres):
+        """The next step of every parameter in ``pres`` (``name: (output-side, input-side
+        preconditioner)``) is plain FOGO's direction damped by them and rescaled (matrices),
+        or AdamW's step damped by them (the embedding); the others' is plain."""
+        named = dict(self.protected.named_parameters())
+        before = {name: p.detach().clone() for name, p in named.items()}
+        self._step(*data(1, seed=1)[0])
+        for (name, p), q in zip(named.items(), self.plain.parameters(), strict=True):
+            step = q.detach() - before[name]  # plain FOGO's (or AdamW's) step from there
+            if name in pres:
+                out_pre, in_pre = (t.float().double() for t in pres[name])
+                damped = out_pre @ step @ in_pre
+                if name != "embed.weight":  # FOGO: the RMS scale restores the step's size
+                    damped = damped * step.norm() / damped.norm()
+                step = damped
+            assert torch.allclose(p.detach() - before[name], step, atol=1e-6, rtol=1e-4), name
 
 
 
@@ -248,14 +264,23 @@ def test_checkpoint_round_trip_and_memory_bytes():
     assert stats["matrices"] == 4
     assert stats["memory_bytes"] == sum(t.numel() * 4 for k in kron for t in k.values())
     train(model, opt, data(3, seed=2))
+    opt_twin = assert_resumes_like(model, saved_model, saved, lambda g: FOGO(g, **hp))
+    assert opt_twin.state[opt_twin.param_groups[0]["params"][0]]["kron"]["input_pre"].dtype == (
+        torch.float32
+    )
+
+
+def assert_resumes_like(model, saved_model, saved, make_opt):
+    """A fresh ``Net`` and optimizer (``make_opt(param groups)``) loaded from the checkpoint
+    train the next 3 batches exactly as ``model`` did; returns the optimizer."""
     twin = Net().double()
     twin.load_state_dict(saved_model)
-    opt_twin = FOGO(groups(twin), **hp)
-    opt_twin.load_state_dict(saved)
-    assert opt_twin.state[twin.fc1.weight]["kron"]["input_pre"].dtype == torch.float32
-    train(twin, opt_twin, data(3, seed=2))
+    opt = make_opt(groups(twin))
+    opt.load_state_dict(copy.deepcopy(saved))  # torch's load may share the saved tensors
+    train(twin, opt, data(3, seed=2))
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(a, b)
+    return opt
 
 
 def test_invalid_kronecker_settings_raise():
@@ -327,20 +352,8 @@ def test_shared_factor_is_the_normalised_sum_of_every_sides_grams():
     ``end_task`` each shared preconditioner is (I + kappa hat(sum of the sides' Grams))^-1,
     only the first parameter of each factor holds it, and the next step of every member is
     plain FOGO's (or AdamW's) step damped by it."""
-    torch.manual_seed(0)
-    plain, protected = Net().double(), Net().double()
-    protected.load_state_dict(plain.state_dict())
-    opt_plain = FOGO(groups(plain), lr=0.05, memory=False, **F64)
-    opt = FOGO(groups(protected), lr=0.05, kron_sides="both", **SHARED, **F64)
-    grads = {name: [] for name, _ in protected.named_parameters()}
-    for x, y in data(4):
-        for model, o in ((plain, opt_plain), (protected, opt)):
-            o.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            o.step()
-        for name, p in protected.named_parameters():
-            grads[name].append(p.grad.clone())
-    opt.end_task()
+    twins = PlainAndProtected(kron_sides="both", **SHARED)
+    grads, protected, opt = twins.grads, twins.protected, twins.opt
     gram = {name: (sum(g.mT @ g for g in gs), sum(g @ g.mT for g in gs))
             for name, gs in grads.items() if gs[0].ndim == 2}  # fmt: skip
     sums = {6: gram["fc1.weight"][0] + gram["embed.weight"][0],
@@ -359,23 +372,10 @@ def test_shared_factor_is_the_normalised_sum_of_every_sides_grams():
     assert torch.allclose(kron["fc1.weight"]["output_pre"].double(), pre[9], atol=1e-6)
     assert torch.allclose(kron["fc3.weight"]["output_pre"].double(), pre[5], atol=1e-6)
     assert torch.allclose(kron["embed.weight"]["output_pre"].double(), pre[11], atol=1e-6)
-    before = {name: p.detach().clone() for name, p in protected.named_parameters()}
-    x, y = data(1, seed=1)[0]
-    for model, o in ((plain, opt_plain), (protected, opt)):
-        o.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        o.step()
-    sides = {"fc1.weight": (pre[9], pre[6]), "fc2.weight": (pre[9], pre[9]),
-             "fc3.weight": (pre[5], pre[9]), "embed.weight": (pre[11], pre[6])}  # fmt: skip
-    for (name, p), q in zip(protected.named_parameters(), plain.parameters(), strict=True):
-        step = q.detach() - before[name]
-        if name in sides:
-            out_pre, in_pre = sides[name]
-            damped = out_pre.float().double() @ step @ in_pre.float().double()
-            if name != "embed.weight":
-                damped = damped * step.norm() / damped.norm()
-            step = damped
-        assert torch.allclose(p.detach() - before[name], step, atol=1e-6, rtol=1e-4), name
+    twins.check_next_step({
+        "fc1.weight": (pre[9], pre[6]), "fc2.weight": (pre[9], pre[9]),
+        "fc3.weight": (pre[5], pre[9]), "embed.weight": (pre[11], pre[6]),
+    })  # fmt: skip
 
 
 def test_detect_step_folds_the_gram_before_the_jump():
@@ -422,22 +422,11 @@ def test_shared_factors_round_trip():
     held = [t for p in model.parameters() for t in opt.state[p].get("kron", {}).values()]
     assert stats["memory_bytes"] == sum(t.numel() * t.element_size() for t in held)
     train(model, opt, data(3, seed=2))
-    twin = Net().double()
-    twin.load_state_dict(saved_model)
-    opt_twin = FOGO(groups(twin), **hp)
-    opt_twin.load_state_dict(copy.deepcopy(saved))
-    train(twin, opt_twin, data(3, seed=2))
-    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
-        assert torch.equal(a, b)
+    assert_resumes_like(model, saved_model, saved, lambda g: FOGO(g, **hp))
     # As in torch, the saved groups' settings win: a per-matrix optimizer loads the sharing.
-    third = Net().double()
-    third.load_state_dict(saved_model)
-    per_matrix = FOGO(groups(third), lr=0.05, protection="kronecker", **F64)
-    per_matrix.load_state_dict(copy.deepcopy(saved))  # the twin's load shares its tensors
+    per_matrix = assert_resumes_like(model, saved_model, saved, lambda g: FOGO(
+        g, lr=0.05, protection="kronecker", **F64))  # fmt: skip
     assert per_matrix.param_groups[0]["kron_share"] == "model"
-    train(third, per_matrix, data(3, seed=2))
-    for a, b in zip(model.parameters(), third.parameters(), strict=True):
-        assert torch.equal(a, b)
 
 
 def test_invalid_shared_settings_raise():
