@@ -172,9 +172,10 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         kron_detect: g > 1: detect task boundaries without ``end_task`` (shared factors
             only): a step whose gradient energy (fast average) exceeds g times its slow
             average, once the running Gram holds 50 steps or more, folds the Grams gathered
-            before that step and starts the next task's Gram with it; on the device, no host
-            read (:func:`orthoptim.memory.kronecker.detect_step`; two d x d inverses per step
-            and shared factor). Only the shared factors fold at a detected boundary: a side
+            before that step (at its start: the step itself is damped by the fold) and starts
+            the next task's Gram with it; on the device, no host read
+            (:func:`orthoptim.memory.kronecker.detect_step`; two d x d inverses per step and
+            shared factor). Only the shared factors fold at a detected boundary: a side
             that is not shared (an embedding's token rows) folds at ``end_task`` only.
             0 (default): none.
         kron_online: gamma in [0, 1). With gamma > 0 the Kronecker protection also
@@ -704,8 +705,8 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         ready entries), ``correction_ratio`` (mean ||U* - O||_F / ||O||_F), ``entries_used``,
         ``columns_used``, ``columns_capacity``, ``occupancy`` (columns used / capacity),
         ``memory_bytes`` (codebook tensors; with ``protection="kronecker"`` the Grams and
-        preconditioners, AdamW-routed embeddings and heads included), ``param_bytes`` (of the
-        protected parameters),
+        preconditioners, AdamW-routed embeddings and heads included, a shared factor once, in
+        its owner's state), ``param_bytes`` (of the protected parameters),
         ``memory_fraction`` and ``writes``. Reading it syncs with the device; ``step`` never does.
         Sharded, it sums over the ranks (a collective: call it on every rank).
         """
