@@ -23,6 +23,7 @@ import torch
 
 from orthoptim import FOGO, param_groups
 from orthoptim.benchmarks import data, longtail, models, streams, train
+from orthoptim.memory import bucket as memory_bucket
 
 # fp32 Newton-Schulz: on CPU bf16 matmuls are several times slower than fp32.
 BASE = dict(ns_dtype="float32")
@@ -88,6 +89,26 @@ def make_optimizer(name: str, lr: float, weight_decay: float):
     return build
 
 
+class detector_folds:  # noqa: N801 (used as a context of run_one)
+    """Logs the steps at which a shared Kronecker factor folds a detected boundary
+    (``kron_detect``; a diagnostic host read per step) until ``restore`` is put back."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.calls = 0
+        self.restore = memory_bucket.SharedFactor.begin_step
+        log = self
+
+        def logged(factor, skip):
+            log.restore(factor, skip)
+            log.calls += 1
+            since = factor.state.get(f"{factor.side}_since")
+            if factor.growth > 0 and since is not None and float(since) == 1 and log.calls > 1:
+                log.steps.append(log.calls)
+
+        memory_bucket.SharedFactor.begin_step = logged  # type: ignore[method-assign]
+
+
 def run_one(args, experiment: str, name: str, seed: int) -> dict:
     kind, _, task_aware = CONFIGS[name]
     lr = args.lr_adamw if kind == "adamw" else args.lr_fogo
@@ -109,6 +130,7 @@ def run_one(args, experiment: str, name: str, seed: int) -> dict:
             order = list(range(2 * min(args.tasks, 5)))
             stream = streams.split_stream(ds, 2, scenario, seed=seed, class_order=order)
         holder = {}
+        folds = detector_folds()
 
         def model_fn():
             return models.MLP(784, (args.width, args.width), 10)
@@ -122,7 +144,10 @@ def run_one(args, experiment: str, name: str, seed: int) -> dict:
             seed=seed, task_aware=task_aware,
         )  # fmt: skip
         opt = holder["opt"]
+        memory_bucket.SharedFactor.begin_step = folds.restore  # type: ignore[method-assign]
         record = {"metrics": res.metrics, "R": np.asarray(res.R).tolist()}
+        if folds.steps:
+            record["detector_folds"] = folds.steps
         if isinstance(opt, FOGO):
             record["memory"] = opt.memory_stats()
     elif experiment == "longtail":
