@@ -69,9 +69,10 @@ for _gamma in (0.5, 0.9):
 # shared factors (kron_share="model", within the budget), task-aware and with the
 # task-agnostic boundary detection (kron_detect)
 CONFIGS["fogo_aware_kshare"] = ("fogo", dict(protection="kronecker", kron_share="model"), True)
-CONFIGS["fogo_agnostic_kshare_detect1.5"] = (
-    "fogo", dict(protection="kronecker", kron_share="model", kron_detect=1.5), False
-)  # fmt: skip
+for _growth in (1.5, 2.0, 3.0):
+    CONFIGS[f"fogo_agnostic_kshare_detect{_growth:g}"] = (
+        "fogo", dict(protection="kronecker", kron_share="model", kron_detect=_growth), False
+    )  # fmt: skip
 for budget in (0.01, 0.02, 0.05, 0.1, 0.2, 0.4):
     CONFIGS[f"fogo_aware_b{budget}"] = ("fogo", dict(memory_budget=budget), True)
     CONFIGS[f"fogo_agnostic_b{budget}"] = ("fogo", dict(memory_budget=budget), False)

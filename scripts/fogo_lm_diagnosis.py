@@ -219,7 +219,7 @@ for _kappa in (3.0, 10.0, 30.0):
     CONFIGS[f"aware_kshare_model_k{_kappa:g}"] = dict(
         fogo=dict(protection="kronecker", kron_share="model", kron_strength=_kappa), aware=True
     )
-    for _growth in (1.5, 1.3):
+    for _growth in (1.5, 1.3, 2.0):
         CONFIGS[f"agnostic_kshare_model_k{_kappa:g}_detect{_growth:g}"] = dict(
             fogo=dict(protection="kronecker", kron_share="model", kron_strength=_kappa,
                       kron_detect=_growth),
