@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orthoptim.benchmarks import skills
+from orthoptim.benchmarks import corpora, skills
 from orthoptim.benchmarks.gpt import GPT
 from orthoptim.benchmarks.suites import get_suite
 from orthoptim.benchmarks.tasks import get_task, lm_skills
-from orthoptim.benchmarks.tasks.lm import Text, _evaluate
+from orthoptim.benchmarks.tasks.lm import Text, _evaluate, lr_multiplier
 from orthoptim.benchmarks.tasks.lm_skills import LM_SKILLS, encode_examples, skills_metrics
 
 
@@ -61,6 +61,24 @@ def test_encoded_examples_score_answers_and_windows_start_at_examples():
     assert t.window_starts(4).tolist() == [0, 10]  # both examples start a whole window
     assert t.window_starts(10).tolist() == [0]  # the second one has no 10 + 1 ids after it
     assert Text(t.ids).window_starts(4) is None  # plain text: any start
+    whole = encode_examples(exs, stoi, scored="example")
+    assert whole.ids.tolist() == t.ids.tolist() and whole.example.tolist() == t.example.tolist()
+    assert whole.scored.all()  # sft_loss="example": prompt and answer are targets
+    with pytest.raises(ValueError, match="'prompt'"):
+        encode_examples(exs, stoi, scored="prompt")
+
+
+def test_context_passages_are_seeded_slices_of_the_base_text():
+    exs = skills.skill_examples("rev", 0, 20, 5)[0]
+    base = "".join(chr(ord("A") + k % 26) for k in range(100))
+    out = lm_skills._with_context(exs, base, 7, [0, 0, 1])
+    assert lm_skills._with_context(exs, base, 0, [0, 0, 1]) == exs
+    assert out == lm_skills._with_context(exs, base, 7, [0, 0, 1])
+    assert out != lm_skills._with_context(exs, base, 7, [1, 0, 1])
+    for e, c in zip(exs, out, strict=True):
+        assert c.answer == e.answer and c.prompt.endswith("\n" + e.prompt)
+        passage = c.prompt[: -len(e.prompt) - 1]
+        assert len(passage) == 7 and passage in base
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -165,6 +183,74 @@ def test_tiny_run_fills_both_matrices_and_is_deterministic(task_aware):
         assert again.extra["L"] == LM_SKILLS.run(_adamw, seed=0, settings=s).extra["L"]
 
 
+def _spy_run(monkeypatch, **overrides):
+    """Run the tiny preset; return the training texts, the stage lr scales and the eval texts."""
+    seen: dict = {"evals": []}
+    real_train, real_eval = lm_skills.train_in_turn, lm_skills._evaluate
+
+    def train(make, s, cfg, texts, steps, seed, after, progress, **kw):
+        seen["train"], seen["scales"] = texts, kw["stage_lr_scales"]
+        return real_train(make, s, cfg, texts, steps, seed, after, progress, **kw)
+
+    def evaluate(model, text, *a):
+        seen["evals"].append(text)
+        return real_eval(model, text, *a)
+
+    monkeypatch.setattr(lm_skills, "train_in_turn", train)
+    monkeypatch.setattr(lm_skills, "_evaluate", evaluate)
+    s = LM_SKILLS.settings("tiny", pretrain_steps=2, finetune_steps=2, **overrides)
+    LM_SKILLS.run(_adamw, seed=0, settings=s)
+    return seen
+
+
+def _scored_chars(text: Text, vocab: str) -> str:
+    return "".join(vocab[i] for i, s in zip(text.ids.tolist(), text.scored.tolist()) if s)
+
+
+@pytest.mark.parametrize("sft_loss", ["answer", "example"])
+@pytest.mark.parametrize("context_chars", [0, 9])
+def test_training_scores_what_sft_loss_says_and_evaluation_only_answers(
+    monkeypatch, sft_loss, context_chars
+):
+    seen = _spy_run(monkeypatch, sft_loss=sft_loss, context_chars=context_chars)
+    vocab = "".join(sorted(set(skills.SKILL_CHARS).union(corpora.load_corpus("pydoc").vocab)))
+    base, *skill_train = seen["train"]
+    assert base.scored is None  # pretraining: every character
+    for text in skill_train:
+        chars = "".join(vocab[i] for i in text.ids.tolist())
+        if sft_loss == "example":
+            assert text.scored.all()
+            continue
+        # answer-only: the scored characters are exactly what follows each example's last "="
+        sizes = torch.unique_consecutive(text.example, return_counts=True)[1].tolist()
+        ends = np.cumsum(sizes)
+        examples = [chars[e - n : e] for e, n in zip(ends, sizes, strict=True)]
+        assert all(e.count("=") >= 1 and e.endswith("\n") for e in examples)
+        assert _scored_chars(text, vocab) == "".join(e.rsplit("=", 1)[1] for e in examples)
+    for text in seen["evals"]:  # the base corpus per character, the skills on answers only
+        if text.scored is not None:
+            chars = _scored_chars(text, vocab)
+            assert set(chars) <= set("0123456789abcdefghijklmnopqrstuvwxyz\n")
+            assert chars.endswith("\n") and "=" not in chars and ":" not in chars
+    assert sum(t.scored is None for t in seen["evals"]) == 4  # base, after each of 4 stages
+
+
+def test_finetune_lr_scale_scales_every_fine_tuning_step():
+    lrs: list[float] = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, closure=None):
+            lrs.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    s = LM_SKILLS.settings("tiny", pretrain_steps=6, finetune_steps=5, finetune_lr_scale=0.25)
+    LM_SKILLS.run(lambda m, lr_scale=1.0: Recording(m.parameters(), lr=0.01), seed=0, settings=s)
+    w, floor = s["warmup"], s["lr_min_ratio"]
+    want = [0.01 * lr_multiplier(k, 6, w, floor) for k in range(6)]
+    want += 3 * [0.0025 * lr_multiplier(k, 5, w, floor) for k in range(5)]
+    assert lrs == pytest.approx(want)
+
+
 class _Poison(list):
     """Stands in for held-out examples: any read fails the test."""
 
@@ -202,7 +288,8 @@ def test_registered_in_both_suites_with_the_task_agnostic_fogo():
 @pytest.mark.parametrize(
     "key, value",
     [("skills", ["rev", "mul"]), ("skills", ["rev", "rev"]), ("base_corpus", "klingon"),
-     ("skill_test_examples", 1), ("skill_train_examples", 0)],
+     ("skill_test_examples", 1), ("skill_train_examples", 0), ("sft_loss", "prompt"),
+     ("finetune_lr_scale", 0.0), ("finetune_lr_scale", "0.1"), ("context_chars", -1)],
 )  # fmt: skip
 def test_bad_settings_raise_naming_the_setting(key, value):
     with pytest.raises(ValueError, match=key if key != "base_corpus" else "klingon"):

@@ -323,7 +323,7 @@ class _Stage:
 
     def __init__(
         self, model, optimizer, s: dict, text: Text, steps: int, seed: int, stage: int,
-        net=None, parallel: DataParallel | None = None,
+        net=None, parallel: DataParallel | None = None, lr_scale: float = 1.0,
     ):  # fmt: skip
         self.model, self.opt, self.text, self.steps = model, optimizer, text, steps
         self.net = net if net is not None else model
@@ -337,7 +337,9 @@ class _Stage:
         for g in optimizer.param_groups:
             if "initial_lr" in g:
                 g["lr"] = g["initial_lr"]
-        self.sched = LambdaLR(optimizer, lambda k: lr_multiplier(k, steps, warmup, floor))
+        self.sched = LambdaLR(
+            optimizer, lambda k: lr_scale * lr_multiplier(k, steps, warmup, floor)
+        )
         self.seconds = 0.0
 
     def _starts(self) -> torch.Tensor:
@@ -383,6 +385,7 @@ def _curve(x, y, xlabel: str, ylabel: str) -> dict:
 def train_in_turn(
     make_optimizer, s: dict, cfg: GPTConfig, texts: list[Text], stage_steps: list[int],
     seed: int, after_stage, progress, parallel: DataParallel | None = None,
+    stage_lr_scales: list[float] | None = None,
 ) -> tuple[GPT, list[float], int, float]:  # fmt: skip
     """Train one GPT on ``texts[0]``, then ``texts[1]``, ... (the continual protocol).
 
@@ -401,6 +404,8 @@ def train_in_turn(
         after_stage: ``(stage index, model) -> None``.
         progress: advanced once per step (started by the caller).
         parallel: data parallelism under ``torchrun``; None: one process.
+        stage_lr_scales: a factor per stage on the whole lr schedule of that stage (e.g. a
+            lower fine-tuning lr); None: 1 for every stage.
 
     Returns:
         ``(model, per-step training losses, end_task calls, training seconds)``.
@@ -413,7 +418,10 @@ def train_in_turn(
         optimizer = make_optimizer(model)
         end_task = getattr(optimizer, "end_task", None) if s["task_aware"] else None
         for i, text in enumerate(texts):
-            stage = _Stage(model, optimizer, s, text, stage_steps[i], seed, i, net, parallel)
+            scale = 1.0 if stage_lr_scales is None else stage_lr_scales[i]
+            stage = _Stage(
+                model, optimizer, s, text, stage_steps[i], seed, i, net, parallel, scale
+            )
             for _ in range(stage_steps[i]):
                 losses.append(stage.step())
                 progress.advance()

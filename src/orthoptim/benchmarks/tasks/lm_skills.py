@@ -51,6 +51,7 @@ from .lm import (
     _evaluate,
     _load,
     _model_config,
+    _number,
     _pos_int,
     loss_matrix_metrics,
     train_in_turn,
@@ -84,14 +85,22 @@ def skills_metrics(L, A) -> dict[str, float]:
     return out
 
 
-def encode_examples(examples: list[SkillExample], stoi: dict[str, int]) -> Text:
-    """The examples one after another as a :class:`.lm.Text`: answers scored, one example id
-    per example.
+SFT_LOSSES = ("answer", "example")
+
+
+def encode_examples(
+    examples: list[SkillExample], stoi: dict[str, int], scored: str = "answer"
+) -> Text:
+    """The examples one after another as a :class:`.lm.Text`, one example id per example.
 
     Args:
         examples: the examples, in order.
         stoi: character -> id (must hold every character of the examples).
+        scored: which characters are targets: ``"answer"`` the answers only (after ``=``, the
+            newline included), ``"example"`` every character (prompt and answer).
     """
+    if scored not in SFT_LOSSES:
+        raise ValueError(f"Invalid scored: {scored!r}; expected one of {SFT_LOSSES}")
     text = "".join(e.prompt + e.answer for e in examples)
     lengths = np.array([len(e.prompt) + len(e.answer) for e in examples])
     prompts = np.array([len(e.prompt) for e in examples])
@@ -99,7 +108,9 @@ def encode_examples(examples: list[SkillExample], stoi: dict[str, int]) -> Text:
     offset = np.arange(len(text)) - first  # position inside its example
     return Text(
         ids=torch.tensor([stoi[c] for c in text], dtype=torch.int64),
-        scored=torch.from_numpy(offset >= np.repeat(prompts, lengths)),
+        scored=torch.from_numpy(
+            offset >= (np.repeat(prompts, lengths) if scored == "answer" else 0)
+        ),
         example=torch.from_numpy(np.repeat(np.arange(len(examples)), lengths)),
     )
 
@@ -112,14 +123,35 @@ def _skill_names(value) -> list[str]:
     return names
 
 
-def _skill_texts(name: str, seed: int, s: dict, stoi: dict[str, int]) -> tuple[Text, Text]:
-    """(train, eval) texts of one skill; ``eval_split="val"`` holds out training examples."""
+def _with_context(
+    examples: list[SkillExample], base: str, n: int, seq: list[int]
+) -> list[SkillExample]:
+    """Each example's prompt preceded by a random ``n``-character passage of ``base`` and a
+    newline (passages drawn by ``SeedSequence(seq)``); ``n = 0``: the examples unchanged."""
+    if n == 0:
+        return examples
+    rng = np.random.default_rng(np.random.SeedSequence(seq))
+    starts = rng.integers(0, len(base) - n + 1, size=len(examples))
+    return [
+        SkillExample(base[int(a) : int(a) + n] + "\n" + e.prompt, e.answer)
+        for a, e in zip(starts, examples, strict=True)
+    ]
+
+
+def _skill_texts(
+    name: str, seed: int, s: dict, stoi: dict[str, int], base: tuple[str, str]
+) -> tuple[Text, Text]:
+    """(train, eval) texts of one skill; ``eval_split="val"`` holds out training examples;
+    ``base`` is the base corpus' (train, eval) text the context passages come from."""
     n_train = _pos_int(s, "skill_train_examples")
     train, test = skill_examples(name, seed, n_train, _pos_int(s, "skill_test_examples"))
     if s["eval_split"] == "val":
         n_val = max(1, int(n_train * VAL_FRAC))
         train, test = train[:-n_val], train[-n_val:]
-    out = encode_examples(train, stoi), encode_examples(test, stoi)
+    n, k = _pos_int(s, "context_chars", zero_ok=True), SKILLS.index(name)
+    train = _with_context(train, base[0], n, [int(seed), k, 1])
+    test = _with_context(test, base[1], n, [int(seed), k, 2])
+    out = encode_examples(train, stoi, s["sft_loss"]), encode_examples(test, stoi)
     for what, text in zip(("skill_train_examples", "skill_test_examples"), out, strict=True):
         starts = text.window_starts(s["block_size"])
         if starts is None or len(starts) == 0:
@@ -148,10 +180,16 @@ def run_skills(
         raise ValueError(f"Invalid base_corpus: {s['base_corpus']!r}; expected one corpus name")
     base = _corpus_names([s["base_corpus"]])
     names = _skill_names(s["skills"])
+    if s["sft_loss"] not in SFT_LOSSES:
+        raise ValueError(f"Invalid sft_loss: {s['sft_loss']!r}; expected one of {SFT_LOSSES}")
+    ft_scale = _number(s, "finetune_lr_scale", 0.0)
+    if ft_scale == 0.0:
+        raise ValueError(f"Invalid finetune_lr_scale: {ft_scale!r}; expected a number > 0")
     block = _pos_int(s, "block_size")
     vocab, (ds,) = _load(base, data_dir, s["eval_split"], block, extra=SKILL_CHARS)
     stoi = {ch: i for i, ch in enumerate(vocab)}
-    skills = [_skill_texts(n, seed, s, stoi) for n in names]
+    chars = tuple("".join(vocab[i] for i in ids.tolist()) for ids in (ds.train, ds.val))
+    skills = [_skill_texts(n, seed, s, stoi, chars) for n in names]
     cfg = _model_config(s, len(vocab))
     steps = [_pos_int(s, "pretrain_steps")] + [_pos_int(s, "finetune_steps")] * len(names)
     evals = [Text(ds.val)] + [ev for _, ev in skills]
@@ -167,7 +205,7 @@ def run_skills(
     progress.start(sum(steps), desc="lm-skills")
     model, losses, calls, train_s = train_in_turn(
         make_optimizer, s, cfg, [Text(ds.train)] + [tr for tr, _ in skills], steps, seed,
-        after_stage, progress,
+        after_stage, progress, stage_lr_scales=[1.0] + [ft_scale] * len(names),
     )  # fmt: skip
     return RunOutput(
         metrics=skills_metrics(L, A),
@@ -189,7 +227,7 @@ def run_skills(
     )
 
 
-_SKILLS = dict(skills=list(SKILLS))
+_SKILLS = dict(skills=list(SKILLS), sft_loss="answer", finetune_lr_scale=1.0, context_chars=0)
 
 LM_SKILLS = TaskSpec(
     name="lm-skills",
