@@ -204,7 +204,8 @@ def _spy_run(monkeypatch, **overrides):
 
 
 def _scored_chars(text: Text, vocab: str) -> str:
-    return "".join(vocab[i] for i, s in zip(text.ids.tolist(), text.scored.tolist()) if s)
+    pairs = zip(text.ids.tolist(), text.scored.tolist(), strict=True)
+    return "".join(vocab[i] for i, s in pairs if s)
 
 
 @pytest.mark.parametrize("sft_loss", ["answer", "example"])
