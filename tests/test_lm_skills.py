@@ -64,6 +64,12 @@ def test_encoded_examples_score_answers_and_windows_start_at_examples():
     whole = encode_examples(exs, stoi, scored="example")
     assert whole.ids.tolist() == t.ids.tolist() and whole.example.tolist() == t.example.tolist()
     assert whole.scored.all()  # sft_loss="example": prompt and answer are targets
+    # answer_context: the first `context` characters of each example and its answer
+    mixed = encode_examples(exs, stoi, scored="answer_context", context=2)
+    assert "".join(c for c, s in zip(text, mixed.scored.tolist(), strict=True) if s) == (
+        "reba\nad3\n"
+    )
+    assert encode_examples(exs, stoi, "answer_context").scored.tolist() == t.scored.tolist()
     with pytest.raises(ValueError, match="'prompt'"):
         encode_examples(exs, stoi, scored="prompt")
 
@@ -169,7 +175,7 @@ def test_tiny_run_fills_both_matrices_and_is_deterministic(task_aware):
     out = LM_SKILLS.run(make, seed=0, settings=s)
     L, A = np.array(out.extra["L"]), np.array(out.extra["A"])
     assert L.shape == (4, 4) and A.shape == (4, 3)
-    assert out.extra["streams"] == ["pydoc", "rev", "sort", "add"]
+    assert out.extra["streams"] == ["pydoc", "add", "rev", "sort"]
     assert np.isfinite(L).all() and ((A >= 0) & (A <= 1)).all()
     assert set(out.metrics) == {m.name for m in LM_SKILLS.metrics}
     assert out.metrics == pytest.approx(skills_metrics(L, A), nan_ok=True)
@@ -184,12 +190,12 @@ def test_tiny_run_fills_both_matrices_and_is_deterministic(task_aware):
 
 
 def _spy_run(monkeypatch, **overrides):
-    """Run the tiny preset; return the training texts, the stage lr scales and the eval texts."""
+    """Run the tiny preset briefly; return the training texts and the evaluated texts."""
     seen: dict = {"evals": []}
     real_train, real_eval = lm_skills.train_in_turn, lm_skills._evaluate
 
     def train(make, s, cfg, texts, steps, seed, after, progress, **kw):
-        seen["train"], seen["scales"] = texts, kw["stage_lr_scales"]
+        seen["train"] = texts
         return real_train(make, s, cfg, texts, steps, seed, after, progress, **kw)
 
     def evaluate(model, text, *a):
@@ -208,7 +214,7 @@ def _scored_chars(text: Text, vocab: str) -> str:
     return "".join(vocab[i] for i, s in pairs if s)
 
 
-@pytest.mark.parametrize("sft_loss", ["answer", "example"])
+@pytest.mark.parametrize("sft_loss", ["answer", "example", "answer_context"])
 @pytest.mark.parametrize("context_chars", [0, 9])
 def test_training_scores_what_sft_loss_says_and_evaluation_only_answers(
     monkeypatch, sft_loss, context_chars
@@ -222,12 +228,17 @@ def test_training_scores_what_sft_loss_says_and_evaluation_only_answers(
         if sft_loss == "example":
             assert text.scored.all()
             continue
-        # answer-only: the scored characters are exactly what follows each example's last "="
         sizes = torch.unique_consecutive(text.example, return_counts=True)[1].tolist()
         ends = np.cumsum(sizes)
         examples = [chars[e - n : e] for e, n in zip(ends, sizes, strict=True)]
         assert all(e.count("=") >= 1 and e.endswith("\n") for e in examples)
-        assert _scored_chars(text, vocab) == "".join(e.rsplit("=", 1)[1] for e in examples)
+        # the answer is what follows the example's last "=", the passage its first characters
+        # and a newline (answer_context only)
+        lead = context_chars + 1 if sft_loss == "answer_context" and context_chars else 0
+        if lead:
+            assert all(e[lead - 1] == "\n" for e in examples)
+        want = "".join(e[:lead] + e.rsplit("=", 1)[1] for e in examples)
+        assert _scored_chars(text, vocab) == want
     for text in seen["evals"]:  # the base corpus per character, the skills on answers only
         if text.scored is not None:
             chars = _scored_chars(text, vocab)
@@ -290,7 +301,8 @@ def test_registered_in_both_suites_with_the_task_agnostic_fogo():
     "key, value",
     [("skills", ["rev", "mul"]), ("skills", ["rev", "rev"]), ("base_corpus", "klingon"),
      ("skill_test_examples", 1), ("skill_train_examples", 0), ("sft_loss", "prompt"),
-     ("finetune_lr_scale", 0.0), ("finetune_lr_scale", "0.1"), ("context_chars", -1)],
+     ("finetune_lr_scale", 0.0), ("finetune_lr_scale", "0.1"), ("context_chars", -1),
+     ("context_chars", 20)],  # tiny: block 32, 20 + 1 + 11 + 6 > 33 characters
 )  # fmt: skip
 def test_bad_settings_raise_naming_the_setting(key, value):
     with pytest.raises(ValueError, match=key if key != "base_corpus" else "klingon"):
