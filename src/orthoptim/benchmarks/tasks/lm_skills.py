@@ -3,11 +3,30 @@
 The second stand-in (family ``"lm-continual"``) for FOGO's continual instruction tuning, closer
 to it than ``lm-continual``'s three corpora: stage 0 pretrains the char-level GPT of
 :mod:`.lm` on a base corpus (paper: Tiny Shakespeare; tiny/quick: ``pydoc``'s help text), then
-stages 1..K fine-tune it on one instruction-like skill each (:mod:`..skills`: ``"rev:abc=cba\\n"``,
-``"sort:cab=abc\\n"``, ``"add:12+34=46\\n"``), as supervised fine-tuning does: the loss is the
-cross-entropy of the **answer characters only** (after ``=``, the closing newline included), the
-prompt is context. Windows of ``block_size`` characters start at an example's first character, so
-every answer sees its prompt. The base corpus is trained and scored on every character.
+stages 1..K fine-tune it on one instruction-like skill each (:mod:`..skills`: presets in the
+order ``"add:12+34=46\n"``, ``"rev:abc=cba\n"``, ``"sort:cab=abc\n"``). Settings of the
+fine-tuning stages:
+
+- ``context_chars`` (presets: 16; tiny: 8): each example follows a passage of that many
+  characters of the base corpus and a newline (a random passage per example, drawn from the run
+  seed; training examples from its training text, held-out ones from its evaluation text), so
+  the instructions sit in text of the language the model was pretrained on; 0: bare examples.
+- ``sft_loss``: which characters of an example are targets. ``"answer"``: the answer only
+  (after ``=``, the closing newline included), the usual supervised fine-tuning loss;
+  ``"example"``: every character; ``"answer_context"`` (presets): the passage (with its
+  newline) and the answer, the prompt being context only.
+- ``finetune_lr_scale`` (presets: 1): a factor on the whole lr schedule of every fine-tuning
+  stage (pretraining keeps the tuned lr).
+
+Why the presets (probes on the paper preset, seed 0, in docs/benchmarks.md): answer-only
+fine-tuning on these narrow alphabets makes the model confident in them everywhere, so the base
+corpus' loss rose above the uniform ``log V``, and a lower fine-tuning lr or whole-example
+training did not keep it below; passages trained with the answers do, and ``add``'s digits
+erased both string skills when it came last.
+
+Windows of ``block_size`` characters start at an example's first character (its passage's),
+so every answer sees its prompt; an example longer than a window is refused (``ValueError``
+naming ``context_chars``). The base corpus is trained and scored on every character.
 
 After every stage the loss on every stream fills ``L[i, j]`` (``j = 0`` the base corpus' held-out
 text in nats per character, ``j >= 1`` skill ``j``'s held-out examples in nats per answer
@@ -28,7 +47,7 @@ skills' examples are drawn from the run seed (:func:`..skills.skill_examples`), 
 in data as well as in initialisation and batch order. ``eval_split="val"`` evaluates the base
 corpus on the tail of its training text and each skill on the last ``VAL_FRAC`` of its training
 examples (the held-out examples are never read). One process only (no ``torchrun``: the
-answer-only loss is a ratio, so averaging the ranks' shard losses would not give the global one).
+masked loss is a ratio, so averaging the ranks' shard losses would not give the global one).
 """
 
 from __future__ import annotations
@@ -241,10 +260,9 @@ def run_skills(
     )
 
 
-# The skills in stage order: arithmetic first, so the two string skills that share its letters
-# come last and the earlier string skill's partial survival is measurable (the digits stage
-# erased both string skills' exact match when it came last); each example after a 16-character
-# passage of the base corpus, trained on the passage and the answer (see the module docstring)
+# The skills in stage order, arithmetic first (its digits stage erased both string skills' exact
+# match when it came last); each example after a 16-character passage of the base corpus,
+# trained on the passage and the answer (the module docstring says why)
 _SKILLS = dict(
     skills=["add", "rev", "sort"], sft_loss="answer_context", finetune_lr_scale=1.0,
     context_chars=16,
