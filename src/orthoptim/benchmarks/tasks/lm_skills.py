@@ -4,7 +4,7 @@ The second stand-in (family ``"lm-continual"``) for FOGO's continual instruction
 to it than ``lm-continual``'s three corpora: stage 0 pretrains the char-level GPT of
 :mod:`.lm` on a base corpus (paper: Tiny Shakespeare; tiny/quick: ``pydoc``'s help text), then
 stages 1..K fine-tune it on one instruction-like skill each (:mod:`..skills`: presets in the
-order ``"add:12+34=46\n"``, ``"rev:abc=cba\n"``, ``"sort:cab=abc\n"``). Settings of the
+order ``"add:12+34=46\\n"``, ``"rev:abc=cba\\n"``, ``"sort:cab=abc\\n"``). Settings of the
 fine-tuning stages:
 
 - ``context_chars`` (presets: 16; tiny: 8): each example follows a passage of that many
