@@ -8,7 +8,7 @@ claim.
   the settings docs/benchmarks.md reports; about 70 minutes on 2 CPU cores with ``--jobs 2``
   (measured in two parts: 44 minutes for the MLP and language-model items, 24 for the small-CNN
   items), plus the ViT items (54 runs: 67 minutes at ``--jobs 1`` on 2 shared cores) and the
-  ``lm-skills`` items (15 runs: 34 minutes at ``--jobs 1`` on 2 shared cores; 10 quick-preset
+  ``lm-skills`` items (15 runs: 30 minutes at ``--jobs 1`` on 2 shared cores; 10 quick-preset
   runs take under a minute).
 
 Optimizer sets follow the claims: the FOGO families compare FOGO with its baselines (SGD, AdamW,
