@@ -116,7 +116,9 @@ def encode_examples(
         examples: the examples, in order.
         stoi: character -> id (must hold every character of the examples).
         scored: which characters are targets: ``"answer"`` the answers only (after ``=``, the
-            newline included), ``"example"`` every character (prompt and answer).
+            newline included), ``"example"`` every character (prompt and answer),
+            ``"answer_context"`` the answers and each example's first ``context`` characters.
+        context: the length of the passage (its newline included) that opens each prompt.
     """
     if scored not in SFT_LOSSES:
         raise ValueError(f"Invalid scored: {scored!r}; expected one of {SFT_LOSSES}")
@@ -133,6 +135,7 @@ def encode_examples(
 
 
 def _mask(offset, prompt_len, scored: str, context: int):
+    """bool per character (``offset`` inside its example) for :func:`encode_examples`."""
     if scored == "example":
         return np.ones_like(offset, dtype=bool)
     answer = offset >= prompt_len
@@ -154,6 +157,8 @@ def _with_context(
     newline (passages drawn by ``SeedSequence(seq)``); ``n = 0``: the examples unchanged."""
     if n == 0:
         return examples
+    if n > len(base):
+        raise ValueError(f"Invalid context_chars: {n!r}; the base text has {len(base)} characters")
     rng = np.random.default_rng(np.random.SeedSequence(seq))
     starts = rng.integers(0, len(base) - n + 1, size=len(examples))
     return [
