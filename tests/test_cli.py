@@ -177,12 +177,14 @@ def test_list_into_a_closed_pipe_ends_quietly():
 
 def _doc_commands() -> list[str]:
     """Every ``orthoptim ...`` line inside a fenced block of the README and docs/*.md, and the
-    ``orthoptim ...`` part of every torchrun line (``torchrun ... -m orthoptim run ...``)."""
+    ``orthoptim ...`` part of every torchrun line (``torchrun ... -m orthoptim run ...``); a
+    command continued with a trailing backslash is joined, as the shell would."""
     root = Path(__file__).resolve().parents[1]
     lines = []
     for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
         fenced = False
-        for line in page.read_text(encoding="utf-8").splitlines():
+        text = page.read_text(encoding="utf-8").replace("\\\n", " ")
+        for line in text.splitlines():
             if line.startswith("```"):
                 fenced = not fenced
             elif fenced and line.startswith("orthoptim "):
