@@ -6,9 +6,9 @@
 Uses the permuted-MNIST records of `fogo_evidence.py` (main and `_budget` files): mean BWT over
 the seeds that every budget shares, against the measured memory bytes of the two hidden layers.
 With ``--lm``: the ``lm-continual`` records of ``fogo_lm_diagnosis.py`` (``diagnosis``,
-``kron``, ``control`` and ``final.jsonl`` in that folder, seed 0): forgetting against learning
-loss for the lr curves of FOGO without memory and AdamW (the control: a lower lr also forgets
-less) and for the protections, printed as a table too.
+``kron``, ``control``, ``final``, ``kshare`` and ``kshare_detector.jsonl`` in that folder, seed
+0): forgetting against learning loss for the lr curves of FOGO without memory and AdamW (the
+control: a lower lr also forgets less) and for the protections, printed as a table too.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ BUDGETS = {"aware": ["fogo_nomem", "fogo_aware_b0.01", "fogo_aware", "fogo_aware
            "agnostic": ["fogo_nomem", "fogo_agnostic", "fogo_agnostic_b0.2"]}  # fmt: skip
 
 
-LM_FILES = ("diagnosis", "kron", "control", "final")  # later files win (config, seed)
+LM_FILES = ("diagnosis", "kron", "control", "final", "kshare", "kshare_detector")  # later win
 # (label, marker style, configs in order); lr curves are lines, the rest points.
 LM_CURVES = [
     ("FOGO no memory, lr 0.002-0.014", "o-",
@@ -45,11 +45,17 @@ LM_CURVES = [
     ("Kronecker kept on f = 32/16 directions", "*",
      ["aware_kron_smaller_k10_free32", "aware_kron_smaller_k10_free16"]),
     ("freeze blocks / AdamW params (no memory)", "h", ["nomem_freeze_blocks", "nomem_freeze_adamw"]),
+    ("Kronecker shared (within 5%), kappa 10/30", "d--",
+     ["aware_kshare_model_k10", "aware_kshare_sum_k30"]),
+    ("Kronecker shared, task-agnostic (kron_detect 1.5/2)", "p",
+     ["agnostic_kshare_model_k10_detect1.5", "agnostic_kshare_model_k10_detect2"]),
 ]  # fmt: skip
 
 def lm_plot(folder: Path, png: Path, seed: int = 0) -> None:
     by = {}
     for path in [folder / f"{name}.jsonl" for name in LM_FILES]:
+        if not path.exists():  # a folder from before the shared-factor runs
+            continue
         for line in path.read_text().splitlines():
             r = json.loads(line) if line.strip() else None
             if r and r["seed"] == seed:
