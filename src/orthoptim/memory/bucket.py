@@ -312,6 +312,7 @@ class SharedFactor:
         self.state, self.side, self.kappa, self.growth = state, side, kappa, growth
         self.acc, self.pre = state[f"{side}_acc"], state[f"{side}_pre"]
         self.members = list(members)
+        self.names = {k: f"{side}_{k}" for k in ("acc", "pre", "energy", "since")}
 
     def add(self, gram: torch.Tensor, skip: torch.Tensor | None) -> None:
         """Add a (d, d) Gram to the running Gram (not if the step is dropped)."""
@@ -327,9 +328,7 @@ class SharedFactor:
         if self.growth <= 0 or not grads:
             return
         e = torch.stack(torch._foreach_norm([g.float() for g in grads])).square().sum()
-        side, st = self.side, self.state
-        names = {"acc": f"{side}_acc", "pre": f"{side}_pre", "energy": f"{side}_energy",
-                 "since": f"{side}_since"}  # fmt: skip
+        st, names = self.state, self.names
         new = kronecker.detect_step(
             st[names["acc"]], st[names["pre"]], e, st[names["energy"]], st[names["since"]],
             self.kappa, self.growth,

@@ -46,7 +46,7 @@ step whose fast average exceeds g times the slow one starts a new task when the 
 holds at least :data:`MIN_STRETCH` steps: at the start of that step, before anything is damped,
 the Gram gathered *before* it is folded in (so the new task's own directions are not damped)
 and the new Gram starts with the step's. Everything runs on the device with ``torch.where``
-(two d x d inverses per step and factor, no host read; see :func:`detect_step`).
+(one d x d solve per step and factor, :func:`fold`; no host read; see :func:`detect_step`).
 """
 
 from __future__ import annotations
@@ -184,15 +184,10 @@ def detect_step(
     fast = torch.where(fresh, e, DETECT_FAST * energy[0] + (1 - DETECT_FAST) * e)
     slow = torch.where(fresh, e, energy[1])
     jump = fast > growth * slow
-    total = torch.trace(acc).double()
-    fire = jump & (since >= MIN_STRETCH) & (total > 0)
-    d = acc.shape[0]
-    normalised = acc.double() / (total / d).clamp_min(torch.finfo(torch.float64).tiny)
-    precision = torch.linalg.inv_ex(pre.double()).inverse + kappa * normalised
-    folded = torch.linalg.inv_ex(0.5 * (precision + precision.mT)).inverse.to(pre.dtype)
+    fire = jump & (since >= MIN_STRETCH) & (torch.trace(acc) > 0)
     return {
         "acc": torch.where(fire, torch.zeros_like(acc), acc),
-        "pre": torch.where(fire, folded, pre),
+        "pre": torch.where(fire, fold(pre, acc, kappa), pre),
         "energy": torch.stack(
             [fast, torch.where(jump, fast, DETECT_SLOW * slow + (1 - DETECT_SLOW) * e)]
         ),
@@ -243,6 +238,35 @@ def keep_free(pre: torch.Tensor, rank: int) -> torch.Tensor:
     return (free * (ev[-rank:] - rest)) @ free.mT + rest * eye
 
 
+def fold(
+    pre: torch.Tensor, acc: torch.Tensor, kappa: float, decay: float = 1.0
+) -> torch.Tensor:
+    r"""A full side's preconditioner after folding in the Gram ``acc``: with P = ``pre`` and
+    hat A = acc / (tr(acc) / d) (0 for a zero Gram),
+
+    .. math::
+        P_{new} = \bigl(\mathrm{decay}\,P^{-1} + (1-\mathrm{decay})\,I + \kappa \hat A\bigr)^{-1}
+              = \bigl(\mathrm{decay}\,I + P\,((1-\mathrm{decay})\,I + \kappa \hat A)\bigr)^{-1} P,
+
+    one float64 solve of a system similar to an SPD matrix with eigenvalues >= decay
+    (P is never inverted), symmetrised, in ``pre``'s dtype. On the device, no host read (used
+    every step by :func:`detect_step`).
+
+    Args:
+        pre: (d, d) preconditioner (I + kappa P_old)^-1.
+        acc: (d, d) the task's Gram.
+        kappa: protection strength.
+        decay: weight of the old precision (1: a plain sum of tasks).
+    """
+    a, p = acc.double(), pre.double()
+    d = a.shape[0]
+    normalised = a / (torch.trace(a) / d).clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(d, dtype=p.dtype, device=p.device)
+    system = decay * eye + p @ ((1 - decay) * eye + kappa * normalised)
+    new = torch.linalg.solve_ex(system, p).result
+    return (0.5 * (new + new.mT)).to(pre.dtype)
+
+
 def consolidate(
     state: dict[str, torch.Tensor], kappa: float, decay: float = 1.0, rank: int = 0
 ) -> None:
@@ -251,8 +275,8 @@ def consolidate(
     The precision becomes I + decay P_old + kappa hat A (``decay`` < 1: an online, forgetting
     sum of windows, for consolidations on a schedule). ``rank`` > 0 keeps a full side only on
     its ``rank`` least-damped directions (:func:`keep_free`). A side whose Gram is zero (no
-    gradient this task) keeps its preconditioner. Rare and eager: inverts d x d matrices in
-    float64 and reads the Gram's trace on the host.
+    gradient this task) keeps its preconditioner. A full side folds with :func:`fold`. Rare and
+    eager: reads the Gram's trace on the host.
     """
     for side in SIDES:
         if f"{side}_acc" not in state:
@@ -261,14 +285,11 @@ def consolidate(
         pre = state[f"{side}_pre"]
         total = float(acc.sum() if acc.ndim == 1 else torch.trace(acc))
         if total > 0:
-            normalised = acc / (total / acc.shape[0])
             if acc.ndim == 1:
+                normalised = acc / (total / acc.shape[0])
                 pre.copy_(1 / (1 + decay * (1 / pre.double() - 1) + kappa * normalised))
             else:
-                eye = torch.eye(acc.shape[0], dtype=acc.dtype, device=acc.device)
-                precision = eye + decay * (torch.linalg.inv(pre.double()) - eye)
-                precision = precision + kappa * normalised
-                new = torch.linalg.inv(0.5 * (precision + precision.mT))
+                new = fold(pre, acc, kappa, decay)
                 pre.copy_(keep_free(new, rank) if 0 < rank < new.shape[0] else new)
         state[f"{side}_acc"].zero_()
         if f"{side}_since" in state:  # a shared factor's detector: the new Gram is empty

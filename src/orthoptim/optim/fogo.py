@@ -174,7 +174,7 @@ class FOGO(_nonfinite.Guarded, Optimizer):
             average, once the running Gram holds 50 steps or more, folds the Grams gathered
             before that step (at its start: the step itself is damped by the fold) and starts
             the next task's Gram with it; on the device, no host read
-            (:func:`orthoptim.memory.kronecker.detect_step`; two d x d inverses per step and
+            (:func:`orthoptim.memory.kronecker.detect_step`; one d x d solve per step and
             shared factor). Only the shared factors fold at a detected boundary: a side
             that is not shared (an embedding's token rows) folds at ``end_task`` only.
             0 (default): none.
@@ -466,21 +466,20 @@ class FOGO(_nonfinite.Guarded, Optimizer):
         owners = _fogo_state.shared_owners(self.param_groups)
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         params = {id(p): p for g in self.param_groups for p in g["params"]}
-        members: dict[tuple[int, str], dict[int, torch.Tensor]] = defaultdict(dict)
-        for key, sides in owners.items():
-            for owner, owner_side in sides.values():  # a matrix whose two sides share: once
-                members[(id(owner), owner_side)][key] = params[key]
         made: dict[tuple[int, str], SharedFactor] = {}
         out: dict[int, dict[str, SharedFactor]] = {}
         for key, sides in owners.items():
             for side, (owner, owner_side) in sides.items():
-                if (id(owner), owner_side) not in made:
+                factor = made.get((id(owner), owner_side))
+                if factor is None:
                     g = group_of[id(owner)]
-                    made[(id(owner), owner_side)] = SharedFactor(
+                    factor = made[(id(owner), owner_side)] = SharedFactor(
                         self.state[owner]["kron"], owner_side, g["kron_strength"],
-                        g["kron_detect"], list(members[(id(owner), owner_side)].values()),
+                        g["kron_detect"],
                     )  # fmt: skip
-                out.setdefault(key, {})[side] = made[(id(owner), owner_side)]
+                if all(m is not params[key] for m in factor.members):  # both sides share: once
+                    factor.members.append(params[key])
+                out.setdefault(key, {})[side] = factor
         return out
 
     @torch.compiler.disable  # type: ignore[untyped-decorator]
